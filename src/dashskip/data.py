@@ -1,0 +1,74 @@
+"""Evaluation and calibration text, from local files first, the `datasets` hub last.
+
+Tests and CI read `../shared/data` (relative to the project root); users point
+`--data` at a file or folder, set `DASHSKIP_DATA`, or, online, let the
+`datasets` hub serve the same splits. Nothing here is ever bundled.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from dashskip.errors import DashskipError
+
+KNOWN_TEXT = {"wikitext2": ("wikitext2/wiki.test.raw", ("wikitext", "wikitext-2-raw-v1", "test"))}
+
+
+def data_roots(explicit: str | Path | None = None) -> list[Path]:
+    """Every folder that may hold the shared data, in the order they are tried."""
+    roots = []
+    if explicit:
+        roots.append(Path(explicit).expanduser())
+    if os.environ.get("DASHSKIP_DATA"):
+        roots.append(Path(os.environ["DASHSKIP_DATA"]).expanduser())
+    roots.append(Path.cwd() / ".." / "shared" / "data")
+    roots.append(Path(__file__).resolve().parents[3] / "shared" / "data")
+    return roots
+
+
+def _wikitext_rows(path: Path) -> str:
+    # The raw file has one row per line, blank rows written as " \n"; the usual setup joins rows with "\n\n".
+    rows = ["" if line == " \n" else line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)]
+    return "\n\n".join(rows)
+
+
+def load_text(name: str, data_dir: str | Path | None = None) -> str:
+    """The text of a named corpus ('wikitext2') or of a plain text file."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if name not in KNOWN_TEXT:
+        raise DashskipError(f"unknown data set '{name}': use one of {', '.join(KNOWN_TEXT)} or a path to a text file")
+    relative, hub = KNOWN_TEXT[name]
+    looked = []
+    for root in data_roots(data_dir):
+        candidate = root / relative
+        looked.append(str(candidate))
+        if candidate.is_file():
+            return _wikitext_rows(candidate)
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(hub[0], hub[1], split=hub[2])["text"]
+        return "\n\n".join(rows)
+    except Exception as exc:  # ImportError, or any hub/network failure
+        raise DashskipError(
+            f"data set '{name}' not found; looked in: {', '.join(looked)} and the datasets hub ({type(exc).__name__}); "
+            "pass --data PATH or set DASHSKIP_DATA to the folder that holds it"
+        ) from None
+
+
+def token_windows(tokenizer, text: str, num: int, length: int, seed: int = 0) -> torch.Tensor:
+    """`num` random windows of `length` tokens from `text`, as a (num, length) tensor."""
+    if num < 1 or length < 2:
+        raise DashskipError(f"need at least 1 sample of at least 2 tokens, got {num} x {length}")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if ids.numel() < length:
+        raise DashskipError(f"data set has {ids.numel()} tokens, fewer than one window of {length}; use a shorter --seq-len")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, ids.numel() - length + 1) for _ in range(num)]
+    return torch.stack([ids[s : s + length] for s in starts])

@@ -1,0 +1,175 @@
+"""The layer-wise engine: prefill and cached decode with a state per token and layer.
+
+Flat and explicit, in the style of gpt-fast: embed, then for each layer ask the
+decider, run the transformers layer (or skip it: `scale_i * x`, leaving K/V by
+the chosen rule), then norm and head. One step = one call of `step()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dashskip.backbone import Backbone
+from dashskip.cache import KVCache, KVRule
+from dashskip.decisions import Decider, StateChoice, StepInfo
+from dashskip.errors import DashskipError
+from dashskip.states import State, check_state, check_state_tensor
+
+
+def build_mask(
+    key_valid: torch.Tensor | None, start: int, end: int, window: int | None, batch: int, implementation: str
+) -> torch.Tensor | None:
+    """Boolean (batch, 1, tokens, keys) mask, or None where sdpa's own causal path gives the same result."""
+    tokens = end - start
+    fits_window = window is None or end <= window
+    if key_valid is None and fits_window and (tokens == 1 or (start == 0 and implementation == "sdpa")):
+        return None
+    q = torch.arange(start, end)[:, None]
+    k = torch.arange(end)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    allowed = allowed[None].expand(batch, tokens, end)
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :end].bool()
+        # A left-padding query sees no key at all; let it see everything rather than produce NaN.
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    allowed = allowed[:, None]
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+@dataclass
+class StepResult:
+    hidden: torch.Tensor  # (batch, tokens, hidden), after the last layer (before norm)
+    states: torch.Tensor  # (batch, tokens, layers) int8 states actually run
+
+
+@dataclass
+class Session:
+    """A KV cache plus the padding mask of everything it holds."""
+
+    cache: KVCache
+    key_valid: torch.Tensor | None = None  # (batch, length) bool; None = no padding anywhere
+    history: list[torch.Tensor] = field(default_factory=list)
+
+
+class Engine:
+    """Runs a `Backbone` token by token and layer by layer with per-token execution states."""
+
+    def __init__(self, backbone: Backbone, scales: torch.Tensor | None = None, kv_rule: str | KVRule = "copy") -> None:
+        self.backbone = backbone
+        n = backbone.num_layers
+        self.scales = torch.ones(n) if scales is None else torch.as_tensor(scales, dtype=torch.float32)
+        if self.scales.shape != (n,):
+            raise DashskipError(f"{self.scales.numel()} skip scales given for a model with {n} layers")
+        self.kv_rule = KVRule.parse(kv_rule)
+
+    def new_session(self, batch: int, capacity: int = 256) -> Session:
+        cfg = self.backbone.config
+        attn = self.backbone.layers[0].self_attn
+        cache = KVCache(
+            self.backbone.num_layers,
+            batch,
+            cfg.num_key_value_heads,
+            attn.head_dim,
+            self.backbone.dtype,
+            self.backbone.device,
+            capacity,
+        )
+        return Session(cache)
+
+    def _positions(self, session: Session, batch: int, tokens: int) -> torch.Tensor:
+        start = session.cache.length
+        if session.key_valid is None:
+            return torch.arange(start, start + tokens).expand(batch, tokens)
+        positions = session.key_valid.long().cumsum(-1) - 1
+        return positions[:, start : start + tokens].clamp(min=0)
+
+    def _normalize(self, choice: StateChoice, batch: int, tokens: int) -> StateChoice:
+        if isinstance(choice, torch.Tensor):
+            if choice.shape != (batch, tokens):
+                raise DashskipError(f"decider returned states of shape {tuple(choice.shape)}, expected {(batch, tokens)}")
+            check_state_tensor(choice)
+            first = choice.reshape(-1)[0]
+            if bool((choice == first).all()):
+                return int(first)
+            return choice
+        return check_state(choice)
+
+    def _skip(self, i: int, x: torch.Tensor, rope: tuple, session: Session) -> torch.Tensor:
+        cache = session.cache
+        if self.kv_rule is KVRule.COPY:
+            cache.copy_from_below(i)
+        else:
+            cache.write(i, *self.backbone.project_kv(i, x, rope))
+        return x * self.scales[i]
+
+    @torch.no_grad()
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        session: Session,
+        decider: Decider | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> StepResult:
+        """Run `input_ids` (batch, tokens) through every layer, appending their K/V to the session.
+
+        `attention_mask` (batch, tokens), 1 for real tokens, 0 for padding, covers only the new tokens.
+        """
+        bb, cache = self.backbone, session.cache
+        batch, tokens = input_ids.shape
+        if tokens == 0:
+            raise DashskipError("empty input: give at least one token")
+        if attention_mask is not None:
+            valid = attention_mask.bool()
+            if session.key_valid is None and bool(valid.all()):
+                valid = None
+            elif session.key_valid is None:
+                session.key_valid = torch.ones(batch, cache.length, dtype=torch.bool)
+            if session.key_valid is not None:
+                step_valid = valid if valid is not None else torch.ones(batch, tokens, dtype=torch.bool)
+                session.key_valid = torch.cat([session.key_valid, step_valid], dim=1)
+        elif session.key_valid is not None:
+            session.key_valid = torch.cat([session.key_valid, torch.ones(batch, tokens, dtype=torch.bool)], dim=1)
+
+        decider = decider or Decider()
+        positions = self._positions(session, batch, tokens)
+        cache.begin_step(tokens)
+        x = bb.embed(input_ids)
+        ropes = bb.rope(x, positions)
+        masks = {
+            w: build_mask(session.key_valid, cache.start, cache.end, w, batch, bb.attn_implementation)
+            for w in set(bb.windows)
+        }
+        decider.begin(StepInfo(positions=positions, prefill=cache.start == 0, num_layers=bb.num_layers))
+        states = torch.full((batch, tokens, bb.num_layers), int(State.FULL), dtype=torch.int8)
+        previous: StateChoice = int(State.FULL)
+        last = bb.num_layers - 1
+        try:
+            for i, layer in enumerate(bb.layers):
+                choice = int(State.FULL) if i in (0, last) else self._normalize(decider(i, x, previous), batch, tokens)
+                rope = ropes[bb.layer_types[i]]
+                if isinstance(choice, int) and choice == State.SKIP:
+                    x = self._skip(i, x, rope, session)
+                else:
+                    if isinstance(choice, int):
+                        bb.rows.set_uniform(choice)
+                        skipped = None
+                    else:
+                        bb.rows.set_rows(choice)
+                        skipped = choice == State.SKIP
+                        if self.kv_rule is KVRule.COPY:
+                            cache.copy_rows = skipped
+                    out = layer(x, attention_mask=masks[bb.windows[i]], position_embeddings=rope, position_ids=positions, cache=cache)
+                    cache.copy_rows = None
+                    x = out if skipped is None else torch.where(skipped[..., None], x * self.scales[i], out)
+                states[:, :, i] = choice if isinstance(choice, int) else choice.to(torch.int8)
+                previous = choice
+        finally:
+            bb.rows.set_uniform(int(State.FULL))
+        cache.end_step()
+        return StepResult(x, states)

@@ -1,0 +1,165 @@
+"""Measured per-state layer costs, so compute ratios mean something on this machine.
+
+A compute ratio is L / sum_i c(s_i); c comes from timing each layer in each
+state here (decode: one token against a filled cache; prefill: a block of
+tokens), stored per model fingerprint and machine. Before a profile exists the
+METHOD.md approximations are used and labelled as such.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dashskip.errors import DashskipError
+from dashskip.states import VALID_STATES, State
+
+
+@dataclass
+class CostTable:
+    """Relative cost of each state (full = 1), for decode and prefill, plus the raw per-layer timings."""
+
+    decode: dict[int, float]
+    prefill: dict[int, float]
+    measured: bool = False
+    fingerprint: str = ""
+    machine: str = ""
+    layer_ms: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    @classmethod
+    def default(cls) -> CostTable:
+        approx = {0: 0.0, 1: 0.4, 2: 0.5, 4: 1.0}
+        return cls(decode=dict(approx), prefill=dict(approx))
+
+    def compute_ratio(self, states: torch.Tensor, mode: str = "decode") -> float:
+        """L / mean executed cost per token, for states of shape (..., L)."""
+        table = self.decode if mode == "decode" else self.prefill
+        lookup = torch.zeros(5)
+        for s, c in table.items():
+            lookup[s] = c
+        per_token = lookup[states.long()].sum(-1)
+        return float(states.shape[-1] / per_token.float().mean().clamp(min=1e-9))
+
+    def save(self, path: str | Path) -> None:
+        data = asdict(self)
+        data["decode"] = {str(k): v for k, v in self.decode.items()}
+        data["prefill"] = {str(k): v for k, v in self.prefill.items()}
+        atomic_write_text(Path(path), json.dumps(data, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path, fingerprint: str | None = None) -> CostTable:
+        try:
+            data = json.loads(Path(path).read_text())
+            table = cls(
+                decode={int(k): float(v) for k, v in data["decode"].items()},
+                prefill={int(k): float(v) for k, v in data["prefill"].items()},
+                measured=bool(data.get("measured")),
+                fingerprint=data.get("fingerprint", ""),
+                machine=data.get("machine", ""),
+                layer_ms=data.get("layer_ms", {}),
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise DashskipError(f"cannot read cost table '{path}': {exc}; re-run `dashskip profile`") from exc
+        if fingerprint and table.fingerprint and table.fingerprint != fingerprint:
+            raise DashskipError(
+                f"cost table '{path}' was measured on another model (fingerprint {table.fingerprint}, "
+                f"this model {fingerprint}); re-run `dashskip profile --model ...`"
+            )
+        return table
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def machine_id() -> str:
+    return f"{platform.machine()}-{os.cpu_count()}cpu-torch{torch.__version__}-threads{torch.get_num_threads()}"
+
+
+def _time_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def time_layer(engine, layer_idx: int, state: int, session, tokens: int, repeats: int) -> float:
+    """Median ms of one layer in one state for `tokens` new tokens against the session's cache."""
+    bb, cache = engine.backbone, session.cache
+    x = torch.randn(1, tokens, bb.config.hidden_size, dtype=bb.dtype) * 0.5
+    positions = torch.arange(cache.length, cache.length + tokens)[None]
+    cache.begin_step(tokens)
+    rope = bb.rope(x, positions)[bb.layer_types[layer_idx]]
+    from dashskip.engine import build_mask
+
+    mask = build_mask(None, cache.start, cache.end, bb.windows[layer_idx], 1, bb.attn_implementation)
+    layer = bb.layers[layer_idx]
+
+    def run() -> None:
+        with torch.no_grad():
+            if state == State.SKIP:
+                engine._skip(layer_idx, x, rope, session)
+            else:
+                bb.rows.set_uniform(state)
+                layer(x, attention_mask=mask, position_embeddings=rope, position_ids=positions, cache=cache)
+
+    try:
+        return _time_ms(run, repeats)
+    finally:
+        bb.rows.set_uniform(int(State.FULL))
+
+
+def profile(
+    engine,
+    fingerprint: str,
+    context: int = 128,
+    prefill_tokens: int = 256,
+    repeats: int = 5,
+    layers: list[int] | None = None,
+    progress: bool = True,
+) -> CostTable:
+    """Time every (layer, state) in decode and prefill and turn the medians into relative costs."""
+    bb = engine.backbone
+    layers = layers if layers is not None else list(range(1, bb.num_layers - 1)) or [0]
+    if any(not 0 <= i < bb.num_layers for i in layers):
+        raise DashskipError(f"layer indices must be in [0, {bb.num_layers - 1}]")
+    timings: dict[str, dict[str, list[float]]] = {"decode": {}, "prefill": {}}
+    work = [(mode, s) for mode in ("decode", "prefill") for s in VALID_STATES]
+    bar = tqdm(total=len(work) * len(layers), desc="profiling layers", disable=not progress)
+    for mode, state in work:
+        tokens = 1 if mode == "decode" else prefill_tokens
+        per_layer = []
+        for i in layers:
+            session = engine.new_session(1, capacity=context + tokens + 1)
+            if mode == "decode":
+                engine.step(torch.randint(0, bb.config.vocab_size, (1, context)), session)
+            per_layer.append(time_layer(engine, i, state, session, tokens, repeats))
+            bar.update(1)
+        timings[mode][str(state)] = per_layer
+    bar.close()
+    rel = {}
+    for mode in ("decode", "prefill"):
+        full = statistics.mean(timings[mode]["4"])
+        rel[mode] = {s: round(statistics.mean(timings[mode][str(s)]) / full, 4) for s in VALID_STATES}
+    return CostTable(rel["decode"], rel["prefill"], True, fingerprint, machine_id(), timings)
+
+
+def default_profile_path(fingerprint: str) -> Path:
+    from dashskip.loading import cache_dir
+
+    return cache_dir() / "profiles" / f"{fingerprint}-{machine_id()}.json"

@@ -1,0 +1,228 @@
+import pytest
+import torch
+
+from dashskip import Backbone, Engine, FixedStates, State, TokenStates
+from dashskip.cache import KVRule
+from dashskip.errors import DashskipError
+from dashskip.generation import generate
+from tests.conftest import tiny_model
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def engine_for(model, rule="copy", scales=None):
+    return Engine(Backbone(model), scales=scales, kv_rule=rule)
+
+
+def test_full_path_prefill_and_decode_match_transformers(model):
+    ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    eng = engine_for(model)
+    session = eng.new_session(1)
+    out = eng.backbone.logits(eng.step(ids[:, :8], session).hidden)
+    assert rel_err(out, ref[:, :8]) < 1e-5
+    for t in range(8, 12):  # cached decode, one token at a time
+        out = eng.backbone.logits(eng.step(ids[:, t : t + 1], session).hidden)
+        assert rel_err(out[:, 0], ref[:, t]) < 1e-5
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_greedy_generation_is_token_identical_to_transformers(family, attn):
+    model = tiny_model(family, attn=attn)
+    eng = engine_for(model)
+    for seed in range(3):
+        ids = torch.randint(3, 97, (1, 7), generator=torch.Generator().manual_seed(seed))
+        ref = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+        ours = generate(eng, ids, max_new_tokens=16)
+        assert torch.equal(ours.sequences, ref)
+        assert ours.compute_ratio == pytest.approx(1.0)
+
+
+def pattern_states(pattern):
+    """A deterministic schedule where tokens of one step take different states in the same layer."""
+    pattern = torch.tensor(pattern)
+    return TokenStates(lambda layer, positions: pattern[(positions + layer) % len(pattern)])
+
+
+SKIP_FULL = [4, 0, 4, 0, 0, 4, 4]
+ALL_STATES = [4, 0, 2, 1, 0, 4, 2]
+# fp32 runs agree to ~1e-7; quantized states round activations to bf16, where such noise can flip a rounding
+# (relative step 4e-3), so with them the reference agrees to bf16 precision only.
+TOLERANCE = {"skip/full": 2e-5, "all": 2e-2}
+
+
+@pytest.mark.parametrize("rule", ["copy", "project"])
+@pytest.mark.parametrize("kind, pattern", [("skip/full", SKIP_FULL), ("all", ALL_STATES)])
+def test_mixed_prefill_equals_token_by_token_reference(model, rule, kind, pattern):
+    """Prefill with per-token states == feeding the same tokens one at a time, each in its own state."""
+    scales = torch.linspace(0.9, 1.2, model.config.num_hidden_layers)
+    ids = torch.randint(3, 97, (1, 11), generator=torch.Generator().manual_seed(2))
+    decider = pattern_states(pattern)
+    eng = engine_for(model, rule, scales)
+    prefill = eng.step(ids, eng.new_session(1), decider)
+    session = eng.new_session(1)
+    rows = [eng.step(ids[:, t : t + 1], session, decider).hidden for t in range(ids.shape[1])]
+    assert rel_err(prefill.hidden, torch.cat(rows, 1)) < TOLERANCE[kind]
+    assert (prefill.states[0, :, 1:-1] == 0).any() and (prefill.states[0, :, 1:-1] == 4).any()
+
+
+@pytest.mark.parametrize("rule", ["copy", "project"])
+@pytest.mark.parametrize("kind, pattern", [("skip/full", SKIP_FULL), ("all", ALL_STATES)])
+def test_padded_batch_rows_equal_rows_run_alone(model, rule, kind, pattern):
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 97, (n,), generator=gen) for n in (9, 5, 7)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for r, p in enumerate(prompts):  # left padding, as for generation
+        ids[r, width - len(p) :] = p
+        mask[r, width - len(p) :] = 1
+    decider = pattern_states(pattern)
+    eng = engine_for(model, rule, torch.linspace(0.9, 1.2, model.config.num_hidden_layers))
+    if kind == "skip/full":  # exact: the generated tokens and the states of every row agree
+        batched = generate(eng, ids, mask, decider, max_new_tokens=6)
+        for r, p in enumerate(prompts):
+            alone = generate(eng, p[None], None, decider, max_new_tokens=6)
+            assert torch.equal(batched.sequences[r, width:], alone.sequences[0, len(p) :])
+            assert torch.equal(batched.states[r], alone.states[0])
+        return
+    batched = eng.step(ids, eng.new_session(3), decider, mask).hidden
+    for r, p in enumerate(prompts):
+        alone = eng.step(p[None], eng.new_session(1), decider).hidden
+        assert rel_err(batched[r, width - len(p) :], alone[0]) < TOLERANCE[kind]
+
+
+def test_skip_outputs_scaled_input_and_first_last_layers_stay_full(model):
+    n = model.config.num_hidden_layers
+    scales = torch.full((n,), 1.5)
+    seen = {}
+
+    class Spy(FixedStates):
+        def __call__(self, layer, hidden, previous):
+            seen[layer] = hidden.clone()
+            return super().__call__(layer, hidden, previous)
+
+    states = [4, 4, 0, 4, 4, 4]
+    eng = engine_for(model, scales=scales)
+    result = eng.step(torch.tensor([[5, 6, 7]]), eng.new_session(1), Spy(states))
+    assert torch.allclose(seen[3], 1.5 * seen[2])
+    assert result.states[0, 0].tolist() == states
+    assert 0 not in seen and n - 1 not in seen  # never asked: always full
+
+
+def test_copy_rule_fills_skipped_kv_from_layer_below_and_later_tokens_attend_to_it(model):
+    eng = engine_for(model, "copy")
+    session = eng.new_session(1)
+    skip_pos_1 = TokenStates(lambda layer, pos: torch.where(pos == 1, 0, 4) if layer == 2 else torch.full_like(pos, 4))
+    eng.step(torch.tensor([[5, 6, 7]]), session, skip_pos_1)
+    cache = session.cache
+    assert torch.equal(cache.keys[2][:, :, 1], cache.keys[1][:, :, 1])
+    assert torch.equal(cache.values[2][:, :, 1], cache.values[1][:, :, 1])
+    assert not torch.equal(cache.keys[2][:, :, 0], cache.keys[1][:, :, 0])
+    _assert_entry_is_attended(eng, session, layer=2, position=1)
+
+
+def test_project_rule_fills_skipped_kv_with_layer_projection_and_later_tokens_attend_to_it(model):
+    eng = engine_for(model, "project")
+    ids = torch.tensor([[5, 6, 7]])
+    full = eng.new_session(1)
+    eng.step(ids, full)
+    session = eng.new_session(1)
+    eng.step(ids[:, :1], session)
+    eng.step(ids[:, 1:2], session, FixedStates([4, 4, 0, 4, 4, 4]))  # whole-step skip: the fast path
+    eng.step(ids[:, 2:], session)
+    # Layers 0-1 saw identical inputs, so layer 2's projection of position 1 equals the full run's K/V.
+    assert torch.allclose(session.cache.keys[2][:, :, 1], full.cache.keys[2][:, :, 1], atol=1e-6)
+    assert torch.allclose(session.cache.values[2][:, :, 1], full.cache.values[2][:, :, 1], atol=1e-6)
+    _assert_entry_is_attended(eng, session, layer=2, position=1)
+
+
+def _assert_entry_is_attended(eng, session, layer, position):
+    import copy
+
+    probe = torch.tensor([[9]])
+    base = eng.step(probe, copy.deepcopy(session)).hidden
+    altered = copy.deepcopy(session)
+    altered.cache.values[layer][:, :, position] += 1.0
+    assert rel_err(eng.step(probe, altered).hidden, base) > 1e-4
+
+
+def test_kv_rules_are_consistent_between_fast_and_mixed_paths(model):
+    """A whole-step skip (fast path) and a mixed step with one skipped row leave the same K/V for that row."""
+    for rule in ("copy", "project"):
+        eng = engine_for(model, rule)
+        a, b = eng.new_session(2), eng.new_session(2)
+        ids = torch.tensor([[5], [6]])
+        eng.step(torch.tensor([[3, 4], [3, 4]]), a)
+        eng.step(torch.tensor([[3, 4], [3, 4]]), b)
+        eng.step(ids, a, FixedStates([4, 4, 0, 4, 4, 4]))
+        eng.step(ids, b, TokenStates(lambda layer, pos: torch.tensor([[0], [4]]) if layer == 2 else torch.full_like(pos, 4)))
+        assert torch.allclose(a.cache.keys[2][0, :, 2], b.cache.keys[2][0, :, 2], atol=1e-6)
+        assert torch.allclose(a.cache.values[2][0, :, 2], b.cache.values[2][0, :, 2], atol=1e-6)
+
+
+@pytest.mark.parametrize("state, bound", [(State.INT8, 0.05), (State.INT4, 0.4)])
+def test_quantized_states_approximate_the_full_layer(model, state, bound):
+    eng = engine_for(model)
+    ids = torch.randint(3, 97, (1, 10), generator=torch.Generator().manual_seed(4))
+    full = eng.step(ids, eng.new_session(1)).hidden
+    n = model.config.num_hidden_layers
+    quant = eng.step(ids, eng.new_session(1), FixedStates([4] + [int(state)] * (n - 2) + [4])).hidden
+    err = rel_err(quant, full)
+    assert 0 < err < bound
+
+
+def test_invalid_states_are_refused(model):
+    eng = engine_for(model)
+    with pytest.raises(DashskipError, match="invalid execution state 3"):
+        eng.step(torch.tensor([[5, 6]]), eng.new_session(1), FixedStates([4, 3, 4, 4, 4, 4]))
+    with pytest.raises(DashskipError, match="invalid execution state 3"):
+        eng.step(torch.tensor([[5, 6]]), eng.new_session(1), TokenStates(lambda layer, pos: torch.full_like(pos, 3)))
+    with pytest.raises(DashskipError, match="first and the last layer"):
+        FixedStates([0, 4, 4, 4, 4, 4])
+    with pytest.raises(DashskipError, match="first and the last layer"):
+        FixedStates([4, 4, 4, 4, 4, 0])
+    with pytest.raises(DashskipError, match="6 layers"):
+        eng.step(torch.tensor([[5, 6]]), eng.new_session(1), FixedStates([4, 4, 4]))
+    with pytest.raises(DashskipError, match="empty"):
+        generate(eng, torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(DashskipError, match="K/V rule"):
+        KVRule.parse("borrow")
+
+
+def test_statefulness_does_not_leak_into_the_transformers_model(model):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = model(ids).logits
+    eng = engine_for(model)
+    eng.step(ids, eng.new_session(1), FixedStates([4, 2, 1, 0, 2, 4]))
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.equal(before, after)
+
+
+def test_quantized_linears_match_their_dequantized_weights():
+    from torch import nn
+
+    from dashskip.states import INT4_GROUP_SIZE, RowStates, StatefulLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 96, bias=True)
+    lin = StatefulLinear(linear, RowStates(), keeps_kv=False)
+    x = torch.randn(5, 128)
+    w = linear.weight.detach()
+    scale8 = w.abs().amax(1, keepdim=True) / 127
+    deq8 = torch.round(w / scale8) * scale8
+    groups = w.reshape(96, -1, INT4_GROUP_SIZE)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    deq4 = (torch.round((groups - lo) / step) * step + lo).reshape(96, 128)
+    xb = x.bfloat16().float()  # the kernels take bf16 activations
+    for state, deq in ((2, deq8), (1, deq4)):
+        ref = xb @ deq.T + linear.bias
+        assert rel_err(lin.run(state, x), ref) < 1e-2
+    assert torch.equal(lin.run(4, x), linear(x))
+    assert torch.equal(lin.run(0, x), torch.zeros(5, 96))
