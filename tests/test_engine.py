@@ -159,7 +159,9 @@ def test_kv_rules_are_consistent_between_fast_and_mixed_paths(model):
         eng.step(torch.tensor([[3, 4], [3, 4]]), a)
         eng.step(torch.tensor([[3, 4], [3, 4]]), b)
         eng.step(ids, a, FixedStates([4, 4, 0, 4, 4, 4]))
-        eng.step(ids, b, TokenStates(lambda layer, pos: torch.tensor([[0], [4]]) if layer == 2 else torch.full_like(pos, 4)))
+        eng.step(
+            ids, b, TokenStates(lambda layer, pos: torch.tensor([[0], [4]]) if layer == 2 else torch.full_like(pos, 4))
+        )
         assert torch.allclose(a.cache.keys[2][0, :, 2], b.cache.keys[2][0, :, 2], atol=1e-6)
         assert torch.allclose(a.cache.values[2][0, :, 2], b.cache.values[2][0, :, 2], atol=1e-6)
 
@@ -213,6 +215,7 @@ def test_quantized_linears_match_their_dequantized_weights():
     linear = nn.Linear(128, 96, bias=True)
     lin = StatefulLinear(linear, RowStates(), keeps_kv=False)
     x = torch.randn(5, 128)
+    linear.requires_grad_(False)
     w = linear.weight.detach()
     scale8 = w.abs().amax(1, keepdim=True) / 127
     deq8 = torch.round(w / scale8) * scale8

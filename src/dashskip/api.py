@@ -78,7 +78,9 @@ class DashModel:
         if pad_token_id is None and gen_cfg is not None:
             pad_token_id = gen_cfg.pad_token_id
         if not isinstance(input_ids, torch.Tensor):
-            raise DashskipError("input_ids must be a torch tensor of token ids (use the tokenizer with return_tensors='pt')")
+            raise DashskipError(
+                "input_ids must be a torch tensor of token ids (use the tokenizer with return_tensors='pt')"
+            )
         out = generate(
             self.engine,
             input_ids,
@@ -113,7 +115,9 @@ def from_pretrained(
     return DashModel(model, tokenizer, speedup, calibration, kv_rule, decider)
 
 
-def apply(model: Any, calibration: Calibration | None = None, kv_rule: str = "copy", tokenizer: Any = None) -> DashModel:
+def apply(
+    model: Any, calibration: Calibration | None = None, kv_rule: str = "copy", tokenizer: Any = None
+) -> DashModel:
     """Wrap a transformers model you already hold (its linears gain INT8/INT4 copies in place)."""
     model.eval()
     return DashModel(model, tokenizer, 1.0, calibration, kv_rule)

@@ -81,7 +81,9 @@ class KVCache:
         self.keys[layer_idx][:, :, s:e] = self.keys[layer_idx - 1][:, :, s:e]
         self.values[layer_idx][:, :, s:e] = self.values[layer_idx - 1][:, :, s:e]
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Called by transformers' attention: store this step's K/V and return the whole prefix."""
         if self.copy_rows is not None:
             rows = self.copy_rows[:, None, :, None]

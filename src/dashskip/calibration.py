@@ -45,8 +45,8 @@ class Calibration:
     def check(self, fingerprint: str) -> None:
         if self.fingerprint != fingerprint:
             raise DashskipError(
-                f"calibration was computed on another model (fingerprint {self.fingerprint}, this model {fingerprint}); "
-                "run `dashskip calibrate` for this model"
+                f"calibration was computed on another model (fingerprint {self.fingerprint}, "
+                f"this model {fingerprint}); run `dashskip calibrate` for this model"
             )
 
     def save(self, path: str | Path) -> None:
@@ -62,7 +62,9 @@ class Calibration:
         except FileNotFoundError:
             raise DashskipError(f"calibration file '{path}' not found; create it with `dashskip calibrate`") from None
         except (OSError, ValueError, TypeError) as exc:
-            raise DashskipError(f"calibration file '{path}' is unreadable ({exc}); re-run `dashskip calibrate`") from None
+            raise DashskipError(
+                f"calibration file '{path}' is unreadable ({exc}); re-run `dashskip calibrate`"
+            ) from None
 
     def plot(self, path: str | Path, title: str = "") -> None:
         """Cosine similarity and scale per layer (the paper's figure 1, left)."""
@@ -102,7 +104,12 @@ def _cos_and_ratio(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def calibrate(
-    model: Any, samples: torch.Tensor, fingerprint: str, batch_size: int = 4, progress: bool = True, meta: dict | None = None
+    model: Any,
+    samples: torch.Tensor,
+    fingerprint: str,
+    batch_size: int = 4,
+    progress: bool = True,
+    meta: dict | None = None,
 ) -> Calibration:
     """Run the model in full over `samples` (N, T) and average the per-token statistics."""
     backbone = Backbone(model)
@@ -114,11 +121,13 @@ def calibrate(
     def layer_pre(i):
         def hook(module, args, kwargs):
             captured[i]["x"] = args[0] if args else kwargs["hidden_states"]
+
         return hook
 
     def mid_pre(i):
         def hook(module, args):
             captured[i]["m"] = args[0]
+
         return hook
 
     def layer_post(i):
@@ -129,6 +138,7 @@ def calibrate(
                 cos, ratio = _cos_and_ratio(a, b)
                 sums[2 * row, i] += cos
                 sums[2 * row + 1, i] += ratio
+
         return hook
 
     for i, layer in enumerate(backbone.layers):
@@ -147,6 +157,12 @@ def calibrate(
     means = (sums / tokens).tolist()
     meta = {**(meta or {}), "tokens": tokens, "samples": int(samples.shape[0]), "seq_len": int(samples.shape[1])}
     return Calibration(
-        scales=means[1], cosine=means[0], attn_cosine=means[2], attn_scale=means[3], mlp_cosine=means[4],
-        mlp_scale=means[5], fingerprint=fingerprint, meta=meta,
+        scales=means[1],
+        cosine=means[0],
+        attn_cosine=means[2],
+        attn_scale=means[3],
+        mlp_cosine=means[4],
+        mlp_scale=means[5],
+        fingerprint=fingerprint,
+        meta=meta,
     )

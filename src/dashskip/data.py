@@ -68,7 +68,9 @@ def token_windows(tokenizer, text: str, num: int, length: int, seed: int = 0) ->
         raise DashskipError(f"need at least 1 sample of at least 2 tokens, got {num} x {length}")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if ids.numel() < length:
-        raise DashskipError(f"data set has {ids.numel()} tokens, fewer than one window of {length}; use a shorter --seq-len")
+        raise DashskipError(
+            f"data set has {ids.numel()} tokens, fewer than one window of {length}; use a shorter --seq-len"
+        )
     rng = random.Random(seed)
     starts = [rng.randrange(0, ids.numel() - length + 1) for _ in range(num)]
     return torch.stack([ids[s : s + length] for s in starts])

@@ -45,9 +45,7 @@ class FixedStates(Decider):
     def __init__(self, states: Sequence[int]) -> None:
         self.states = [check_state(s) for s in states]
         if len(self.states) >= 2 and State.SKIP in (self.states[0], self.states[-1]):
-            raise DashskipError(
-                "the first and the last layer always run in full (state 4); remove state 0 from them"
-            )
+            raise DashskipError("the first and the last layer always run in full (state 4); remove state 0 from them")
 
     def begin(self, step: StepInfo) -> None:
         if len(self.states) != step.num_layers:

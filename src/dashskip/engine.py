@@ -92,7 +92,9 @@ class Engine:
     def _normalize(self, choice: StateChoice, batch: int, tokens: int) -> StateChoice:
         if isinstance(choice, torch.Tensor):
             if choice.shape != (batch, tokens):
-                raise DashskipError(f"decider returned states of shape {tuple(choice.shape)}, expected {(batch, tokens)}")
+                raise DashskipError(
+                    f"decider returned states of shape {tuple(choice.shape)}, expected {(batch, tokens)}"
+                )
             check_state_tensor(choice)
             first = choice.reshape(-1)[0]
             if bool((choice == first).all()):
@@ -164,7 +166,13 @@ class Engine:
                         skipped = choice == State.SKIP
                         if self.kv_rule is KVRule.COPY:
                             cache.copy_rows = skipped
-                    out = layer(x, attention_mask=masks[bb.windows[i]], position_embeddings=rope, position_ids=positions, cache=cache)
+                    out = layer(
+                        x,
+                        attention_mask=masks[bb.windows[i]],
+                        position_embeddings=rope,
+                        position_ids=positions,
+                        cache=cache,
+                    )
                     cache.copy_rows = None
                     x = out if skipped is None else torch.where(skipped[..., None], x * self.scales[i], out)
                 states[:, :, i] = choice if isinstance(choice, int) else choice.to(torch.int8)

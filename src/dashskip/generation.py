@@ -31,8 +31,10 @@ class GenerateOutput:
         return {
             "compute_ratio": round(self.compute_ratio, 4),
             "tokens": int(self.states.shape[0] * self.states.shape[1]),
-            "state_fractions": {name: round(float((flat == s).sum()) / (total * flat.shape[1]), 4) for name, s in
-                                (("skip", 0), ("int4", 1), ("int8", 2), ("full", 4))},
+            "state_fractions": {
+                name: round(float((flat == s).sum()) / (total * flat.shape[1]), 4)
+                for name, s in (("skip", 0), ("int4", 1), ("int8", 2), ("full", 4))
+            },
             "layers_per_token": [row.tolist() for row in self.states[0].long()],
         }
 
@@ -90,10 +92,7 @@ def generate(
     unfinished = torch.ones(batch, dtype=torch.bool)
     for index in range(max_new_tokens):
         logits = engine.backbone.logits(result.hidden[:, -1]).float()
-        if do_sample:
-            token = _sample(logits, temperature, top_p, generator)
-        else:
-            token = logits.argmax(-1)
+        token = _sample(logits, temperature, top_p, generator) if do_sample else logits.argmax(-1)
         token = torch.where(unfinished, token, torch.full_like(token, pad))
         sequences = torch.cat([sequences, token[:, None]], dim=1)
         if streamer is not None:

@@ -106,7 +106,9 @@ def resolve(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise DashskipError(f"'{name_or_path}' is a path but holds no config.json; point at a Hugging Face model folder")
+            raise DashskipError(
+                f"'{name_or_path}' is a path but holds no config.json; point at a Hugging Face model folder"
+            )
         return str(path)
     looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
     if not looks_like_hub_id:
@@ -125,7 +127,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[A
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise DashskipError(
             f"could not load model '{name_or_path}' ({str(exc).splitlines()[0]}); "
             "offline machines need an alias or a local folder"

@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class CostTable:
     fingerprint: str = ""
     machine: str = ""
     layer_ms: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    errors: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # from state_errors(), per layer
 
     @classmethod
     def default(cls) -> CostTable:
@@ -65,6 +67,7 @@ class CostTable:
                 fingerprint=data.get("fingerprint", ""),
                 machine=data.get("machine", ""),
                 layer_ms=data.get("layer_ms", {}),
+                errors=data.get("errors", {}),
             )
         except (OSError, ValueError, KeyError) as exc:
             raise DashskipError(f"cannot read cost table '{path}': {exc}; re-run `dashskip profile`") from exc
@@ -98,30 +101,40 @@ def _time_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_layer(engine, layer_idx: int, state: int, session, tokens: int, repeats: int) -> float:
-    """Median ms of one layer in one state for `tokens` new tokens against the session's cache."""
-    bb, cache = engine.backbone, session.cache
-    x = torch.randn(1, tokens, bb.config.hidden_size, dtype=bb.dtype) * 0.5
-    positions = torch.arange(cache.length, cache.length + tokens)[None]
-    cache.begin_step(tokens)
-    rope = bb.rope(x, positions)[bb.layer_types[layer_idx]]
+def layer_runner(engine, layer_idx: int, x: torch.Tensor, session) -> Callable[[int], torch.Tensor]:
+    """Prepare layer `layer_idx` to run alone on `x` (batch, tokens) against the session's cache; returns run(state).
+
+    Rope and mask are computed here, outside what gets timed, as the engine computes them once per step.
+    """
     from dashskip.engine import build_mask
 
-    mask = build_mask(None, cache.start, cache.end, bb.windows[layer_idx], 1, bb.attn_implementation)
+    bb, cache = engine.backbone, session.cache
+    batch, tokens = x.shape[:2]
+    positions = torch.arange(cache.length, cache.length + tokens).expand(batch, tokens)
+    cache.begin_step(tokens)
+    rope = bb.rope(x, positions)[bb.layer_types[layer_idx]]
+    mask = build_mask(None, cache.start, cache.end, bb.windows[layer_idx], batch, bb.attn_implementation)
     layer = bb.layers[layer_idx]
 
-    def run() -> None:
-        with torch.no_grad():
-            if state == State.SKIP:
-                engine._skip(layer_idx, x, rope, session)
-            else:
-                bb.rows.set_uniform(state)
-                layer(x, attention_mask=mask, position_embeddings=rope, position_ids=positions, cache=cache)
+    @torch.no_grad()
+    def run(state: int) -> torch.Tensor:
+        if state == State.SKIP:
+            return engine._skip(layer_idx, x, rope, session)
+        bb.rows.set_uniform(state)
+        try:
+            return layer(x, attention_mask=mask, position_embeddings=rope, position_ids=positions, cache=session.cache)
+        finally:
+            bb.rows.set_uniform(int(State.FULL))
 
-    try:
-        return _time_ms(run, repeats)
-    finally:
-        bb.rows.set_uniform(int(State.FULL))
+    return run
+
+
+def time_layer(engine, layer_idx: int, state: int, session, tokens: int, repeats: int) -> float:
+    """Median ms of one layer in one state for `tokens` new tokens against the session's cache."""
+    bb = engine.backbone
+    x = torch.randn(1, tokens, bb.config.hidden_size, dtype=bb.dtype) * 0.5
+    run = layer_runner(engine, layer_idx, x, session)
+    return _time_ms(lambda: run(state), repeats)
 
 
 def profile(
@@ -163,3 +176,35 @@ def default_profile_path(fingerprint: str) -> Path:
     from dashskip.loading import cache_dir
 
     return cache_dir() / "profiles" / f"{fingerprint}-{machine_id()}.json"
+
+
+@torch.no_grad()
+def state_errors(engine, input_ids: torch.Tensor) -> dict[str, dict[str, list[float]]]:
+    """Per inner layer and state, relative error of the layer's output (and of its update, output - input) vs full.
+
+    Every layer gets the real hidden states a full run feeds it, so errors do not compound across layers.
+    """
+    from dashskip.decisions import Decider
+
+    inputs: dict[int, torch.Tensor] = {}
+
+    class Record(Decider):
+        def __call__(self, layer, hidden, previous):
+            inputs[layer] = hidden.clone()
+            return int(State.FULL)
+
+    batch, tokens = input_ids.shape
+    engine.step(input_ids, engine.new_session(batch, tokens), Record())
+    out: dict[str, dict[str, list[float]]] = {
+        "output": {"0": [], "1": [], "2": []},
+        "update": {"0": [], "1": [], "2": []},
+    }
+    for i in sorted(inputs):
+        x = inputs[i]
+        run = layer_runner(engine, i, x, engine.new_session(batch, tokens))
+        full = run(int(State.FULL))
+        for state in ("0", "1", "2"):
+            diff = (run(int(state)) - full).norm()
+            out["output"][state].append(float(diff / full.norm()))
+            out["update"][state].append(float(diff / (full - x).norm()))
+    return out

@@ -1,0 +1,70 @@
+"""The command line as a user meets it: real processes, one-line errors, JSON output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-c", "from dashskip.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_help_lists_commands():
+    out = run("--help")
+    assert out.returncode == 0
+    for command in ("generate", "calibrate", "profile", "models"):
+        assert command in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "hi", "--model", "no-such-model"], "error: unknown model 'no-such-model'"),
+        (["generate", "   "], "error: empty prompt"),
+        (["calibrate", "--model", "smollm2-135m", "--data", "nope"], "error: unknown data set 'nope'"),
+        (["generate", "hi", "--speedup", "0.5"], "error: speedup must be >= 1.0"),
+        (["generate", "hi", "--kv-rule", "borrow"], "error: unknown K/V rule 'borrow'"),
+    ],
+)
+def test_bad_input_gives_one_line_error(args, message):
+    out = run(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.real
+def test_generate_json_on_the_default_model():
+    out = run("generate", "The capital of France is", "--max-new-tokens", "8", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["stats"]["compute_ratio"] == 1.0 and data["stats"]["new_tokens"] == 8
+    assert "Paris" in data["text"]
+
+
+@pytest.mark.real
+def test_calibrate_writes_file_and_plot(tmp_path):
+    out = run(
+        "calibrate",
+        "--samples",
+        "2",
+        "--seq-len",
+        "32",
+        "--out",
+        str(tmp_path / "c.json"),
+        "--plot",
+        str(tmp_path / "c.png"),
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert len(data["scales"]) == 30 and data["meta"]["tokens"] == 64
+    assert (tmp_path / "c.png").stat().st_size > 1000

@@ -1,0 +1,42 @@
+"""The all-full path against transformers on the real embedded models (both run in CI, kept short)."""
+
+import pytest
+import torch
+
+import dashskip
+from dashskip.loading import load_model
+
+pytestmark = pytest.mark.real
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "In 1905, Albert Einstein published",
+    "The three primary colors are",
+    "Once upon a time, in a small village,",
+]
+
+
+@pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m"])
+def real(request):
+    model, tok = load_model(request.param)
+    return model, tok, dashskip.apply(model, tokenizer=tok)
+
+
+def test_full_path_logits_match_transformers(real):
+    model, tok, dm = real
+    ids = tok(PROMPTS[2], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model(ids).logits
+    session = dm.engine.new_session(1)
+    ours = dm.backbone.logits(dm.engine.step(ids, session).hidden)
+    assert float((ours - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_full_path_greedy_generation_is_token_identical(real):
+    model, tok, dm = real
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        ref = model.generate(ids, max_new_tokens=64, do_sample=False)
+        ours = dm.generate(ids, max_new_tokens=64)
+        assert torch.equal(ours, ref), prompt
