@@ -68,3 +68,20 @@ def test_calibrate_writes_file_and_plot(tmp_path):
     data = json.loads((tmp_path / "c.json").read_text())
     assert len(data["scales"]) == 30 and data["meta"]["tokens"] == 64
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+@pytest.mark.real
+def test_generate_at_an_operating_point_with_the_shipped_policy():
+    out = run("generate", "The capital of France is", "--max-new-tokens", "12", "--speedup", "1.67", "--json")
+    assert out.returncode == 0, out.stderr
+    stats = json.loads(out.stdout)["stats"]
+    assert stats["speedup"] == 1.67 and stats["mode"] == "async" and stats["new_tokens"] == 12
+    assert stats["compute_ratio"] > 1.2 and stats["state_fractions"]["full"] < 0.9
+    assert len(stats["layers_per_token"]) == 12 and len(stats["layers_per_token"][0]) == 30
+
+
+def test_policy_errors_are_one_line():
+    out = run("generate", "hi", "--speedup", "9.5")
+    assert out.returncode == 2 and "above the range this policy was calibrated for" in out.stderr
+    out = run("generate", "hi", "--speedup", "1.5", "--policy", "/no/such/policy.safetensors")
+    assert out.returncode == 2 and "policy file '/no/such/policy.safetensors' not found" in out.stderr

@@ -110,7 +110,10 @@ def test_skip_outputs_scaled_input_and_first_last_layers_stay_full(model):
     result = eng.step(torch.tensor([[5, 6, 7]]), eng.new_session(1), Spy(states))
     assert torch.allclose(seen[3], 1.5 * seen[2])
     assert result.states[0, 0].tolist() == states
-    assert 0 not in seen and n - 1 not in seen  # never asked: always full
+    assert set(seen) == set(range(n))  # every layer is shown to the decider ...
+    skip_all = TokenStates(lambda layer, pos: torch.zeros_like(pos))
+    result = eng.step(torch.tensor([[5, 6]]), eng.new_session(1), skip_all)
+    assert result.states[0, 0].tolist() == [4, 0, 0, 0, 0, 4]  # ... but the first and last layer always run
 
 
 def test_copy_rule_fills_skipped_kv_from_layer_below_and_later_tokens_attend_to_it(model):

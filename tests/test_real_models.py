@@ -40,3 +40,22 @@ def test_full_path_greedy_generation_is_token_identical(real):
         ref = model.generate(ids, max_new_tokens=64, do_sample=False)
         ours = dm.generate(ids, max_new_tokens=64)
         assert torch.equal(ours, ref), prompt
+
+
+def test_shipped_policy_holds_its_operating_point_on_held_out_text():
+    """The ratio asked for is what held-out text of the training distribution gets, +-3%.
+
+    Training used the first 90% of the WikiText-2 validation tokens and calibrated the operating points on the
+    first 12 windows of the tail; these are 8 later windows of the tail, seen by neither. (On the raw test split
+    the same operating points land 5-8% low: docs/results.md.)
+    """
+    from dashskip.api import from_pretrained
+    from dashskip.data import load_text
+    from dashskip.evaluation import perplexity
+
+    dm = from_pretrained("smollm2-135m", speedup=1.67)
+    ids = dm.tokenizer(load_text("wikitext2-valid"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    tail = ids[int(ids.numel() * 0.9) :]
+    windows = tail[40 * 256 : 48 * 256].view(8, 256)
+    result = perplexity(dm.engine, windows, dm.decider, dm.costs, progress=False)
+    assert abs(result.compute_ratio / 1.67 - 1) < 0.03

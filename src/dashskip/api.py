@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,14 @@ from dashskip.engine import Engine
 from dashskip.errors import DashskipError
 from dashskip.generation import GenerateOutput, generate
 from dashskip.loading import fingerprint, load_model
+from dashskip.policy import DashPolicy
 from dashskip.profiling import CostTable, default_profile_path
+
+
+def bundled_policy(name: str) -> Path | None:
+    """The trained default policy shipped for an embedded alias, if there is one."""
+    path = Path(str(resources.files("dashskip") / "policies" / f"{name}.safetensors"))
+    return path if path.is_file() else None
 
 
 class DashModel:
@@ -24,34 +32,57 @@ class DashModel:
         self,
         model: Any,
         tokenizer: Any = None,
+        policy: DashPolicy | None = None,
         speedup: float = 1.0,
         calibration: Calibration | None = None,
-        kv_rule: str = "copy",
-        decider: Decider | None = None,
+        kv_rule: str | None = None,
+        mode: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.backbone = Backbone(model)
         self.fingerprint = fingerprint(model)
+        self.policy = policy
+        self.mode = mode
+        scales = None
         if calibration is not None:
             calibration.check(self.fingerprint)
-        self.calibration = calibration
-        self.engine = Engine(self.backbone, calibration.scales if calibration else None, kv_rule)
-        profile = default_profile_path(self.fingerprint)
-        self.costs = CostTable.load(profile, self.fingerprint) if profile.exists() else CostTable.default()
-        self.decider = decider or Decider()
-        self.speedup = self._check_speedup(speedup)
+            scales = calibration.scales
+        if policy is not None:
+            policy.check(self.fingerprint)
+            scales = policy.scales()
+            trained_rule = policy.meta["kv_rule"]
+            if kv_rule is not None and kv_rule != trained_rule:
+                raise DashskipError(
+                    f"the policy was trained with the '{trained_rule}' K/V rule; inference must use the same "
+                    f"(drop --kv-rule or pass '{trained_rule}')"
+                )
+            kv_rule = trained_rule
+        self.engine = Engine(self.backbone, scales, kv_rule or "project")
+        self.costs = self._cost_table()
+        self.decider: Decider = Decider()
+        self.speedup = 1.0
+        self.set_speedup(speedup)
         self.last_output: GenerateOutput | None = None
 
-    def _check_speedup(self, speedup: float) -> float:
+    def _cost_table(self) -> CostTable:
+        if self.policy is not None:  # the table its operating points were calibrated with
+            table = {int(k): float(v) for k, v in self.policy.meta["cost_table"].items()}
+            return CostTable(table, table, bool(self.policy.meta.get("cost_table_measured")), self.fingerprint)
+        profile = default_profile_path(self.fingerprint, str(self.engine.kv_rule))
+        return CostTable.load(profile, self.fingerprint) if profile.exists() else CostTable.default()
+
+    def set_speedup(self, speedup: float) -> None:
+        """Move to another operating point (compute ratio); 1.0 runs every layer in full."""
         if not speedup >= 1.0:
             raise DashskipError(f"speedup must be >= 1.0 (1.0 = every layer in full), got {speedup}")
-        if speedup > 1.0 and type(self.decider) is Decider:
+        if speedup > 1.0 and self.policy is None:
             raise DashskipError(
-                f"speedup {speedup} needs a decision policy; none is loaded (pass decider=..., "
-                "or use speedup=1.0 for the full model)"
+                f"speedup {speedup} needs a trained policy and none is loaded; pass policy=FILE "
+                "(train one with `dashskip train`), or use speedup=1.0"
             )
-        return float(speedup)
+        self.decider = self.policy.decider(speedup, self.mode) if speedup > 1.0 else Decider()
+        self.speedup = float(speedup)
 
     @property
     def config(self) -> Any:
@@ -100,24 +131,48 @@ class DashModel:
         return out if return_dict_in_generate else out.sequences
 
 
+def _policy(policy: str | Path | DashPolicy | None, name: str, speedup: float) -> DashPolicy | None:
+    if isinstance(policy, DashPolicy):
+        return policy
+    if policy is not None:
+        return DashPolicy.load(policy)
+    if speedup > 1.0:
+        default = bundled_policy(name)
+        if default is None:
+            raise DashskipError(
+                f"no trained policy ships for '{name}'; train one (`dashskip train --model {name}`) and pass "
+                "policy=FILE (--policy FILE)"
+            )
+        return DashPolicy.load(default)
+    return None
+
+
 def from_pretrained(
     name_or_path: str,
     speedup: float = 1.0,
+    policy: str | Path | DashPolicy | None = None,
     calibration: str | Path | Calibration | None = None,
-    kv_rule: str = "copy",
-    decider: Decider | None = None,
+    kv_rule: str | None = None,
+    mode: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> DashModel:
-    """Load a model (alias, folder or hub id) and wrap it in the dashskip engine."""
+    """Load a model (alias, folder or hub id) and wrap it in the dashskip engine.
+
+    `speedup` > 1 needs a policy: the file given, or the default shipped for an embedded alias.
+    """
+    if not speedup >= 1.0:
+        raise DashskipError(f"speedup must be >= 1.0 (1.0 = every layer in full), got {speedup}")
+    chosen = _policy(policy, name_or_path, speedup)
     model, tokenizer = load_model(name_or_path, dtype=dtype)
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration.load(calibration)
-    return DashModel(model, tokenizer, speedup, calibration, kv_rule, decider)
+    return DashModel(model, tokenizer, chosen, speedup, calibration, kv_rule, mode)
 
 
 def apply(
-    model: Any, calibration: Calibration | None = None, kv_rule: str = "copy", tokenizer: Any = None
+    model: Any, policy: str | Path | DashPolicy | None = None, speedup: float = 1.0, tokenizer: Any = None
 ) -> DashModel:
     """Wrap a transformers model you already hold (its linears gain INT8/INT4 copies in place)."""
     model.eval()
-    return DashModel(model, tokenizer, 1.0, calibration, kv_rule)
+    chosen = DashPolicy.load(policy) if policy is not None and not isinstance(policy, DashPolicy) else policy
+    return DashModel(model, tokenizer, chosen, speedup)

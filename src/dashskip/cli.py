@@ -13,6 +13,7 @@ import click
 import torch
 import typer
 
+from dashskip.api import from_pretrained
 from dashskip.errors import DashskipError
 from dashskip.loading import ALIASES, DEFAULT_MODEL
 
@@ -26,22 +27,16 @@ app = typer.Typer(
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=f"alias ({', '.join(ALIASES)}), model folder or hub id")]
 
 
-def _load(model: str, calibration: Path | None = None, kv_rule: str = "copy", speedup: float = 1.0):
-    from dashskip.api import from_pretrained
-
-    t0 = time.perf_counter()
-    dm = from_pretrained(model, speedup=speedup, calibration=calibration, kv_rule=kv_rule)
-    return dm, time.perf_counter() - t0
-
-
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="the prompt text")],
     model: ModelOpt = DEFAULT_MODEL,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
     speedup: Annotated[float, typer.Option(help="operating point; 1.0 = every layer in full")] = 1.0,
-    calibration: Annotated[Path | None, typer.Option(help="calibration file (skip scales)")] = None,
-    kv_rule: Annotated[str, typer.Option(help="K/V of skipped tokens: copy or project")] = "copy",
+    policy: Annotated[Path | None, typer.Option(help="policy file (default: the one shipped for the alias)")] = None,
+    mode: Annotated[str | None, typer.Option(help="decision mode: async (default of the policy) or sync")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="calibration file (skip scales, without a policy)")] = None,
+    kv_rule: Annotated[str | None, typer.Option(help="K/V of skipped tokens: copy or project")] = None,
     chat: Annotated[bool, typer.Option(help="wrap the prompt in the tokenizer's chat template")] = False,
     sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
     temperature: float = 1.0,
@@ -57,7 +52,9 @@ def generate(
     """
     if not prompt.strip():
         raise DashskipError("empty prompt: give some text to continue")
-    dm, load_s = _load(model, calibration, kv_rule, speedup)
+    t0 = time.perf_counter()
+    dm = from_pretrained(model, speedup=speedup, policy=policy, calibration=calibration, kv_rule=kv_rule, mode=mode)
+    load_s = time.perf_counter() - t0
     tok = dm.tokenizer
     if chat:
         ids = tok.apply_chat_template(
@@ -161,6 +158,7 @@ def profile(
     data_dir: Annotated[Path | None, typer.Option(help="folder holding the shared data sets")] = None,
     error_tokens: Annotated[int, typer.Option(help="tokens of real text for the error measurement")] = 256,
     calibration: Annotated[Path | None, typer.Option(help="calibration file (skip scales for the skip error)")] = None,
+    kv_rule: Annotated[str, typer.Option(help="K/V rule whose skip cost is measured: project or copy")] = "project",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Measure each state's per-layer time (decode and prefill) and error, and store the cost table.
@@ -171,7 +169,7 @@ def profile(
     from dashskip.profiling import default_profile_path, state_errors
     from dashskip.profiling import profile as run_profile
 
-    dm, _ = _load(model, calibration)
+    dm = from_pretrained(model, calibration=calibration, kv_rule=kv_rule)
     try:
         chosen = [int(x) for x in layers.split(",")] if layers else None
     except ValueError:
@@ -180,7 +178,7 @@ def profile(
     if errors:
         ids = token_windows(dm.tokenizer, load_text(data, data_dir), 1, error_tokens, seed=0)
         table.errors = state_errors(dm.engine, ids)
-    path = out or default_profile_path(dm.fingerprint)
+    path = out or default_profile_path(dm.fingerprint, str(dm.engine.kv_rule))
     table.save(path)
     if as_json:
         print(json.dumps({"out": str(path), "decode": table.decode, "prefill": table.prefill, "errors": table.errors}))
@@ -194,6 +192,167 @@ def profile(
         errs = f"{statistics.mean(err):12.4f}  {statistics.mean(upd):12.4f}" if err else f"{0:12.4f}  {0:12.4f}"
         typer.echo(f"{name:5s}  {table.decode[s]:11.3f}  {table.prefill[s]:12.3f}  {dms:15.3f}  {pms:16.2f}  {errs}")
     typer.echo(f"wrote {path} (errors: mean over layers 1..L-2, relative to the full layer's output / update)")
+
+
+TRAIN_SPLIT = {"wikitext2": "wikitext2-valid"}  # train on validation text; test stays clean for evaluation
+
+
+def _cost_table(dm, progress: bool = True):
+    """The measured cost table of this model on this machine; measured now (quick) if there is none yet."""
+    from dashskip.profiling import CostTable, default_profile_path
+    from dashskip.profiling import profile as run_profile
+
+    path = default_profile_path(dm.fingerprint, str(dm.engine.kv_rule))
+    if path.exists():
+        return CostTable.load(path, dm.fingerprint)
+    typer.echo(
+        "no cost table for this model on this machine yet; measuring one (dashskip profile does it fully)", err=True
+    )
+    n = dm.backbone.num_layers
+    table = run_profile(dm.engine, dm.fingerprint, repeats=3, layers=list(range(1, n - 1, 3)), progress=progress)
+    table.save(path)
+    return table
+
+
+@app.command()
+def train(
+    model: ModelOpt = DEFAULT_MODEL,
+    data: Annotated[str, typer.Option(help="wikitext2 (trains on its validation split) or a text file")] = "wikitext2",
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding the shared data sets")] = None,
+    speedup: Annotated[list[float] | None, typer.Option(help="operating point(s) to calibrate, repeatable")] = None,
+    out: Annotated[Path, typer.Option(help="run folder: checkpoints, train_log.jsonl, policy.safetensors")] = Path(
+        "dash-run"
+    ),
+    calibration: Annotated[
+        Path | None, typer.Option(help="calibration file; computed into the run folder if absent")
+    ] = None,
+    steps: int = 200,
+    batch_size: int = 4,
+    seq_len: int = 128,
+    lr: float = 5e-4,
+    beta: Annotated[float, typer.Option(help="initial efficiency reward weight")] = 0.02,
+    ratio_target: Annotated[
+        float, typer.Option(help="compute ratio the sampled paths are held at (0: fixed beta)")
+    ] = 1.5,
+    eps: Annotated[float, typer.Option(help="tolerated relative perplexity change per token")] = 2.0,
+    tau0: float = 1.0,
+    tau_decay: float = 0.005,
+    mode: Annotated[str, typer.Option(help="decision mode the policy is trained in: async or sync")] = "async",
+    kv_rule: Annotated[str, typer.Option(help="K/V rule for skipped tokens: project or copy")] = "project",
+    checkpoint_every: int = 20,
+    heldout_windows: Annotated[int, typer.Option(help="held-out windows for the operating points")] = 12,
+    heldout_len: Annotated[int, typer.Option(help="tokens per held-out window")] = 256,
+    seed: int = 0,
+) -> None:
+    """Train a DASH policy by policy gradient; re-running the same command resumes from the last checkpoint.
+
+    Example: dashskip train --model smollm2-135m --data wikitext2 --speedup 1.33 --speedup 1.67 --speedup 2.0
+    """
+    from dashskip.api import DashModel
+    from dashskip.calibration import Calibration
+    from dashskip.calibration import calibrate as run_calibration
+    from dashskip.data import load_text, token_windows
+    from dashskip.loading import fingerprint, load_model
+    from dashskip.training import DEFAULT_TARGETS, TrainConfig
+    from dashskip.training import train as run_training
+
+    hf, tok = load_model(model)
+    fp = fingerprint(hf)
+    text = load_text(TRAIN_SPLIT.get(data, data), data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if calibration is None:
+        calibration = out / "calibration.json"
+        if not calibration.exists():
+            windows = token_windows(tok, text, 64, 256, seed)
+            run_calibration(hf, windows, fp, meta={"model": model, "data": data}).save(calibration)
+    cal = Calibration.load(calibration)
+    dm = DashModel(hf, tok, calibration=cal, kv_rule=kv_rule)
+    costs = _cost_table(dm)
+    corpus = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        beta=beta,
+        ratio_target=ratio_target or None,
+        eps=eps,
+        tau0=tau0,
+        tau_decay=tau_decay,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        kv_rule=kv_rule,
+        mode=mode,
+        heldout_windows=heldout_windows,
+        heldout_len=heldout_len,
+        targets=tuple(sorted(set(speedup or DEFAULT_TARGETS))),
+    )
+    t0 = time.perf_counter()
+    policy = run_training(dm.engine, corpus, costs, cfg, out, {"fingerprint": fp, "model": model, "data": data})
+    policy.meta["train_seconds"] = round(time.perf_counter() - t0, 1)
+    policy.save(out / "policy.safetensors")
+    typer.echo(
+        f"wrote {out / 'policy.safetensors'}; operating points (held-out compute ratio): "
+        f"{policy.meta['operating_point_ratios']}"
+    )
+
+
+@app.command("eval")
+def evaluate(
+    model: ModelOpt = DEFAULT_MODEL,
+    method: Annotated[str, typer.Option(help="full, dash or static (ShortGPT-style similarity skipping)")] = "dash",
+    speedup: float = 1.67,
+    policy: Annotated[Path | None, typer.Option(help="policy file (default: the one shipped for the alias)")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="calibration file (static: which layers to skip)")] = None,
+    decisions: Annotated[str | None, typer.Option("--mode", help="dash decision mode: async or sync")] = None,
+    data: Annotated[str, typer.Option(help="perplexity text: wikitext2 (test split) or a file")] = "wikitext2",
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding the shared data sets")] = None,
+    context: Annotated[int, typer.Option(help="tokens per window (stride = context, no overlap)")] = 256,
+    limit: Annotated[int | None, typer.Option(help="score only the first N windows")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Perplexity with its standard error and the measured compute ratio.
+
+    Example: dashskip eval --model smollm2-135m --method dash --speedup 1.67 --limit 40
+    """
+    from dashskip.api import from_pretrained
+    from dashskip.baselines import static_similarity
+    from dashskip.calibration import Calibration
+    from dashskip.data import load_text
+    from dashskip.evaluation import perplexity, perplexity_windows
+
+    if method not in ("full", "dash", "static"):
+        raise DashskipError(f"unknown method '{method}'; use full, dash or static")
+    dash = method == "dash"
+    dm = from_pretrained(
+        model,
+        speedup=speedup if dash else 1.0,
+        policy=policy if dash else None,
+        calibration=calibration if method == "static" else None,
+        mode=decisions,
+    )
+    costs = dm.costs if dash else _cost_table(dm)
+    decider = dm.decider
+    if method == "static":
+        if calibration is None:
+            raise DashskipError("static skipping needs --calibration FILE (from `dashskip calibrate`)")
+        decider = static_similarity(Calibration.load(calibration), costs, speedup)
+    windows = perplexity_windows(dm.tokenizer, load_text(data, data_dir), context, limit)
+    result = perplexity(dm.engine, windows, decider, costs)
+    row = {
+        "model": model,
+        "method": method,
+        "requested_speedup": speedup if method != "full" else 1.0,
+        "mode": decisions or (dm.policy.config.mode if dash else None),
+        **result.as_dict(),
+    }
+    if as_json:
+        print(json.dumps(row))
+        return
+    typer.echo(
+        f"{method} @ {row['requested_speedup']}x: ppl {result.ppl:.3f} ± {result.ppl_se:.3f} (SE, "
+        f"{result.windows} windows x {context} tokens), compute ratio {result.compute_ratio:.3f}"
+    )
 
 
 @app.command()

@@ -15,7 +15,14 @@ import torch
 
 from dashskip.errors import DashskipError
 
-KNOWN_TEXT = {"wikitext2": ("wikitext2/wiki.test.raw", ("wikitext", "wikitext-2-raw-v1", "test"))}
+# name -> (file under the data folder, (hub dataset, config, split)). "wikitext2" is the standard test split
+# (raw); "wikitext2-valid" is the validation split, which exists here only in tokenized form.
+KNOWN_TEXT = {
+    "wikitext2": ("wikitext2/wiki.test.raw", ("wikitext", "wikitext-2-raw-v1", "test")),
+    "wikitext2-valid": ("wikitext2/wiki.valid.tokens", ("wikitext", "wikitext-2-raw-v1", "validation")),
+}
+# The tokenized files split numbers and hyphens as " @-@ "; undo that so the text reads like the raw split.
+DETOKENIZE = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 
 
 def data_roots(explicit: str | Path | None = None) -> list[Path]:
@@ -37,7 +44,7 @@ def _wikitext_rows(path: Path) -> str:
 
 
 def load_text(name: str, data_dir: str | Path | None = None) -> str:
-    """The text of a named corpus ('wikitext2') or of a plain text file."""
+    """The text of a named corpus ('wikitext2', 'wikitext2-valid') or of a plain text file."""
     path = Path(name).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8")
@@ -49,7 +56,10 @@ def load_text(name: str, data_dir: str | Path | None = None) -> str:
         candidate = root / relative
         looked.append(str(candidate))
         if candidate.is_file():
-            return _wikitext_rows(candidate)
+            text = _wikitext_rows(candidate)
+            for old, new in DETOKENIZE:
+                text = text.replace(old, new)
+            return text
     try:
         import datasets
 

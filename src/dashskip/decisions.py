@@ -1,7 +1,8 @@
 """The pluggable decision function: which state each token runs each layer in.
 
-The engine asks a `Decider` once per layer (never for the first and last
-layer, which always run in full) with the hidden state entering that layer.
+The engine asks a `Decider` once per layer with the hidden state entering
+that layer; for the first and last layer the answer is ignored (they always
+run in full), but the call lets an asynchronous policy look ahead.
 It may answer one state for the whole step (an `int`: the fast path, no
 per-row grouping) or a (batch, tokens) tensor of states. DASH's learned
 policy, the baselines and the fixed schedules below all implement this.

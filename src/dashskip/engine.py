@@ -7,6 +7,7 @@ the chosen rule), then norm and head. One step = one call of `step()`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -60,13 +61,16 @@ class Session:
 class Engine:
     """Runs a `Backbone` token by token and layer by layer with per-token execution states."""
 
-    def __init__(self, backbone: Backbone, scales: torch.Tensor | None = None, kv_rule: str | KVRule = "copy") -> None:
+    def __init__(
+        self, backbone: Backbone, scales: torch.Tensor | None = None, kv_rule: str | KVRule = "project"
+    ) -> None:
         self.backbone = backbone
         n = backbone.num_layers
         self.scales = torch.ones(n) if scales is None else torch.as_tensor(scales, dtype=torch.float32)
         if self.scales.shape != (n,):
             raise DashskipError(f"{self.scales.numel()} skip scales given for a model with {n} layers")
         self.kv_rule = KVRule.parse(kv_rule)
+        self._warned_nonfinite = False
 
     def new_session(self, batch: int, capacity: int = 256) -> Session:
         cfg = self.backbone.config
@@ -101,6 +105,41 @@ class Engine:
                 return int(first)
             return choice
         return check_state(choice)
+
+    @staticmethod
+    def _expand(choice: StateChoice, batch: int, tokens: int) -> torch.Tensor:
+        return choice if isinstance(choice, torch.Tensor) else torch.full((batch, tokens), choice)
+
+    def _warn_nonfinite(self, layer: int) -> None:
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"non-finite hidden state on a skipped/quantized path at layer {layer}; those tokens were rerun in "
+                "full (warned once per engine)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _run_layer(
+        self, i: int, choice: StateChoice, x: torch.Tensor, rope: tuple, mask, positions, session: Session
+    ) -> torch.Tensor:
+        """Layer i for every token of the step, each in its state; K/V of skipped tokens by the engine's rule."""
+        bb, cache = self.backbone, session.cache
+        if isinstance(choice, int) and choice == State.SKIP:
+            return self._skip(i, x, rope, session)
+        skipped = None
+        if isinstance(choice, int):
+            bb.rows.set_uniform(choice)
+        else:
+            bb.rows.set_rows(choice)
+            skipped = choice == State.SKIP
+            if self.kv_rule is KVRule.COPY:
+                cache.copy_rows = skipped
+        try:
+            out = bb.layers[i](x, attention_mask=mask, position_embeddings=rope, position_ids=positions, cache=cache)
+        finally:
+            cache.copy_rows = None
+        return out if skipped is None else torch.where(skipped[..., None], x * self.scales[i], out)
 
     def _skip(self, i: int, x: torch.Tensor, rope: tuple, session: Session) -> torch.Tensor:
         cache = session.cache
@@ -152,29 +191,22 @@ class Engine:
         previous: StateChoice = int(State.FULL)
         last = bb.num_layers - 1
         try:
-            for i, layer in enumerate(bb.layers):
-                choice = int(State.FULL) if i in (0, last) else self._normalize(decider(i, x, previous), batch, tokens)
-                rope = ropes[bb.layer_types[i]]
-                if isinstance(choice, int) and choice == State.SKIP:
-                    x = self._skip(i, x, rope, session)
-                else:
-                    if isinstance(choice, int):
-                        bb.rows.set_uniform(choice)
-                        skipped = None
-                    else:
-                        bb.rows.set_rows(choice)
-                        skipped = choice == State.SKIP
-                        if self.kv_rule is KVRule.COPY:
-                            cache.copy_rows = skipped
-                    out = layer(
-                        x,
-                        attention_mask=masks[bb.windows[i]],
-                        position_embeddings=rope,
-                        position_ids=positions,
-                        cache=cache,
-                    )
-                    cache.copy_rows = None
-                    x = out if skipped is None else torch.where(skipped[..., None], x * self.scales[i], out)
+            for i in range(bb.num_layers):
+                # Every layer is shown to the decider (an asynchronous policy decides layer i+1 while layer i
+                # runs), but the first and last layer always run in full, whatever it answers.
+                answer = decider(i, x, previous)
+                choice = int(State.FULL) if i in (0, last) else self._normalize(answer, batch, tokens)
+                run = (x, ropes[bb.layer_types[i]], masks[bb.windows[i]], positions, session)
+                out = self._run_layer(i, choice, *run)
+                if not (isinstance(choice, int) and choice == State.FULL):
+                    bad = ~torch.isfinite(out).all(-1)
+                    if bool(bad.any()):  # a skipped or quantized path blew up: rerun those tokens in full
+                        self._warn_nonfinite(i)
+                        choice = self._normalize(
+                            torch.where(bad, int(State.FULL), self._expand(choice, batch, tokens)), batch, tokens
+                        )
+                        out = self._run_layer(i, choice, *run)
+                x = out
                 states[:, :, i] = choice if isinstance(choice, int) else choice.to(torch.int8)
                 previous = choice
         finally:

@@ -154,14 +154,13 @@ def profile(
     timings: dict[str, dict[str, list[float]]] = {"decode": {}, "prefill": {}}
     work = [(mode, s) for mode in ("decode", "prefill") for s in VALID_STATES]
     bar = tqdm(total=len(work) * len(layers), desc="profiling layers", disable=not progress)
+    sessions = {"decode": engine.new_session(1, capacity=context + 2), "prefill": engine.new_session(1, prefill_tokens)}
+    engine.step(torch.randint(0, bb.config.vocab_size, (1, context)), sessions["decode"])  # the cached context
     for mode, state in work:
         tokens = 1 if mode == "decode" else prefill_tokens
         per_layer = []
-        for i in layers:
-            session = engine.new_session(1, capacity=context + tokens + 1)
-            if mode == "decode":
-                engine.step(torch.randint(0, bb.config.vocab_size, (1, context)), session)
-            per_layer.append(time_layer(engine, i, state, session, tokens, repeats))
+        for i in layers:  # timing writes at the step position without advancing, so a session serves every run
+            per_layer.append(time_layer(engine, i, state, sessions[mode], tokens, repeats))
             bar.update(1)
         timings[mode][str(state)] = per_layer
     bar.close()
@@ -172,10 +171,11 @@ def profile(
     return CostTable(rel["decode"], rel["prefill"], True, fingerprint, machine_id(), timings)
 
 
-def default_profile_path(fingerprint: str) -> Path:
+def default_profile_path(fingerprint: str, kv_rule: str) -> Path:
+    """Where the cost table lives; per K/V rule, since the rule sets what a skipped layer costs."""
     from dashskip.loading import cache_dir
 
-    return cache_dir() / "profiles" / f"{fingerprint}-{machine_id()}.json"
+    return cache_dir() / "profiles" / f"{fingerprint}-{machine_id()}-{kv_rule}.json"
 
 
 @torch.no_grad()

@@ -1,0 +1,240 @@
+"""The DASH scoring model, its decision function, and the policy file.
+
+G(h, l_i, l_{i+1}, s_i)[s] = MLP([h ; E(l_i) ; E(l_{i+1})])[s] - alpha * |s - s_i|   (METHOD.md eq. 8-10)
+
+One output per candidate state (0, 1, 2, 4). At inference the decision is greedy
+(eq. 18) on G - bias * c(s): the per-state cost bias is what turns one trained
+policy into any operating point (1.33x, 1.67x, 2.0x, ...); its value per target
+is found on held-out text after training and stored in the policy file.
+
+Asynchronous mode (eq. 19-20) decides layer i+1 from scale_i * h_i, the input of
+layer i, at the moment layer i starts; synchronous mode decides layer i+1 from
+its real input h_{i+1}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from dashskip.decisions import Decider, StateChoice, StepInfo
+from dashskip.errors import DashskipError
+from dashskip.states import State
+
+STATE_VALUES = torch.tensor([0, 1, 2, 4])  # output index k of the scoring model <-> state STATE_VALUES[k]
+POLICY_FORMAT = "dashskip-policy"
+POLICY_VERSION = 1
+
+
+@dataclass
+class PolicyConfig:
+    """Sizes of the scoring model. Defaults: d_l = 16, d1 = 256, d2 = 64 (608 -> 256 -> 64 -> 4 on SmolLM2)."""
+
+    hidden_size: int
+    num_layers: int
+    layer_dim: int = 16
+    hidden1: int = 256
+    hidden2: int = 64
+    change_penalty: float = 0.05  # alpha in eq. 8: penalty per unit of |s - s_i|
+    mode: str = "async"  # or "sync"
+    full_prior: float = 3.0  # initial score advantage of the full state (P(full) ~ 0.87 at temperature 1)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("async", "sync"):
+            raise DashskipError(f"decision mode must be 'async' or 'sync', got '{self.mode}'")
+
+
+class ScoringModel(nn.Module):
+    """MLP over the (RMS-normalised) hidden state and two layer-position embeddings; one score per state."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_embedding = nn.Embedding(config.num_layers, config.layer_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.hidden_size + 2 * config.layer_dim, config.hidden1),
+            nn.GELU(),
+            nn.Linear(config.hidden1, config.hidden2),
+            nn.GELU(),
+            nn.Linear(config.hidden2, len(STATE_VALUES)),
+        )
+        with torch.no_grad():  # start close to the full model: sampling from a uniform policy is all noise
+            self.mlp[-1].bias.copy_(torch.tensor([0.0, 0.0, 0.0, config.full_prior]))
+
+    def forward(self, hidden: torch.Tensor, current: int, nxt: int, previous: torch.Tensor) -> torch.Tensor:
+        """Scores (..., 4) for the state of layer `nxt`, deciding from layer `current` in state `previous`."""
+        # Hidden-state norms differ by orders of magnitude across layers; the decision should not.
+        h = hidden.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        shape = h.shape[:-1]
+        pos = self.layer_embedding(torch.tensor([current, nxt])).reshape(-1)
+        x = torch.cat([h, pos.expand(*shape, pos.numel())], dim=-1)
+        change = (STATE_VALUES.float() - previous.float()[..., None]).abs()
+        return self.mlp(x) - self.config.change_penalty * change
+
+
+@dataclass
+class Record:
+    """One recorded decision batch, to recompute log-probabilities with gradients during training."""
+
+    hidden: torch.Tensor
+    current: int
+    nxt: int
+    previous: torch.Tensor
+    index: torch.Tensor  # chosen output index, (batch, tokens)
+
+
+class PolicyDecider(Decider):
+    """Decides states with a scoring model: greedy (inference) or sampled at a temperature (training)."""
+
+    def __init__(
+        self,
+        model: ScoringModel,
+        scales: torch.Tensor,
+        costs: torch.Tensor,
+        bias: float = 0.0,
+        mode: str | None = None,
+        temperature: float | None = None,
+        generator: torch.Generator | None = None,
+        record: bool = False,
+    ) -> None:
+        self.model = model
+        self.scales = scales
+        self.cost_bias = bias * costs  # (4,), subtracted from the scores
+        self.mode = mode or model.config.mode
+        self.temperature = temperature
+        self.generator = generator
+        self.record = record
+        self.records: list[Record] = []
+        self.pending: torch.Tensor | None = None
+        self.last = model.config.num_layers - 1
+
+    def begin(self, step: StepInfo) -> None:
+        self.pending = None
+
+    @torch.no_grad()
+    def choose(self, hidden: torch.Tensor, current: int, nxt: int, previous: StateChoice) -> torch.Tensor:
+        prev = previous if isinstance(previous, torch.Tensor) else torch.full(hidden.shape[:-1], previous)
+        scores = self.model(hidden, current, nxt, prev) - self.cost_bias
+        if self.temperature is None:
+            index = scores.argmax(-1)
+        else:
+            probs = F.softmax(scores / self.temperature, dim=-1).reshape(-1, scores.shape[-1])
+            index = torch.multinomial(probs, 1, generator=self.generator).reshape(scores.shape[:-1])
+        if self.record:
+            self.records.append(Record(hidden.detach().clone(), current, nxt, prev.clone(), index))
+        return STATE_VALUES[index]
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        if self.mode == "sync":
+            if layer in (0, self.last):
+                return int(State.FULL)
+            return self.choose(hidden, layer - 1, layer, previous)
+        current = self.pending if self.pending is not None else int(State.FULL)
+        self.pending = None
+        if layer + 1 < self.last:  # decide layer+1 now, from the scaled input of this layer
+            self.pending = self.choose(hidden * self.scales[layer], layer, layer + 1, current)
+        return current
+
+
+@dataclass
+class DashPolicy:
+    """A trained scoring model plus everything needed to use it safely on its model."""
+
+    model: ScoringModel
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> PolicyConfig:
+        return self.model.config
+
+    def check(self, fingerprint: str) -> None:
+        if self.meta.get("fingerprint") != fingerprint:
+            raise DashskipError(
+                f"policy was trained on another model (fingerprint {self.meta.get('fingerprint')}, this model "
+                f"{fingerprint}); train one for this model with `dashskip train`"
+            )
+
+    def scales(self) -> torch.Tensor:
+        return torch.tensor(self.meta["scales"], dtype=torch.float32)
+
+    def costs(self) -> torch.Tensor:
+        table = self.meta["cost_table"]
+        return torch.tensor([float(table[str(int(s))]) for s in STATE_VALUES])
+
+    def max_speedup(self) -> float:
+        curve = self.meta.get("ratio_curve") or []
+        return max((r for _, r in curve), default=1.0)
+
+    def bias_for(self, speedup: float) -> float:
+        """Cost bias that delivers `speedup` (compute ratio), interpolated on the held-out ratio curve."""
+        if not speedup >= 1.0:
+            raise DashskipError(f"speedup must be >= 1.0 (1.0 = every layer in full), got {speedup}")
+        points = self.meta.get("operating_points", {})
+        if f"{speedup:.2f}" in points:
+            return float(points[f"{speedup:.2f}"])
+        curve = sorted(self.meta.get("ratio_curve") or [], key=lambda p: p[1])
+        if not curve or speedup > curve[-1][1] + 1e-9:
+            raise DashskipError(
+                f"speedup {speedup} is above the range this policy was calibrated for (up to "
+                f"{self.max_speedup():.2f}); ask for less, or re-run `dashskip train` with a higher --speedup"
+            )
+        if speedup <= curve[0][1]:
+            return float(curve[0][0])
+        for (b0, r0), (b1, r1) in zip(curve, curve[1:], strict=False):
+            if r0 <= speedup <= r1:
+                t = 0.0 if r1 == r0 else (speedup - r0) / (r1 - r0)
+                return float(b0 + t * (b1 - b0))
+        return float(curve[-1][0])
+
+    def decider(self, speedup: float, mode: str | None = None) -> PolicyDecider:
+        return PolicyDecider(self.model, self.scales(), self.costs(), self.bias_for(speedup), mode=mode)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {**self.meta, "format": POLICY_FORMAT, "version": POLICY_VERSION, "policy_config": asdict(self.config)}
+        tensors = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, tmp, metadata={"dashskip": json.dumps(meta)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> DashPolicy:
+        path = Path(path)
+        if not path.is_file():
+            raise DashskipError(f"policy file '{path}' not found; train one with `dashskip train`")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                raw = (handle.metadata() or {}).get("dashskip")
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise DashskipError(
+                f"policy file '{path}' is truncated or corrupt ({exc}); re-train or re-copy it"
+            ) from None
+        if raw is None:
+            raise DashskipError(f"'{path}' is a safetensors file but not a dashskip policy (no metadata)")
+        meta = json.loads(raw)
+        if meta.get("format") != POLICY_FORMAT or meta.get("version") != POLICY_VERSION:
+            raise DashskipError(
+                f"policy file '{path}' has format {meta.get('format')} version {meta.get('version')}; this dashskip "
+                f"reads {POLICY_FORMAT} version {POLICY_VERSION}: re-train it with this version"
+            )
+        model = ScoringModel(PolicyConfig(**meta.pop("policy_config")))
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise DashskipError(f"policy file '{path}' does not match its own config ({exc})") from None
+        model.eval()
+        return cls(model, meta)

@@ -1,0 +1,313 @@
+"""Policy-gradient training of the DASH scoring model with differential rewards (METHOD.md eq. 11-17).
+
+An episode is one token's path through the layers: at every layer the policy
+samples the next layer's state at a decaying temperature (eq. 11), the token's
+next-token prediction on that path is compared with the full model's, and each
+decision is rewarded r_i = r_acc * w_i + r_eff (eq. 12-16). REINFORCE with a
+per-layer batch-mean baseline updates the scoring model; the backbone stays
+frozen. The engine, states and K/V rule are the ones inference uses.
+
+Checkpoints (policy, optimizer, step) are written atomically every N steps and
+training resumes from the last one when the same command is run again; batches
+and sampling noise are functions of (seed, step), so a resumed run reproduces
+the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from dashskip.engine import Engine
+from dashskip.errors import DashskipError
+from dashskip.policy import DashPolicy, PolicyConfig, PolicyDecider, ScoringModel
+from dashskip.profiling import CostTable
+
+DEFAULT_TARGETS = (1.33, 1.67, 2.0)
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are what the shipped SmolLM2 policy was trained with."""
+
+    steps: int = 200
+    batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 5e-4
+    beta: float = 0.02  # initial weight of the efficiency reward r_eff = beta * (4 - s)
+    # The constraint of eq. 5 in training: beta follows dual ascent so the sampled paths' compute ratio tracks
+    # this value (None: fixed beta). Needed because w_i -> 0 on cheap paths (|S_M| / |S_X| grows), so with a fixed
+    # beta the efficiency reward wins once paths get cheap and the policy collapses to skipping everything.
+    ratio_target: float | None = 1.5
+    beta_rate: float = 0.05  # step size of the dual ascent on log(beta); larger steps overshoot into collapse
+    beta_min: float = 1e-4
+    beta_max: float = 0.2
+    # Tolerated relative perplexity change of a token before r_acc turns negative. With w_i -> 0 on cheap paths, a
+    # path whose r_acc is negative scores *below* skipping everything, so eps must keep ordinary paths positive.
+    eps: float = 2.0
+    reward_floor: float = -4.0  # r_acc is clipped from below: one very wrong token must not dominate a batch
+    tau0: float = 1.0  # eq. 11: tau(t) = tau0 * exp(-tau_decay * t)
+    tau_decay: float = 0.005
+    seed: int = 0
+    checkpoint_every: int = 20
+    kv_rule: str = "project"  # per-token skipping with "copy" wrecks perplexity (docs/foundation.md)
+    mode: str = "async"
+    # Operating points are calibrated on windows from the held-out tail of the training text (never trained on).
+    # Windows as long as the evaluation's matter: the policy skips more late in a sequence.
+    heldout_fraction: float = 0.1
+    heldout_windows: int = 12
+    heldout_len: int = 256
+    targets: tuple[float, ...] = DEFAULT_TARGETS
+    policy: dict[str, Any] = field(default_factory=dict)  # PolicyConfig overrides (layer_dim, hidden1, ...)
+
+    def check(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 8:
+            raise DashskipError("need steps >= 1, batch size >= 1 and sequence length >= 8")
+        if self.checkpoint_every < 1:
+            raise DashskipError("checkpoint interval must be >= 1 step")
+        if any(t < 1.0 for t in self.targets):
+            raise DashskipError(f"operating points must be >= 1.0, got {list(self.targets)}")
+
+
+def temperature(step: int, tau0: float, decay: float) -> float:
+    """Sampling temperature at a training step (eq. 11)."""
+    return tau0 * math.exp(-decay * step)
+
+
+def position_weights(states: torch.Tensor, max_state: int = 4) -> torch.Tensor:
+    """w_i for the decision of layer i+1 made at layer i, i = 1..L-1 (eq. 15): shape (..., L-1).
+
+    w_i = ((|S_X| - |S_X,i|) / |S_X|) * sigmoid(s_i - |S_M| / |S_X|), with |S_X| the sum of states on the
+    path, |S_X,i| the sum over layers 1..i and |S_M| = max_state * L.
+    """
+    s = states.float()
+    total = s.sum(-1, keepdim=True).clamp(min=1e-6)
+    upto = s.cumsum(-1)[..., :-1]
+    most = max_state * s.shape[-1]
+    return (total - upto) / total * torch.sigmoid(s[..., :-1] - most / total)
+
+
+def lm_accuracy_reward(nll_full: torch.Tensor, nll_skip: torch.Tensor, eps: float, floor: float) -> torch.Tensor:
+    """r_acc = (eps - |ppl_full - ppl_skip|) / ppl_full per token, with eps relative to ppl_full (eq. 13)."""
+    ratio = torch.exp(nll_skip - nll_full)  # ppl_skip / ppl_full, computed without overflow
+    return (eps - (1 - ratio).abs()).clamp(min=floor)
+
+
+def classification_reward(correct: torch.Tensor) -> torch.Tensor:
+    """r_acc = +1 if the skipped path's prediction is correct, -1 otherwise (eq. 12)."""
+    return correct.float() * 2 - 1
+
+
+def decision_rewards(states: torch.Tensor, r_acc: torch.Tensor, beta: float) -> torch.Tensor:
+    """r_i = r_acc * w_i + beta * (4 - s_{i+1}) for every decision; states (..., L), r_acc (...) -> (..., L-1)."""
+    return r_acc[..., None] * position_weights(states) + beta * (4 - states[..., 1:].float())
+
+
+def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL of the next token: (batch, tokens-1)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").view(
+        ids.shape[0], -1
+    )
+
+
+def _batch(corpus: torch.Tensor, cfg: TrainConfig, step: int, limit: int) -> torch.Tensor:
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    starts = [rng.randrange(0, limit - cfg.seq_len) for _ in range(cfg.batch_size)]
+    return torch.stack([corpus[s : s + cfg.seq_len] for s in starts])
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def reinforce_loss(records, rewards: torch.Tensor, temp: float, model: ScoringModel) -> torch.Tensor:
+    """-sum (r - b) log pi over recorded decisions, b = the batch mean reward of each decision layer."""
+    losses = []
+    for rec in records:
+        r = rewards[:, :, rec.nxt - 1]  # (batch, tokens-1): decisions of the last token get no reward
+        advantage = r - r.mean()
+        scores = model(rec.hidden[:, :-1], rec.current, rec.nxt, rec.previous[:, :-1]) / temp
+        logp = F.log_softmax(scores, -1).gather(-1, rec.index[:, :-1, None]).squeeze(-1)
+        losses.append(-(advantage * logp).mean())
+    return torch.stack(losses).mean()
+
+
+def train(
+    engine: Engine,
+    corpus: torch.Tensor,
+    costs: CostTable,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    meta: dict[str, Any],
+    progress: bool = True,
+) -> DashPolicy:
+    """Train a policy on `corpus` (1-D token ids); write checkpoints, a JSONL log and `policy.safetensors`."""
+    cfg.check()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bb = engine.backbone
+    limit = int(corpus.numel() * (1 - cfg.heldout_fraction))  # the tail is held out for the operating points
+    heldout_count = min(cfg.heldout_windows, (corpus.numel() - limit) // cfg.heldout_len)
+    if limit < 4 * cfg.seq_len or heldout_count < 1:
+        raise DashskipError(
+            f"training text has {corpus.numel()} tokens; too few for {cfg.seq_len}-token training windows plus a "
+            f"{cfg.heldout_fraction:.0%} held-out tail of {cfg.heldout_len}-token windows; give more text"
+        )
+    torch.manual_seed(cfg.seed)
+    pconf = PolicyConfig(bb.config.hidden_size, bb.num_layers, mode=cfg.mode, **cfg.policy)
+    model = ScoringModel(pconf)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    start, beta = _resume(out, cfg, meta["fingerprint"], model, opt)
+    cost_vec = torch.tensor([costs.decode[s] for s in (0, 1, 2, 4)])
+    log_path = out / "train_log.jsonl"
+    _truncate_log(log_path, start)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training policy", disable=not progress)
+    for step in bar:
+        ids = _batch(corpus, cfg, step, limit)
+        nll_full = token_nll(bb.logits(engine.step(ids, engine.new_session(*ids.shape)).hidden), ids)
+        temp = temperature(step, cfg.tau0, cfg.tau_decay)
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        decider = PolicyDecider(
+            model, engine.scales, cost_vec, mode=cfg.mode, temperature=temp, generator=gen, record=True
+        )
+        run = engine.step(ids, engine.new_session(*ids.shape), decider)
+        nll_skip = token_nll(bb.logits(run.hidden), ids)
+        states = run.states[:, :-1].long()
+        r_acc = lm_accuracy_reward(nll_full, nll_skip, cfg.eps, cfg.reward_floor)
+        rewards = decision_rewards(states, r_acc, beta)
+        loss = reinforce_loss(decider.records, rewards, temp, model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ratio = costs.compute_ratio(states)
+        if cfg.ratio_target is not None:
+            step_size = cfg.beta_rate * (cfg.ratio_target - ratio) / cfg.ratio_target
+            beta = min(max(beta * math.exp(step_size), cfg.beta_min), cfg.beta_max)
+        entry = {
+            "step": step + 1,
+            "beta": round(beta, 6),
+            "loss": round(float(loss.detach()), 5),
+            "reward": round(float(rewards.mean()), 5),
+            "temperature": round(temp, 4),
+            "compute_ratio": round(ratio, 4),
+            "ppl_full": round(math.exp(float(nll_full.mean())), 3),
+            "ppl_policy": round(math.exp(float(nll_skip.mean())), 3),
+            "state_fractions": [round(float((states == s).float().mean()), 4) for s in (0, 1, 2, 4)],
+        }
+        entry["ppl_gap"] = round(entry["ppl_policy"] - entry["ppl_full"], 3)
+        with log_path.open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        bar.set_postfix(reward=entry["reward"], ratio=entry["compute_ratio"], ppl_gap=entry["ppl_gap"])
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _atomic_torch_save(
+                {
+                    "step": step + 1,
+                    "model": model.state_dict(),
+                    "optim": opt.state_dict(),
+                    "config": asdict(cfg),
+                    "fingerprint": meta["fingerprint"],
+                    "beta": beta,
+                },
+                out / "checkpoint.pt",
+            )
+    model.eval()
+    policy = DashPolicy(
+        model,
+        {
+            **meta,
+            "scales": engine.scales.tolist(),
+            "cost_table": {str(k): v for k, v in costs.decode.items()},
+            "cost_table_measured": costs.measured,
+            "kv_rule": str(engine.kv_rule),
+            "train_config": asdict(cfg),
+        },
+    )
+    heldout = corpus[limit : limit + heldout_count * cfg.heldout_len].view(heldout_count, cfg.heldout_len)
+    calibrate_operating_points(policy, engine, heldout, cfg.targets, costs, progress)
+    policy.save(out / "policy.safetensors")
+    return policy
+
+
+def _resume(out: Path, cfg: TrainConfig, fingerprint: str, model, opt) -> tuple[int, float]:
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        return 0, cfg.beta
+    try:
+        ckpt = torch.load(path, weights_only=False)
+    except Exception as exc:  # a damaged checkpoint must not silently restart from zero
+        raise DashskipError(f"checkpoint '{path}' is unreadable ({exc}); delete it to start over") from None
+    # Settings that do not change the trained weights may differ on resume (more steps, other operating points).
+    free = {"steps", "heldout_windows", "heldout_len", "targets", "checkpoint_every"}
+    saved = {k: v for k, v in ckpt["config"].items() if k not in free}
+    now = {k: v for k, v in asdict(cfg).items() if k not in free}
+    if (
+        json.dumps(saved, sort_keys=True, default=list) != json.dumps(now, sort_keys=True, default=list)
+        or ckpt.get("fingerprint") != fingerprint
+    ):
+        raise DashskipError(
+            f"'{out}' holds a checkpoint of a different training run (other model or settings); "
+            "use another --out folder or delete the checkpoint"
+        )
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optim"])
+    return int(ckpt["step"]), float(ckpt["beta"])
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint we resume from, so the log matches an uninterrupted run."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+@torch.no_grad()
+def measure_ratio(policy: DashPolicy, engine: Engine, ids: torch.Tensor, bias: float, costs: CostTable) -> float:
+    decider = PolicyDecider(policy.model, engine.scales, policy.costs(), bias)
+    result = engine.step(ids, engine.new_session(*ids.shape), decider)
+    return costs.compute_ratio(result.states)
+
+
+def calibrate_operating_points(
+    policy: DashPolicy, engine: Engine, heldout: torch.Tensor, targets, costs: CostTable, progress: bool = True
+) -> None:
+    """Find, by bisection on held-out text, the cost bias that delivers each target compute ratio."""
+    curve: dict[float, float] = {}
+
+    def ratio(bias: float) -> float:
+        if bias not in curve:
+            curve[bias] = measure_ratio(policy, engine, heldout, bias, costs)
+        return curve[bias]
+
+    lo, hi = -1.0, 1.0
+    while ratio(lo) > 1.0 + 1e-3 and lo > -1e4:
+        lo *= 4
+    while ratio(hi) < max(targets) * 1.05 and hi < 1e4:
+        hi *= 4
+    points = {}
+    for target in tqdm(targets, desc="operating points", disable=not progress):
+        a, b = lo, hi
+        for _ in range(14):
+            mid = (a + b) / 2
+            if ratio(mid) < target:
+                a = mid
+            else:
+                b = mid
+            if abs(ratio(mid) / target - 1) < 0.005:
+                break
+        best = min((a, b, mid), key=lambda x: abs(ratio(x) - target))
+        points[f"{target:.2f}"] = best
+    policy.meta["operating_points"] = points
+    policy.meta["ratio_curve"] = sorted([[b, r] for b, r in curve.items()], key=lambda p: p[0])
+    policy.meta["operating_point_ratios"] = {k: round(ratio(v), 4) for k, v in points.items()}

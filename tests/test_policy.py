@@ -1,0 +1,142 @@
+import pytest
+import torch
+
+from dashskip import Backbone, Engine
+from dashskip.api import DashModel
+from dashskip.errors import DashskipError
+from dashskip.policy import STATE_VALUES, DashPolicy, PolicyConfig, PolicyDecider, ScoringModel
+from tests.conftest import tiny_model
+
+
+def make_policy(mode="async", layers=6, hidden=64, fingerprint="fp"):
+    torch.manual_seed(0)
+    model = ScoringModel(PolicyConfig(hidden, layers, mode=mode))
+    meta = {
+        "fingerprint": fingerprint,
+        "scales": [1.1] * layers,
+        "cost_table": {"0": 0.0, "1": 0.4, "2": 0.5, "4": 1.0},
+        "kv_rule": "copy",
+        "operating_points": {"1.50": 0.3},
+        "ratio_curve": [[-1.0, 1.0], [0.0, 1.2], [1.0, 1.8], [4.0, 3.0]],
+    }
+    return DashPolicy(model, meta)
+
+
+def test_scores_have_one_output_per_state_and_penalise_change():
+    policy = make_policy()
+    h = torch.randn(2, 3, 64)
+    base = policy.model(h, 1, 2, torch.full((2, 3), 4))
+    assert base.shape == (2, 3, 4)
+    alpha = policy.config.change_penalty
+    from_skip = policy.model(h, 1, 2, torch.zeros(2, 3, dtype=torch.long))
+    # moving from state 0 instead of 4: the penalty |s - s_i| changes by (|s - 0| - |s - 4|) * alpha
+    delta = (STATE_VALUES.float() - 0).abs() - (STATE_VALUES.float() - 4).abs()
+    assert torch.allclose(base - from_skip, alpha * delta.expand_as(base), atol=1e-5)
+
+
+def test_async_decides_next_layer_from_scaled_input_and_sync_from_real_input():
+    policy = make_policy()
+    scales = torch.linspace(0.5, 1.5, 6)
+    costs = torch.tensor([0.0, 0.4, 0.5, 1.0])
+    h = [torch.randn(1, 4, 64) for _ in range(6)]
+    asyn = PolicyDecider(policy.model, scales, costs, mode="async", record=True)
+    asyn.begin(None)
+    first = asyn(0, h[0], 4)
+    assert first == 4
+    rec = asyn.records[0]
+    assert rec.current == 0 and rec.nxt == 1 and torch.equal(rec.hidden, h[0] * scales[0])
+    assert torch.equal(asyn(1, h[1], first), STATE_VALUES[rec.index])  # layer 1 gets what was decided at layer 0
+    syn = PolicyDecider(policy.model, scales, costs, mode="sync", record=True)
+    syn.begin(None)
+    assert syn(0, h[0], 4) == 4 and not syn.records
+    syn(2, h[2], torch.full((1, 4), 2))
+    assert syn.records[0].current == 1 and syn.records[0].nxt == 2 and torch.equal(syn.records[0].hidden, h[2])
+
+
+def test_greedy_policy_gives_per_token_states_in_the_engine():
+    model = tiny_model("llama")
+    policy = make_policy()
+    engine = Engine(Backbone(model), scales=policy.scales())
+    for bias in (0.0, 10.0):
+        decider = PolicyDecider(policy.model, policy.scales(), policy.costs(), bias)
+        result = engine.step(torch.randint(3, 97, (2, 9)), engine.new_session(2), decider)
+        assert result.states[..., 0].eq(4).all() and result.states[..., -1].eq(4).all()
+    assert result.states[..., 1:-1].float().mean() < 4  # a strong cost bias moves tokens off the full state
+
+
+def test_bias_interpolates_and_refuses_unreachable_speedups():
+    policy = make_policy()
+    assert policy.bias_for(1.5) == 0.3  # stored operating point
+    assert policy.bias_for(1.55) == pytest.approx(0.35 / 0.6, abs=1e-6)  # between (0.0, 1.2) and (1.0, 1.8)
+    assert policy.bias_for(2.4) == pytest.approx(2.5)
+    with pytest.raises(DashskipError, match="above the range this policy was calibrated for"):
+        policy.bias_for(3.5)
+    with pytest.raises(DashskipError, match=">= 1.0"):
+        policy.bias_for(0.9)
+
+
+def test_policy_file_round_trip_and_checks(tmp_path):
+    policy = make_policy()
+    path = tmp_path / "p.safetensors"
+    policy.save(path)
+    again = DashPolicy.load(path)
+    assert again.meta["operating_points"] == {"1.50": 0.3}
+    for k, v in policy.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k])
+    again.check("fp")
+    with pytest.raises(DashskipError, match="another model"):
+        again.check("other")
+    path.with_name("cut.safetensors").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DashskipError, match="truncated or corrupt"):
+        DashPolicy.load(tmp_path / "cut.safetensors")
+    with pytest.raises(DashskipError, match="not found"):
+        DashPolicy.load(tmp_path / "none.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
+    with pytest.raises(DashskipError, match="not a dashskip policy"):
+        DashPolicy.load(tmp_path / "plain.safetensors")
+
+
+def test_policy_from_another_version_is_refused(tmp_path, monkeypatch):
+    import dashskip.policy as pol
+
+    monkeypatch.setattr(pol, "POLICY_VERSION", 0)
+    make_policy().save(tmp_path / "old.safetensors")
+    monkeypatch.setattr(pol, "POLICY_VERSION", 1)
+    with pytest.raises(DashskipError, match="version 0"):
+        DashPolicy.load(tmp_path / "old.safetensors")
+
+
+def test_policy_on_another_model_and_bad_speedups_are_refused():
+    model = tiny_model("llama")
+    with pytest.raises(DashskipError, match="another model"):
+        DashModel(model, policy=make_policy(fingerprint="not-this-one"))
+    from dashskip.loading import fingerprint
+
+    dm = DashModel(model, policy=make_policy(fingerprint=fingerprint(model)), speedup=1.5)
+    assert dm.speedup == 1.5
+    with pytest.raises(DashskipError, match="above the range this policy was calibrated for"):
+        dm.set_speedup(5.0)
+    with pytest.raises(DashskipError, match=">= 1.0"):
+        dm.set_speedup(0.5)
+    with pytest.raises(DashskipError, match="needs a trained policy"):
+        DashModel(tiny_model("llama"), speedup=1.5)
+    with pytest.raises(DashskipError, match="'copy' K/V rule"):
+        DashModel(model, policy=make_policy(fingerprint=fingerprint(model)), kv_rule="project")
+
+
+def test_nonfinite_skipped_path_is_rerun_in_full_with_one_warning():
+    model = tiny_model("llama")
+    scales = torch.ones(6)
+    scales[2] = float("nan")
+    engine = Engine(Backbone(model), scales=scales)
+    from dashskip import FixedStates
+
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.warns(RuntimeWarning, match="non-finite hidden state.*layer 2"):
+        result = engine.step(ids, engine.new_session(1), FixedStates([4, 4, 0, 4, 4, 4]))
+    assert torch.isfinite(result.hidden).all()
+    assert result.states[0, :, 2].eq(4).all()
+    full = engine.step(ids, engine.new_session(1)).hidden
+    assert torch.allclose(result.hidden, full, atol=1e-6)

@@ -1,0 +1,137 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dashskip import Backbone, Engine
+from dashskip.errors import DashskipError
+from dashskip.policy import DashPolicy
+from dashskip.profiling import CostTable
+from dashskip.training import (
+    TrainConfig,
+    classification_reward,
+    decision_rewards,
+    lm_accuracy_reward,
+    measure_ratio,
+    position_weights,
+    temperature,
+    train,
+)
+from tests.conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_temperature_schedule_decays_exponentially():
+    assert temperature(0, 2.0, 0.01) == 2.0
+    assert temperature(100, 2.0, 0.01) == pytest.approx(2.0 * math.exp(-1.0))
+    assert temperature(50, 1.0, 0.0) == 1.0
+
+
+def test_position_weights_by_hand():
+    # path states 4, 0, 2, 4: |S_X| = 10, |S_M| = 16, |S_X,i| = 4, 4, 6
+    w = position_weights(torch.tensor([[4, 0, 2, 4]]))[0]
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    expected = [0.6 * sig(4 - 1.6), 0.6 * sig(0 - 1.6), 0.4 * sig(2 - 1.6)]
+    assert w.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_accuracy_rewards_by_hand():
+    # ppl_full 10, ppl_skip 11, eps 0.05: (0.05 * 10 - 1) / 10 = -0.05
+    r = lm_accuracy_reward(torch.tensor([math.log(10.0)]), torch.tensor([math.log(11.0)]), eps=0.05, floor=-4)
+    assert float(r) == pytest.approx(-0.05, abs=1e-6)
+    # identical paths earn eps; a catastrophic one is clipped at the floor
+    assert float(lm_accuracy_reward(torch.tensor([1.0]), torch.tensor([1.0]), 0.05, -4)) == pytest.approx(0.05)
+    assert float(lm_accuracy_reward(torch.tensor([1.0]), torch.tensor([9.0]), 0.05, -4)) == -4
+    assert classification_reward(torch.tensor([True, False])).tolist() == [1.0, -1.0]
+
+
+def test_decision_rewards_combine_accuracy_and_efficiency():
+    states = torch.tensor([[4, 0, 2, 4]])
+    r = decision_rewards(states, torch.tensor([-0.5]), beta=0.1)[0]
+    w = position_weights(states)[0]
+    assert r.tolist() == pytest.approx((-0.5 * w + 0.1 * torch.tensor([4.0, 2.0, 0.0])).tolist())
+
+
+def test_training_is_reproducible_and_writes_log_checkpoint_and_policy(tmp_path):
+    engine = Engine(Backbone(tiny_model("llama")), scales=torch.full((6,), 1.05))
+    corpus = torch.randint(3, 97, (3000,), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(
+        steps=6, batch_size=2, seq_len=16, checkpoint_every=3, heldout_windows=4, heldout_len=32, targets=(1.5, 2.0)
+    )
+    a = train(engine, corpus, CostTable.default(), cfg, tmp_path / "a", {"fingerprint": "fp"}, progress=False)
+    b = train(engine, corpus, CostTable.default(), cfg, tmp_path / "b", {"fingerprint": "fp"}, progress=False)
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k])
+    log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 7))
+    assert {"reward", "compute_ratio", "ppl_gap", "temperature"} <= set(log[0])
+    assert (tmp_path / "a" / "checkpoint.pt").exists()
+    policy = DashPolicy.load(tmp_path / "a" / "policy.safetensors")
+    assert set(policy.meta["operating_points"]) == {"1.50", "2.00"}
+    # each operating point lands within 3% of its target on the held-out windows
+    for target, ratio in policy.meta["operating_point_ratios"].items():
+        assert abs(ratio / float(target) - 1) < 0.03
+
+
+def test_operating_points_hold_on_unseen_text(tmp_path):
+    engine = Engine(Backbone(tiny_model("llama")), scales=torch.full((6,), 1.05))
+    gen = torch.Generator().manual_seed(1)
+    corpus = torch.randint(3, 97, (4000,), generator=gen)
+    cfg = TrainConfig(steps=4, batch_size=2, seq_len=32, heldout_windows=12, heldout_len=32, targets=(1.33, 1.67))
+    policy = train(engine, corpus, CostTable.default(), cfg, tmp_path, {"fingerprint": "fp"}, progress=False)
+    unseen = torch.randint(3, 97, (32, 32), generator=gen)
+    for target in (1.33, 1.67):
+        ratio = measure_ratio(policy, engine, unseen, policy.bias_for(target), CostTable.default())
+        assert abs(ratio / target - 1) < 0.03
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tests.train_tiny", str(tmp_path / "killed"), "300"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = torch.load(ckpt, weights_only=False)["step"]
+    assert 0 < step_at_kill < 300, "the kill must land mid-run"
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)  # the same command again: resumes
+    subprocess.run([*cmd[:-2], str(tmp_path / "whole"), "300"], cwd=ROOT, env=env, check=True)
+    resumed = load_file(tmp_path / "killed" / "policy.safetensors")
+    whole = load_file(tmp_path / "whole" / "policy.safetensors")
+    for k in whole:
+        assert torch.equal(resumed[k], whole[k]), k
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 301))
+
+
+def test_training_refuses_bad_settings_and_foreign_checkpoints(tmp_path):
+    engine = Engine(Backbone(tiny_model("llama")))
+    corpus = torch.randint(3, 97, (3000,))
+    with pytest.raises(DashskipError, match="too few"):
+        train(engine, corpus[:50], CostTable.default(), TrainConfig(seq_len=16), tmp_path, {"fingerprint": "x"})
+    with pytest.raises(DashskipError, match="too few"):
+        train(engine, corpus[:300], CostTable.default(), TrainConfig(seq_len=16), tmp_path, {"fingerprint": "x"})
+    with pytest.raises(DashskipError, match="operating points must be >= 1.0"):
+        train(engine, corpus, CostTable.default(), TrainConfig(targets=(0.5,)), tmp_path, {"fingerprint": "x"})
+    cfg = TrainConfig(
+        steps=2, batch_size=1, seq_len=16, checkpoint_every=1, heldout_windows=2, heldout_len=16, targets=(1.2,)
+    )
+    train(engine, corpus, CostTable.default(), cfg, tmp_path, {"fingerprint": "x"}, progress=False)
+    other = TrainConfig(
+        steps=2, batch_size=1, seq_len=16, checkpoint_every=1, heldout_windows=2, heldout_len=16, targets=(1.2,), lr=0.5
+    )
+    with pytest.raises(DashskipError, match="different training run"):
+        train(engine, corpus, CostTable.default(), other, tmp_path, {"fingerprint": "x"}, progress=False)
