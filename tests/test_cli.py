@@ -76,7 +76,7 @@ def test_generate_at_an_operating_point_with_the_shipped_policy():
     assert out.returncode == 0, out.stderr
     stats = json.loads(out.stdout)["stats"]
     assert stats["speedup"] == 1.67 and stats["mode"] == "async" and stats["new_tokens"] == 12
-    assert stats["compute_ratio"] > 1.2 and stats["state_fractions"]["full"] < 0.9
+    assert stats["compute_ratio"] > 1.1 and stats["state_fractions"]["full"] < 0.9
     assert len(stats["layers_per_token"]) == 12 and len(stats["layers_per_token"][0]) == 30
 
 

@@ -83,10 +83,11 @@ class Calibration:
         ax.set_ylim(min(0.0, min(self.cosine)), 1.02)
         right = ax.twinx()
         right.plot(layers, self.scales, "s-", color="tab:red", label="scale ||Y||/||X||")
-        right.set_ylabel("scale", color="tab:red")
+        right.set_ylabel("scale (log)", color="tab:red")
+        right.set_yscale("log")  # layer 0 often scales by >10x and would flatten the rest
         lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
         labels = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
-        ax.legend(lines, labels, loc="lower right", fontsize=8)
+        ax.legend(lines, labels, loc="lower center", fontsize=8)
         ax.set_title(title or f"calibration ({self.meta.get('model', '')})")
         fig.tight_layout()
         Path(path).parent.mkdir(parents=True, exist_ok=True)

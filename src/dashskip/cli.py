@@ -16,6 +16,7 @@ import typer
 from dashskip.api import from_pretrained
 from dashskip.errors import DashskipError
 from dashskip.loading import ALIASES, DEFAULT_MODEL
+from dashskip.policy import PolicyDecider
 
 app = typer.Typer(
     help="DASH layer skipping for Hugging Face decoder LLMs. Run `dashskip COMMAND --help` for examples.",
@@ -85,6 +86,8 @@ def generate(
     if as_json:
         stats = out.stats()
         stats.update(
+            speedup=speedup,
+            mode=dm.decider.mode if isinstance(dm.decider, PolicyDecider) else None,
             new_tokens=int(new.numel()),
             seconds=round(seconds, 3),
             load_seconds=round(load_s, 2),

@@ -190,7 +190,8 @@ def state_errors(engine, input_ids: torch.Tensor) -> dict[str, dict[str, list[fl
 
     class Record(Decider):
         def __call__(self, layer, hidden, previous):
-            inputs[layer] = hidden.clone()
+            if 0 < layer < engine.backbone.num_layers - 1:  # first and last layer always run in full
+                inputs[layer] = hidden.clone()
             return int(State.FULL)
 
     batch, tokens = input_ids.shape
