@@ -135,3 +135,52 @@ def test_training_refuses_bad_settings_and_foreign_checkpoints(tmp_path):
     )
     with pytest.raises(DashskipError, match="different training run"):
         train(engine, corpus, CostTable.default(), other, tmp_path, {"fingerprint": "x"}, progress=False)
+
+
+def test_choice_scoring_picks_the_most_likely_continuation_by_hand():
+    from dashskip.training import ChoiceQuestion, choice_batch, choice_correct
+
+    questions = [ChoiceQuestion([5, 6], [[7], [8, 9]], answer=1), ChoiceQuestion([5], [[7], [8]], answer=0)]
+    ids, attention, continuation, owner = choice_batch(questions)
+    assert ids.tolist() == [[5, 6, 7, 0], [5, 6, 8, 9], [5, 7, 0, 0], [5, 8, 0, 0]]
+    assert attention.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]]
+    assert continuation.tolist() == [[0, 0, 1, 0], [0, 0, 1, 1], [0, 1, 0, 0], [0, 1, 0, 0]]
+    assert owner == [0, 0, 1, 1]
+    logits = torch.zeros(4, 4, 10)
+    logits[1, 1, 8] = logits[1, 2, 9] = 5.0  # question 0: choice 1 scores higher -> right
+    logits[3, 0, 8] = 5.0  # question 1: choice 1 scores higher -> wrong
+    assert choice_correct(logits, ids, continuation, owner, questions).tolist() == [True, True, False, False]
+
+
+def test_classification_reward_training_on_multiple_choice(tmp_path):
+    from dashskip.training import ChoiceQuestion
+
+    engine = Engine(Backbone(tiny_model("llama")), scales=torch.full((6,), 1.05))
+    gen = torch.Generator().manual_seed(0)
+    questions = [
+        ChoiceQuestion(
+            torch.randint(3, 97, (6,), generator=gen).tolist(),
+            [torch.randint(3, 97, (2,), generator=gen).tolist() for _ in range(3)],
+            answer=i % 3,
+        )
+        for i in range(30)
+    ]
+    cfg = TrainConfig(steps=3, batch_size=2, checkpoint_every=2, targets=(1.3,))
+    policy = train(engine, questions, CostTable.default(), cfg, tmp_path, {"fingerprint": "fp"}, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3] and all(0 <= e["accuracy"] <= 1 for e in log)
+    assert abs(policy.meta["operating_point_ratios"]["1.30"] / 1.3 - 1) < 0.03
+    with pytest.raises(DashskipError, match="too few"):
+        train(engine, questions[:2], CostTable.default(), cfg, tmp_path / "x", {"fingerprint": "fp"}, progress=False)
+
+
+def test_arc_questions_load_from_the_shared_data():
+    from dashskip.data import load_choice_questions
+
+    items = load_choice_questions("arc-easy")
+    assert len(items) == 2376
+    prompt, choices, answer = items[0]
+    assert prompt.startswith("Question: Which statement best explains") and prompt.endswith("\nAnswer:")
+    assert choices[answer] == " Sunlight is the source of energy for nearly all ecosystems."
+    with pytest.raises(DashskipError, match="unknown multiple-choice set"):
+        load_choice_questions("arc-hard")

@@ -220,7 +220,9 @@ def _cost_table(dm, progress: bool = True):
 @app.command()
 def train(
     model: ModelOpt = DEFAULT_MODEL,
-    data: Annotated[str, typer.Option(help="wikitext2 (trains on its validation split) or a text file")] = "wikitext2",
+    data: Annotated[
+        str, typer.Option(help="wikitext2 (its validation split), a text file, or arc-easy / arc-challenge")
+    ] = "wikitext2",
     data_dir: Annotated[Path | None, typer.Option(help="folder holding the shared data sets")] = None,
     speedup: Annotated[list[float] | None, typer.Option(help="operating point(s) to calibrate, repeatable")] = None,
     out: Annotated[Path, typer.Option(help="run folder: checkpoints, train_log.jsonl, policy.safetensors")] = Path(
@@ -254,24 +256,35 @@ def train(
     from dashskip.api import DashModel
     from dashskip.calibration import Calibration
     from dashskip.calibration import calibrate as run_calibration
-    from dashskip.data import load_text, token_windows
+    from dashskip.data import CHOICE_SETS, load_choice_questions, load_text, token_windows
     from dashskip.loading import fingerprint, load_model
-    from dashskip.training import DEFAULT_TARGETS, TrainConfig
+    from dashskip.training import DEFAULT_TARGETS, ChoiceQuestion, TrainConfig
     from dashskip.training import train as run_training
 
     hf, tok = load_model(model)
     fp = fingerprint(hf)
-    text = load_text(TRAIN_SPLIT.get(data, data), data_dir)
+    choice = data in CHOICE_SETS
+    text = None if choice else load_text(TRAIN_SPLIT.get(data, data), data_dir)
     out.mkdir(parents=True, exist_ok=True)
     if calibration is None:
         calibration = out / "calibration.json"
         if not calibration.exists():
-            windows = token_windows(tok, text, 64, 256, seed)
+            windows = token_windows(tok, text or load_text("wikitext2-valid", data_dir), 64, 256, seed)
             run_calibration(hf, windows, fp, meta={"model": model, "data": data}).save(calibration)
     cal = Calibration.load(calibration)
     dm = DashModel(hf, tok, calibration=cal, kv_rule=kv_rule)
     costs = _cost_table(dm)
-    corpus = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if choice:
+        corpus = [
+            ChoiceQuestion(
+                tok(p, add_special_tokens=False)["input_ids"],
+                [tok(c, add_special_tokens=False)["input_ids"] for c in cs],
+                answer,
+            )
+            for p, cs, answer in load_choice_questions(data, data_dir)
+        ]
+    else:
+        corpus = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch_size,

@@ -84,3 +84,33 @@ def token_windows(tokenizer, text: str, num: int, length: int, seed: int = 0) ->
     rng = random.Random(seed)
     starts = [rng.randrange(0, ids.numel() - length + 1) for _ in range(num)]
     return torch.stack([ids[s : s + length] for s in starts])
+
+
+CHOICE_SETS = {"arc-easy": "arc/ARC-Easy-Test.jsonl", "arc-challenge": "arc/ARC-Challenge-Test.jsonl"}
+
+
+def load_choice_questions(name: str, data_dir: str | Path | None = None) -> list[tuple[str, list[str], int]]:
+    """ARC multiple-choice items as (question prompt, answer continuations, index of the right one)."""
+    import json
+
+    if name not in CHOICE_SETS:
+        raise DashskipError(f"unknown multiple-choice set '{name}'; use one of {', '.join(CHOICE_SETS)}")
+    looked = []
+    for root in data_roots(data_dir):
+        path = root / CHOICE_SETS[name]
+        looked.append(str(path))
+        if path.is_file():
+            items = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                labels = [c["label"] for c in row["question"]["choices"]]
+                if row["answerKey"] not in labels:
+                    continue
+                prompt = f"Question: {row['question']['stem']}\nAnswer:"
+                items.append(
+                    (prompt, [" " + c["text"] for c in row["question"]["choices"]], labels.index(row["answerKey"]))
+                )
+            return items
+    raise DashskipError(
+        f"data set '{name}' not found; looked in: {', '.join(looked)}; pass --data-dir or set DASHSKIP_DATA"
+    )

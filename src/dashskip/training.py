@@ -131,31 +131,86 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def reinforce_loss(records, rewards: torch.Tensor, temp: float, model: ScoringModel) -> torch.Tensor:
-    """-sum (r - b) log pi over recorded decisions, b = the batch mean reward of each decision layer."""
+def reinforce_loss(
+    records, rewards: torch.Tensor, temp: float, model: ScoringModel, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """-sum (r - b) log pi over recorded decisions, b = the batch mean reward of each decision layer.
+
+    `rewards` is (batch, tokens', L-1) for the first tokens' positions that have a reward (text: all but the
+    last token); `mask` (batch, tokens') drops padding.
+    """
+    scored = rewards.shape[1]
     losses = []
     for rec in records:
-        r = rewards[:, :, rec.nxt - 1]  # (batch, tokens-1): decisions of the last token get no reward
-        advantage = r - r.mean()
-        scores = model(rec.hidden[:, :-1], rec.current, rec.nxt, rec.previous[:, :-1]) / temp
-        logp = F.log_softmax(scores, -1).gather(-1, rec.index[:, :-1, None]).squeeze(-1)
-        losses.append(-(advantage * logp).mean())
+        r = rewards[:, :, rec.nxt - 1]
+        scores = model(rec.hidden[:, :scored], rec.current, rec.nxt, rec.previous[:, :scored]) / temp
+        logp = F.log_softmax(scores, -1).gather(-1, rec.index[:, :scored, None]).squeeze(-1)
+        if mask is None:
+            losses.append(-((r - r.mean()) * logp).mean())
+        else:
+            count = mask.sum().clamp(min=1)
+            advantage = r - (r * mask).sum() / count
+            losses.append(-(advantage * logp * mask).sum() / count)
     return torch.stack(losses).mean()
+
+
+@dataclass
+class ChoiceQuestion:
+    """A multiple-choice item, tokenized: the context, each answer continuation, and the right index."""
+
+    context: list[int]
+    choices: list[list[int]]
+    answer: int
+
+
+def choice_batch(questions: list[ChoiceQuestion]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Right-padded context+choice sequences: ids, attention mask, continuation mask, question index per row."""
+    rows = [(q.context + c, len(q.context), qi) for qi, q in enumerate(questions) for c in q.choices]
+    width = max(len(r[0]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    continuation = torch.zeros(len(rows), width)
+    for i, (seq, ctx, _) in enumerate(rows):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attention[i, : len(seq)] = 1
+        continuation[i, ctx : len(seq)] = 1
+    return ids, attention, continuation, [r[2] for r in rows]
+
+
+def choice_correct(
+    logits: torch.Tensor, ids: torch.Tensor, continuation: torch.Tensor, owner: list[int], questions
+) -> torch.Tensor:
+    """Per row: was its question answered right (the highest summed log-likelihood continuation)?"""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    score = (logp * continuation[:, 1:]).sum(-1)
+    correct = torch.zeros(len(owner), dtype=torch.bool)
+    for qi, q in enumerate(questions):
+        rows = [i for i, o in enumerate(owner) if o == qi]
+        chosen = rows[int(score[rows].argmax())] - rows[0]
+        correct[rows] = chosen == q.answer
+    return correct
 
 
 def train(
     engine: Engine,
-    corpus: torch.Tensor,
+    corpus: torch.Tensor | list[ChoiceQuestion],
     costs: CostTable,
     cfg: TrainConfig,
     out_dir: str | Path,
     meta: dict[str, Any],
     progress: bool = True,
 ) -> DashPolicy:
-    """Train a policy on `corpus` (1-D token ids); write checkpoints, a JSONL log and `policy.safetensors`."""
+    """Train a policy; write checkpoints, a JSONL log and `policy.safetensors`.
+
+    `corpus` is either text (1-D token ids: language-model reward from perplexity) or multiple-choice questions
+    (classification reward: +1 if the sampled path picks the right answer, -1 otherwise, for every decision of
+    every token of the question).
+    """
     cfg.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if isinstance(corpus, list):
+        return _train_choice(engine, corpus, costs, cfg, out, meta, progress)
     bb = engine.backbone
     limit = int(corpus.numel() * (1 - cfg.heldout_fraction))  # the tail is held out for the operating points
     heldout_count = min(cfg.heldout_windows, (corpus.numel() - limit) // cfg.heldout_len)
@@ -191,9 +246,7 @@ def train(
         loss.backward()
         opt.step()
         ratio = costs.compute_ratio(states)
-        if cfg.ratio_target is not None:
-            step_size = cfg.beta_rate * (cfg.ratio_target - ratio) / cfg.ratio_target
-            beta = min(max(beta * math.exp(step_size), cfg.beta_min), cfg.beta_max)
+        beta = _update_beta(beta, ratio, cfg)
         entry = {
             "step": step + 1,
             "beta": round(beta, 6),
@@ -209,18 +262,13 @@ def train(
         with log_path.open("a") as fh:
             fh.write(json.dumps(entry) + "\n")
         bar.set_postfix(reward=entry["reward"], ratio=entry["compute_ratio"], ppl_gap=entry["ppl_gap"])
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _atomic_torch_save(
-                {
-                    "step": step + 1,
-                    "model": model.state_dict(),
-                    "optim": opt.state_dict(),
-                    "config": asdict(cfg),
-                    "fingerprint": meta["fingerprint"],
-                    "beta": beta,
-                },
-                out / "checkpoint.pt",
-            )
+        _checkpoint(out, step + 1, model, opt, cfg, meta, beta)
+    heldout = corpus[limit : limit + heldout_count * cfg.heldout_len].view(heldout_count, cfg.heldout_len)
+    return _finish(model, engine, costs, cfg, out, meta, heldout, None, progress)
+
+
+def _finish(model, engine, costs, cfg, out: Path, meta, heldout, heldout_mask, progress) -> DashPolicy:
+    """Wrap the trained model in a policy, calibrate its operating points on held-out data, save it."""
     model.eval()
     policy = DashPolicy(
         model,
@@ -233,10 +281,83 @@ def train(
             "train_config": asdict(cfg),
         },
     )
-    heldout = corpus[limit : limit + heldout_count * cfg.heldout_len].view(heldout_count, cfg.heldout_len)
-    calibrate_operating_points(policy, engine, heldout, cfg.targets, costs, progress)
+    calibrate_operating_points(policy, engine, heldout, cfg.targets, costs, progress, heldout_mask)
     policy.save(out / "policy.safetensors")
     return policy
+
+
+def _checkpoint(out: Path, step: int, model, opt, cfg: TrainConfig, meta, beta: float) -> None:
+    if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        state = {
+            "step": step,
+            "model": model.state_dict(),
+            "optim": opt.state_dict(),
+            "config": asdict(cfg),
+            "fingerprint": meta["fingerprint"],
+            "beta": beta,
+        }
+        _atomic_torch_save(state, out / "checkpoint.pt")
+
+
+def _update_beta(beta: float, ratio: float, cfg: TrainConfig) -> float:
+    if cfg.ratio_target is None:
+        return beta
+    step_size = cfg.beta_rate * (cfg.ratio_target - ratio) / cfg.ratio_target
+    return min(max(beta * math.exp(step_size), cfg.beta_min), cfg.beta_max)
+
+
+def _train_choice(engine, questions, costs, cfg, out: Path, meta, progress) -> DashPolicy:
+    """The classification-reward loop (eq. 12): one episode = every token of every choice of a question."""
+    limit = int(len(questions) * (1 - cfg.heldout_fraction))
+    if limit < cfg.batch_size or len(questions) - limit < 1:
+        raise DashskipError(
+            f"{len(questions)} questions are too few for batches of {cfg.batch_size} plus a held-out set"
+        )
+    torch.manual_seed(cfg.seed)
+    bb = engine.backbone
+    model = ScoringModel(PolicyConfig(bb.config.hidden_size, bb.num_layers, mode=cfg.mode, **cfg.policy))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    start, beta = _resume(out, cfg, meta["fingerprint"], model, opt)
+    cost_vec = torch.tensor([costs.decode[s] for s in (0, 1, 2, 4)])
+    log_path = out / "train_log.jsonl"
+    _truncate_log(log_path, start)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training policy", disable=not progress)
+    for step in bar:
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        batch = [questions[rng.randrange(limit)] for _ in range(cfg.batch_size)]
+        ids, attention, continuation, owner = choice_batch(batch)
+        temp = temperature(step, cfg.tau0, cfg.tau_decay)
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        decider = PolicyDecider(
+            model, engine.scales, cost_vec, mode=cfg.mode, temperature=temp, generator=gen, record=True
+        )
+        run = engine.step(ids, engine.new_session(*ids.shape), decider, attention)
+        correct = choice_correct(bb.logits(run.hidden), ids, continuation, owner, batch)
+        mask = attention.float()
+        states = run.states.long()
+        r_acc = classification_reward(correct)[:, None].expand(ids.shape)
+        rewards = decision_rewards(states, r_acc, beta)
+        loss = reinforce_loss(decider.records, rewards, temp, model, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ratio = costs.compute_ratio(states[attention.bool()])
+        beta = _update_beta(beta, ratio, cfg)
+        entry = {
+            "step": step + 1,
+            "beta": round(beta, 6),
+            "loss": round(float(loss.detach()), 5),
+            "reward": round(float((rewards.mean(-1) * mask).sum() / mask.sum()), 5),
+            "temperature": round(temp, 4),
+            "compute_ratio": round(ratio, 4),
+            "accuracy": round(float(correct.float().mean()), 4),
+        }
+        with log_path.open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        bar.set_postfix(reward=entry["reward"], ratio=entry["compute_ratio"], acc=entry["accuracy"])
+        _checkpoint(out, step + 1, model, opt, cfg, meta, beta)
+    ids, attention, _, _ = choice_batch(questions[limit:][: 4 * cfg.heldout_windows])  # 48 questions by default
+    return _finish(model, engine, costs, cfg, out, meta, ids, attention, progress)
 
 
 def _resume(out: Path, cfg: TrainConfig, fingerprint: str, model, opt) -> tuple[int, float]:
@@ -273,21 +394,30 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 @torch.no_grad()
-def measure_ratio(policy: DashPolicy, engine: Engine, ids: torch.Tensor, bias: float, costs: CostTable) -> float:
+def measure_ratio(
+    policy: DashPolicy, engine: Engine, ids: torch.Tensor, bias: float, costs: CostTable, mask=None
+) -> float:
     decider = PolicyDecider(policy.model, engine.scales, policy.costs(), bias)
-    result = engine.step(ids, engine.new_session(*ids.shape), decider)
-    return costs.compute_ratio(result.states)
+    result = engine.step(ids, engine.new_session(*ids.shape), decider, mask)
+    states = result.states if mask is None else result.states[mask.bool()]
+    return costs.compute_ratio(states)
 
 
 def calibrate_operating_points(
-    policy: DashPolicy, engine: Engine, heldout: torch.Tensor, targets, costs: CostTable, progress: bool = True
+    policy: DashPolicy,
+    engine: Engine,
+    heldout: torch.Tensor,
+    targets,
+    costs: CostTable,
+    progress: bool = True,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """Find, by bisection on held-out text, the cost bias that delivers each target compute ratio."""
     curve: dict[float, float] = {}
 
     def ratio(bias: float) -> float:
         if bias not in curve:
-            curve[bias] = measure_ratio(policy, engine, heldout, bias, costs)
+            curve[bias] = measure_ratio(policy, engine, heldout, bias, costs, mask)
         return curve[bias]
 
     lo, hi = -1.0, 1.0
