@@ -65,3 +65,28 @@ def test_token_windows_refuse_too_little_data():
     assert token_windows(Tok(), "a b c d e f", 3, 4).shape == (3, 4)
     with pytest.raises(DashskipError, match="fewer than one window"):
         token_windows(Tok(), "a b", 1, 4)
+
+
+def test_windows_start_with_bos_where_the_tokenizer_does():
+    from dashskip.evaluation import perplexity_windows
+
+    class Tok:
+        bos_token_id = 1
+
+        def __init__(self, adds_bos):
+            self.adds_bos = adds_bos
+
+        def __call__(self, text, return_tensors=None, add_special_tokens=True):
+            ids = [10 + i for i in range(len(text.split()))]
+            if add_special_tokens and self.adds_bos:
+                ids = [1] + ids
+            return {"input_ids": torch.tensor([ids]) if return_tensors else ids}
+
+    text = " ".join(["w"] * 20)
+    with_bos = token_windows(Tok(True), text, 2, 5)
+    assert with_bos.shape == (2, 5) and with_bos[:, 0].eq(1).all() and with_bos[:, 1:].ge(10).all()
+    assert token_windows(Tok(False), text, 2, 5).ge(10).all()
+    windows = perplexity_windows(Tok(True), text, 5)
+    assert windows.shape == (5, 5) and windows[:, 0].eq(1).all()
+    assert windows[:, 1:].reshape(-1).tolist() == list(range(10, 30))  # every text token scored once
+    assert perplexity_windows(Tok(False), text, 5).reshape(-1).tolist() == list(range(10, 30))

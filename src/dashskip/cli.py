@@ -256,7 +256,7 @@ def train(
     from dashskip.api import DashModel
     from dashskip.calibration import Calibration
     from dashskip.calibration import calibrate as run_calibration
-    from dashskip.data import CHOICE_SETS, load_choice_questions, load_text, token_windows
+    from dashskip.data import CHOICE_SETS, leading_bos, load_choice_questions, load_text, token_windows
     from dashskip.loading import fingerprint, load_model
     from dashskip.training import DEFAULT_TARGETS, ChoiceQuestion, TrainConfig
     from dashskip.training import train as run_training
@@ -275,9 +275,10 @@ def train(
     dm = DashModel(hf, tok, calibration=cal, kv_rule=kv_rule)
     costs = _cost_table(dm)
     if choice:
+        prefix = [] if leading_bos(tok) is None else [leading_bos(tok)]
         corpus = [
             ChoiceQuestion(
-                tok(p, add_special_tokens=False)["input_ids"],
+                prefix + tok(p, add_special_tokens=False)["input_ids"],
                 [tok(c, add_special_tokens=False)["input_ids"] for c in cs],
                 answer,
             )
@@ -301,6 +302,7 @@ def train(
         mode=mode,
         heldout_windows=heldout_windows,
         heldout_len=heldout_len,
+        bos_token_id=leading_bos(tok),
         targets=tuple(sorted(set(speedup or DEFAULT_TARGETS))),
     )
     t0 = time.perf_counter()

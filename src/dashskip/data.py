@@ -72,18 +72,34 @@ def load_text(name: str, data_dir: str | Path | None = None) -> str:
         ) from None
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id if the tokenizer starts every text with it (Gemma): such models need it on every window."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a")["input_ids"]
+    return bos if bos is not None and len(ids) > 0 and ids[0] == bos else None
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """Prepend a BOS column (windows then hold one content token less than their length)."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
 def token_windows(tokenizer, text: str, num: int, length: int, seed: int = 0) -> torch.Tensor:
-    """`num` random windows of `length` tokens from `text`, as a (num, length) tensor."""
+    """`num` random windows of `length` tokens from `text` (BOS first where the model expects it), (num, length)."""
     if num < 1 or length < 2:
         raise DashskipError(f"need at least 1 sample of at least 2 tokens, got {num} x {length}")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    if ids.numel() < length:
+    bos = leading_bos(tokenizer)
+    content = length - (bos is not None)
+    if ids.numel() < content:
         raise DashskipError(
             f"data set has {ids.numel()} tokens, fewer than one window of {length}; use a shorter --seq-len"
         )
     rng = random.Random(seed)
-    starts = [rng.randrange(0, ids.numel() - length + 1) for _ in range(num)]
-    return torch.stack([ids[s : s + length] for s in starts])
+    starts = [rng.randrange(0, ids.numel() - content + 1) for _ in range(num)]
+    return with_bos(torch.stack([ids[s : s + content] for s in starts]), bos)
 
 
 CHOICE_SETS = {"arc-easy": "arc/ARC-Easy-Test.jsonl", "arc-challenge": "arc/ARC-Challenge-Test.jsonl"}

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dashskip.data import leading_bos, with_bos
 from dashskip.decisions import Decider
 from dashskip.engine import Engine
 from dashskip.errors import DashskipError
@@ -30,14 +31,19 @@ class PerplexityResult:
 
 
 def perplexity_windows(tokenizer, text: str, context: int, limit: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of `context` tokens (stride = context) over the whole text, in order."""
+    """Non-overlapping windows of `context` tokens over the whole text, in order.
+
+    Where the tokenizer starts texts with BOS (Gemma), each window is BOS + `context - 1` text tokens.
+    """
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    count = ids.numel() // context
+    bos = leading_bos(tokenizer)
+    content = context - (bos is not None)
+    count = ids.numel() // content
     if count == 0:
         raise DashskipError(f"text has {ids.numel()} tokens, fewer than one {context}-token window")
     if limit is not None:
         count = min(count, limit)
-    return ids[: count * context].view(count, context)
+    return with_bos(ids[: count * content].view(count, content), bos)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from dashskip.data import with_bos
 from dashskip.engine import Engine
 from dashskip.errors import DashskipError
 from dashskip.policy import DashPolicy, PolicyConfig, PolicyDecider, ScoringModel
@@ -68,6 +69,7 @@ class TrainConfig:
     heldout_len: int = 256
     targets: tuple[float, ...] = DEFAULT_TARGETS
     policy: dict[str, Any] = field(default_factory=dict)  # PolicyConfig overrides (layer_dim, hidden1, ...)
+    bos_token_id: int | None = None  # put first in every window, for models that expect it (Gemma)
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 8:
@@ -121,8 +123,9 @@ def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def _batch(corpus: torch.Tensor, cfg: TrainConfig, step: int, limit: int) -> torch.Tensor:
     rng = random.Random(cfg.seed * 1_000_003 + step)
-    starts = [rng.randrange(0, limit - cfg.seq_len) for _ in range(cfg.batch_size)]
-    return torch.stack([corpus[s : s + cfg.seq_len] for s in starts])
+    content = cfg.seq_len - (cfg.bos_token_id is not None)
+    starts = [rng.randrange(0, limit - content) for _ in range(cfg.batch_size)]
+    return with_bos(torch.stack([corpus[s : s + content] for s in starts]), cfg.bos_token_id)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -263,7 +266,8 @@ def train(
             fh.write(json.dumps(entry) + "\n")
         bar.set_postfix(reward=entry["reward"], ratio=entry["compute_ratio"], ppl_gap=entry["ppl_gap"])
         _checkpoint(out, step + 1, model, opt, cfg, meta, beta)
-    heldout = corpus[limit : limit + heldout_count * cfg.heldout_len].view(heldout_count, cfg.heldout_len)
+    content = cfg.heldout_len - (cfg.bos_token_id is not None)
+    heldout = with_bos(corpus[limit : limit + heldout_count * content].view(heldout_count, content), cfg.bos_token_id)
     return _finish(model, engine, costs, cfg, out, meta, heldout, None, progress)
 
 
