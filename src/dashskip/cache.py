@@ -55,9 +55,6 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
-
     def begin_step(self, num_tokens: int) -> None:
         self.start, self.end = self.length, self.length + num_tokens
         if self.end > self.capacity:
@@ -92,9 +89,3 @@ class KVCache:
             value = torch.where(rows, self.values[layer_idx - 1][:, :, s:e], value)
         self.write(layer_idx, key, value)
         return self.keys[layer_idx][:, :, : self.end], self.values[layer_idx][:, :, : self.end]
-
-    def truncate(self, length: int) -> None:
-        """Forget every position from `length` on (rollback of rejected tokens)."""
-        if not 0 <= length <= self.length:
-            raise DashskipError(f"cannot truncate a cache of length {self.length} to {length}")
-        self.length = length

@@ -8,7 +8,7 @@ the chosen rule), then norm and head. One step = one call of `step()`.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -55,7 +55,6 @@ class Session:
 
     cache: KVCache
     key_valid: torch.Tensor | None = None  # (batch, length) bool; None = no padding anywhere
-    history: list[torch.Tensor] = field(default_factory=list)
 
 
 class Engine:

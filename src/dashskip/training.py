@@ -222,9 +222,43 @@ def train(
             f"training text has {corpus.numel()} tokens; too few for {cfg.seq_len}-token training windows plus a "
             f"{cfg.heldout_fraction:.0%} held-out tail of {cfg.heldout_len}-token windows; give more text"
         )
+
+    def episode(step: int, decider: PolicyDecider) -> Episode:
+        ids = _batch(corpus, cfg, step, limit)
+        nll_full = token_nll(bb.logits(engine.step(ids, engine.new_session(*ids.shape)).hidden), ids)
+        run = engine.step(ids, engine.new_session(*ids.shape), decider)
+        nll_skip = token_nll(bb.logits(run.hidden), ids)
+        states = run.states[:, :-1].long()  # the last token has no next token to be rewarded on
+        ppl_full, ppl_policy = round(math.exp(float(nll_full.mean())), 3), round(math.exp(float(nll_skip.mean())), 3)
+        log = {
+            "ppl_full": ppl_full,
+            "ppl_policy": ppl_policy,
+            "state_fractions": [round(float((states == s).float().mean()), 4) for s in (0, 1, 2, 4)],
+            "ppl_gap": round(ppl_policy - ppl_full, 3),
+        }
+        return Episode(states, lm_accuracy_reward(nll_full, nll_skip, cfg.eps, cfg.reward_floor), None, log)
+
+    model = _optimize(engine, costs, cfg, out, meta, progress, episode, show="ppl_gap")
+    content = cfg.heldout_len - (cfg.bos_token_id is not None)
+    heldout = with_bos(corpus[limit : limit + heldout_count * content].view(heldout_count, content), cfg.bos_token_id)
+    return _finish(model, engine, costs, cfg, out, meta, heldout, None, progress)
+
+
+@dataclass
+class Episode:
+    """One batch of sampled paths and what they earned: states (B, T, L), r_acc (B, T), mask (B, T) or None."""
+
+    states: torch.Tensor
+    r_acc: torch.Tensor
+    mask: torch.Tensor | None
+    log: dict[str, Any]
+
+
+def _optimize(engine, costs: CostTable, cfg: TrainConfig, out: Path, meta, progress, episode, show: str):
+    """The loop both rewards share: sample paths, reward them (eq. 12-16), REINFORCE, adapt beta, log, checkpoint."""
     torch.manual_seed(cfg.seed)
-    pconf = PolicyConfig(bb.config.hidden_size, bb.num_layers, mode=cfg.mode, **cfg.policy)
-    model = ScoringModel(pconf)
+    bb = engine.backbone
+    model = ScoringModel(PolicyConfig(bb.config.hidden_size, bb.num_layers, mode=cfg.mode, **cfg.policy))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start, beta = _resume(out, cfg, meta["fingerprint"], model, opt)
     cost_vec = torch.tensor([costs.decode[s] for s in (0, 1, 2, 4)])
@@ -232,43 +266,37 @@ def train(
     _truncate_log(log_path, start)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training policy", disable=not progress)
     for step in bar:
-        ids = _batch(corpus, cfg, step, limit)
-        nll_full = token_nll(bb.logits(engine.step(ids, engine.new_session(*ids.shape)).hidden), ids)
         temp = temperature(step, cfg.tau0, cfg.tau_decay)
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         decider = PolicyDecider(
             model, engine.scales, cost_vec, mode=cfg.mode, temperature=temp, generator=gen, record=True
         )
-        run = engine.step(ids, engine.new_session(*ids.shape), decider)
-        nll_skip = token_nll(bb.logits(run.hidden), ids)
-        states = run.states[:, :-1].long()
-        r_acc = lm_accuracy_reward(nll_full, nll_skip, cfg.eps, cfg.reward_floor)
-        rewards = decision_rewards(states, r_acc, beta)
-        loss = reinforce_loss(decider.records, rewards, temp, model)
+        ep = episode(step, decider)
+        rewards = decision_rewards(ep.states, ep.r_acc, beta)
+        loss = reinforce_loss(decider.records, rewards, temp, model, ep.mask)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        ratio = costs.compute_ratio(states)
+        if ep.mask is None:
+            ratio, reward = costs.compute_ratio(ep.states), float(rewards.mean())
+        else:
+            ratio = costs.compute_ratio(ep.states[ep.mask.bool()])
+            reward = float((rewards.mean(-1) * ep.mask).sum() / ep.mask.sum())
         beta = _update_beta(beta, ratio, cfg)
         entry = {
             "step": step + 1,
             "beta": round(beta, 6),
             "loss": round(float(loss.detach()), 5),
-            "reward": round(float(rewards.mean()), 5),
+            "reward": round(reward, 5),
             "temperature": round(temp, 4),
             "compute_ratio": round(ratio, 4),
-            "ppl_full": round(math.exp(float(nll_full.mean())), 3),
-            "ppl_policy": round(math.exp(float(nll_skip.mean())), 3),
-            "state_fractions": [round(float((states == s).float().mean()), 4) for s in (0, 1, 2, 4)],
+            **ep.log,
         }
-        entry["ppl_gap"] = round(entry["ppl_policy"] - entry["ppl_full"], 3)
         with log_path.open("a") as fh:
             fh.write(json.dumps(entry) + "\n")
-        bar.set_postfix(reward=entry["reward"], ratio=entry["compute_ratio"], ppl_gap=entry["ppl_gap"])
+        bar.set_postfix(reward=entry["reward"], ratio=entry["compute_ratio"], **{show: entry[show]})
         _checkpoint(out, step + 1, model, opt, cfg, meta, beta)
-    content = cfg.heldout_len - (cfg.bos_token_id is not None)
-    heldout = with_bos(corpus[limit : limit + heldout_count * content].view(heldout_count, content), cfg.bos_token_id)
-    return _finish(model, engine, costs, cfg, out, meta, heldout, None, progress)
+    return model
 
 
 def _finish(model, engine, costs, cfg, out: Path, meta, heldout, heldout_mask, progress) -> DashPolicy:
@@ -317,49 +345,19 @@ def _train_choice(engine, questions, costs, cfg, out: Path, meta, progress) -> D
         raise DashskipError(
             f"{len(questions)} questions are too few for batches of {cfg.batch_size} plus a held-out set"
         )
-    torch.manual_seed(cfg.seed)
     bb = engine.backbone
-    model = ScoringModel(PolicyConfig(bb.config.hidden_size, bb.num_layers, mode=cfg.mode, **cfg.policy))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    start, beta = _resume(out, cfg, meta["fingerprint"], model, opt)
-    cost_vec = torch.tensor([costs.decode[s] for s in (0, 1, 2, 4)])
-    log_path = out / "train_log.jsonl"
-    _truncate_log(log_path, start)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training policy", disable=not progress)
-    for step in bar:
+
+    def episode(step: int, decider: PolicyDecider) -> Episode:
         rng = random.Random(cfg.seed * 1_000_003 + step)
         batch = [questions[rng.randrange(limit)] for _ in range(cfg.batch_size)]
         ids, attention, continuation, owner = choice_batch(batch)
-        temp = temperature(step, cfg.tau0, cfg.tau_decay)
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        decider = PolicyDecider(
-            model, engine.scales, cost_vec, mode=cfg.mode, temperature=temp, generator=gen, record=True
-        )
         run = engine.step(ids, engine.new_session(*ids.shape), decider, attention)
         correct = choice_correct(bb.logits(run.hidden), ids, continuation, owner, batch)
-        mask = attention.float()
-        states = run.states.long()
         r_acc = classification_reward(correct)[:, None].expand(ids.shape)
-        rewards = decision_rewards(states, r_acc, beta)
-        loss = reinforce_loss(decider.records, rewards, temp, model, mask)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ratio = costs.compute_ratio(states[attention.bool()])
-        beta = _update_beta(beta, ratio, cfg)
-        entry = {
-            "step": step + 1,
-            "beta": round(beta, 6),
-            "loss": round(float(loss.detach()), 5),
-            "reward": round(float((rewards.mean(-1) * mask).sum() / mask.sum()), 5),
-            "temperature": round(temp, 4),
-            "compute_ratio": round(ratio, 4),
-            "accuracy": round(float(correct.float().mean()), 4),
-        }
-        with log_path.open("a") as fh:
-            fh.write(json.dumps(entry) + "\n")
-        bar.set_postfix(reward=entry["reward"], ratio=entry["compute_ratio"], acc=entry["accuracy"])
-        _checkpoint(out, step + 1, model, opt, cfg, meta, beta)
+        log = {"accuracy": round(float(correct.float().mean()), 4)}
+        return Episode(run.states.long(), r_acc, attention.float(), log)
+
+    model = _optimize(engine, costs, cfg, out, meta, progress, episode, show="accuracy")
     ids, attention, _, _ = choice_batch(questions[limit:][: 4 * cfg.heldout_windows])  # 48 questions by default
     return _finish(model, engine, costs, cfg, out, meta, ids, attention, progress)
 
