@@ -15,7 +15,6 @@ its real input h_{i+1}.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from torch.nn import functional as F
 
 from dashskip.decisions import Decider, StateChoice, StepInfo
 from dashskip.errors import DashskipError
+from dashskip.profiling import atomic_path
 from dashskip.states import State
 
 STATE_VALUES = torch.tensor([0, 1, 2, 4])  # output index k of the scoring model <-> state STATE_VALUES[k]
@@ -200,13 +200,10 @@ class DashPolicy:
         return PolicyDecider(self.model, self.scales(), self.costs(), self.bias_for(speedup), mode=mode)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {**self.meta, "format": POLICY_FORMAT, "version": POLICY_VERSION, "policy_config": asdict(self.config)}
         tensors = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, tmp, metadata={"dashskip": json.dumps(meta)})
-        os.replace(tmp, path)
+        with atomic_path(Path(path)) as tmp:
+            save_file(tensors, tmp, metadata={"dashskip": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> DashPolicy:

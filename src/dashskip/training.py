@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from dashskip.data import with_bos
 from dashskip.engine import Engine
 from dashskip.errors import DashskipError
 from dashskip.policy import DashPolicy, PolicyConfig, PolicyDecider, ScoringModel
-from dashskip.profiling import CostTable
+from dashskip.profiling import CostTable, atomic_path
 
 DEFAULT_TARGETS = (1.33, 1.67, 2.0)
 
@@ -129,9 +128,8 @@ def _batch(corpus: torch.Tensor, cfg: TrainConfig, step: int, limit: int) -> tor
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def reinforce_loss(
