@@ -38,8 +38,11 @@ def tiny_model(family: str, seed: int = 0, attn: str = "sdpa"):
     torch.manual_seed(seed)
     config = tiny_config(family)
     config._attn_implementation = attn
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
-    # Random init gives near-uniform logits; larger weights make greedy paths and errors meaningful.
+    return spread_weights(AutoModelForCausalLM.from_config(config, attn_implementation=attn))
+
+
+def spread_weights(model):
+    """Random init gives near-uniform logits; larger weights make greedy paths and errors meaningful."""
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2:

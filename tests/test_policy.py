@@ -53,6 +53,24 @@ def test_async_decides_next_layer_from_scaled_input_and_sync_from_real_input():
     assert syn.records[0].current == 1 and syn.records[0].nxt == 2 and torch.equal(syn.records[0].hidden, h[2])
 
 
+def test_folded_greedy_scorer_chooses_what_the_scoring_model_chooses():
+    from dashskip.policy import GreedyScorer
+
+    policy = make_policy()
+    cost_bias = 0.7 * torch.tensor([0.1, 0.4, 0.5, 1.0])
+    scorer = GreedyScorer(policy.model, cost_bias)
+    gen = torch.Generator().manual_seed(1)
+    for current in range(5):
+        h = torch.randn(3, 7, 64, generator=gen) * 4
+        previous = STATE_VALUES[torch.randint(0, 4, (3, 7), generator=gen)]
+        with torch.no_grad():
+            reference = (policy.model(h, current, current + 1, previous) - cost_bias).argmax(-1)
+        assert torch.equal(scorer(h, current, previous), reference)
+        with torch.no_grad():
+            reference = (policy.model(h, current, current + 1, torch.full((3, 7), 2)) - cost_bias).argmax(-1)
+        assert torch.equal(scorer(h, current, 2), reference)
+
+
 def test_greedy_policy_gives_per_token_states_in_the_engine():
     model = tiny_model("llama")
     policy = make_policy()
@@ -134,7 +152,7 @@ def test_nonfinite_skipped_path_is_rerun_in_full_with_one_warning():
     from dashskip import FixedStates
 
     ids = torch.tensor([[5, 6, 7]])
-    with pytest.warns(RuntimeWarning, match="non-finite hidden state.*layer 2"):
+    with pytest.warns(RuntimeWarning, match=r"non-finite hidden state.*layers \[2\]"):
         result = engine.step(ids, engine.new_session(1), FixedStates([4, 4, 0, 4, 4, 4]))
     assert torch.isfinite(result.hidden).all()
     assert result.states[0, :, 2].eq(4).all()

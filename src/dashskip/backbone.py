@@ -15,10 +15,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from dashskip.errors import DashskipError
-from dashskip.states import RowStates, find_rows, install_states
+from dashskip.states import RowStates, column_major, find_rows, install_states, quantize_int8
+
+HEAD_PRECISIONS = ("full", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,28 @@ class Backbone:
         self._rope_takes_type = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
         self.attn_implementation: str = self.config._attn_implementation or "eager"
         self.softcap: float | None = getattr(self.config, "final_logit_softcapping", None)
+        if self.lm_head.weight.is_contiguous():  # (tied embeddings share it: a lookup reads either layout)
+            self.lm_head.weight.data = column_major(self.lm_head.weight.data)
+        self.head_precision = "full"
+        self._head_weights: tuple[torch.Tensor, ...] = ()
+
+    def set_head(self, precision: str) -> None:
+        """Run the LM head in full (default, exact), bf16, or INT8 weight-only.
+
+        The head reads vocab x hidden weights for every token, a fixed cost layer skipping cannot touch
+        (SmolLM2: ~5 ms of ~45 ms per token in fp32); the low-precision heads are options whose quality cost
+        is measured in docs/benchmarks.md.
+        """
+        if precision not in HEAD_PRECISIONS:
+            raise DashskipError(f"unknown head precision '{precision}'; choose one of {', '.join(HEAD_PRECISIONS)}")
+        weight = self.lm_head.weight.detach()
+        if precision == "bf16":
+            self._head_weights = (weight.to(torch.bfloat16),)
+        elif precision == "int8":
+            self._head_weights = quantize_int8(weight)
+        else:
+            self._head_weights = ()
+        self.head_precision = precision
 
     @property
     def dtype(self) -> torch.dtype:
@@ -89,7 +114,15 @@ class Backbone:
         return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.norm(hidden))
+        normed = self.norm(hidden)
+        if self.head_precision == "full":
+            logits = self.lm_head(normed)
+        elif self.head_precision == "bf16":
+            logits = F.linear(normed.to(torch.bfloat16), self._head_weights[0]).to(normed.dtype)
+        else:
+            flat = normed.reshape(-1, normed.shape[-1]).to(torch.bfloat16)
+            logits = torch._weight_int8pack_mm(flat, *self._head_weights).to(normed.dtype)
+            logits = logits.reshape(*normed.shape[:-1], -1)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

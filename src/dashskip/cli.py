@@ -236,6 +236,9 @@ def train(
     seq_len: int = 128,
     lr: float = 5e-4,
     beta: Annotated[float, typer.Option(help="initial efficiency reward weight")] = 0.02,
+    efficiency: Annotated[
+        str, typer.Option(help="efficiency reward: 'bits' (4 - s, METHOD.md) or 'measured' (this machine's costs)")
+    ] = "bits",
     ratio_target: Annotated[
         float, typer.Option(help="compute ratio the sampled paths are held at (0: fixed beta)")
     ] = 1.5,
@@ -292,6 +295,7 @@ def train(
         seq_len=seq_len,
         lr=lr,
         beta=beta,
+        efficiency=efficiency,
         ratio_target=ratio_target or None,
         eps=eps,
         tau0=tau0,
@@ -374,10 +378,138 @@ def evaluate(
 
 
 @app.command()
+def bench(
+    model: ModelOpt = DEFAULT_MODEL,
+    method: Annotated[str, typer.Option(help="dash, int8 or int4 (every inner layer in that state)")] = "dash",
+    speedup: Annotated[float, typer.Option(help="operating point of the dash method")] = 2.0,
+    batch: Annotated[int, typer.Option(help="rows decoded together")] = 1,
+    prompt_len: Annotated[int, typer.Option(help="prompt tokens per row (WikiText-2 test windows)")] = 64,
+    new_tokens: Annotated[int, typer.Option(help="tokens generated per row")] = 32,
+    repeats: Annotated[int, typer.Option(help="timed repetitions; medians are reported")] = 5,
+    mode: Annotated[str | None, typer.Option(help="dash decision mode: async or sync (default: the policy's)")] = None,
+    majority: Annotated[bool, typer.Option(help="batch-majority voting instead of per-row states")] = False,
+    head: Annotated[str, typer.Option(help="LM head precision in the engine: full, bf16 or int8")] = "full",
+    policy: Annotated[Path | None, typer.Option(help="policy file (default: the one shipped for the alias)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding the shared data sets")] = None,
+    out: Annotated[Path | None, typer.Option(help="also write the JSON result here")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON result instead of the table")] = False,
+) -> None:
+    """Time prefill and decode: transformers generate, the engine's full path and a method, in one run.
+
+    Example: dashskip bench --model smollm2-135m --method dash --speedup 2.0 --batch 1 --new-tokens 32
+    """
+    from dashskip.bench import run_bench
+    from dashskip.profiling import atomic_write_text
+
+    result = run_bench(
+        model, method, speedup, batch, prompt_len, new_tokens, repeats, mode, majority, head, policy, data_dir
+    )
+    data = result.to_dict()
+    if out is not None:
+        atomic_write_text(out, json.dumps(data, indent=2))
+    typer.echo(json.dumps(data, indent=2) if as_json else result.table())
+
+
+@app.command()
 def models() -> None:
-    """List the embedded model aliases."""
+    """List the embedded model aliases.
+
+    Example: dashskip models
+    """
     for alias in ALIASES.values():
         typer.echo(f"{alias.name:14s} {alias.description}  (install: {alias.install})")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command()
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    policy: Annotated[Path | None, typer.Option(help="policy file (default: the one shipped for the alias)")] = None,
+    speedup: Annotated[float, typer.Option(help="default operating point; a request may ask for another")] = 1.0,
+    mode: Annotated[str | None, typer.Option(help="decision mode: async (default of the policy) or sync")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on; 127.0.0.1 keeps the server local")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free port)")] = 8000,
+    max_tokens: Annotated[int, typer.Option(min=1, help="most new tokens one request may ask for")] = 512,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="the `model` clients must send (default: the alias, or the folder's name)")
+    ] = None,
+) -> None:
+    """Serve an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (both streaming), /v1/models.
+
+    Example: dashskip serve --model smollm2-135m --speedup 1.67 --port 8000
+    then: curl http://127.0.0.1:8000/v1/completions -H 'content-type: application/json'
+    -d '{"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8}'
+    """
+    from dashskip.api import bundled_policy
+    from dashskip.server import ServerLimits, create_app, default_served_name, listen, make_server
+
+    sock = listen(host, port)  # a busy port fails before the model loads
+    # with the shipped policy loaded, requests can move the operating point even when the default is 1.0
+    dm = from_pretrained(model, speedup=speedup, policy=policy or bundled_policy(model), mode=mode)
+    name = served_model_name or default_served_name(model)
+    server = make_server(create_app(dm, name, ServerLimits(max_tokens=max_tokens)), sock)
+    if host not in LOOPBACK:
+        typer.echo(f"note: listening on {host} exposes the server beyond this machine; it has no auth", err=True)
+    typer.echo(f"serving '{name}' at http://{host}:{server.port}/v1 (OpenAI-compatible); Ctrl-C stops", err=True)
+    server.run()
+
+
+def _read_turn() -> str | None:
+    """The user's next message; None at /exit or at the end of input (Ctrl-D)."""
+    try:
+        line = input("you> ").strip()
+    except EOFError:
+        typer.echo("")
+        return None
+    return None if line == "/exit" else line
+
+
+@app.command()
+def chat(
+    model: ModelOpt = DEFAULT_MODEL,
+    speedup: Annotated[float, typer.Option(help="operating point; 1.0 = every layer in full")] = 1.0,
+    policy: Annotated[Path | None, typer.Option(help="policy file (default: the one shipped for the alias)")] = None,
+    mode: Annotated[str | None, typer.Option(help="decision mode: async (default of the policy) or sync")] = None,
+    system: Annotated[str | None, typer.Option(help="a system message opening the conversation")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="most tokens per reply")] = 256,
+    sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> None:
+    """Chat in the terminal through the model's chat template, streaming each reply; /exit or Ctrl-D quits.
+
+    Example: dashskip chat --model smollm2-135m --speedup 1.67 --system "Answer in one sentence."
+    """
+    from transformers import TextStreamer
+
+    from dashskip.chat import chat_input_ids
+
+    dm = from_pretrained(model, speedup=speedup, policy=policy, mode=mode)
+    tok = dm.tokenizer
+    messages = [{"role": "system", "content": system}] if system else []
+    generator = torch.Generator().manual_seed(seed)
+    typer.echo("type a message; /exit or Ctrl-D quits", err=True)
+    while (line := _read_turn()) is not None:
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = torch.tensor([chat_input_ids(tok, messages)])
+        out = dm.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature,
+            top_p=top_p,
+            streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
+            return_dict_in_generate=True,
+            generator=generator,
+        )
+        new = out.sequences[0, ids.shape[1] :]
+        messages.append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)})
+        typer.echo(f"[{new.numel()} tokens, compute ratio {out.compute_ratio:.2f}]", err=True)
 
 
 def main() -> None:

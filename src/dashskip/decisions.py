@@ -19,6 +19,7 @@ from dashskip.errors import DashskipError
 from dashskip.states import State, check_state
 
 StateChoice = int | torch.Tensor
+VOTE_ORDER = (int(State.FULL), int(State.INT8), int(State.INT4), int(State.SKIP))  # most precise first
 
 
 @dataclass
@@ -68,3 +69,22 @@ class TokenStates(Decider):
 
     def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
         return self.fn(layer, self.positions)
+
+
+class BatchMajority(Decider):
+    """Batch-majority voting (the RL-adapter paper): per layer and position, every row runs the state most rows
+    chose, so a batch never splits into state groups; ties go to the more precise state."""
+
+    def __init__(self, decider: Decider) -> None:
+        self.decider = decider
+
+    def begin(self, step: StepInfo) -> None:
+        self.decider.begin(step)
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        answer = self.decider(layer, hidden, previous)
+        if not isinstance(answer, torch.Tensor):
+            return answer
+        votes = torch.stack([(answer == s).sum(0) for s in VOTE_ORDER])  # (states, tokens)
+        winner = torch.tensor(VOTE_ORDER)[votes.argmax(0)]  # argmax takes the first maximum: the most precise
+        return winner[None].expand_as(answer)

@@ -43,6 +43,20 @@ def build_mask(
     return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
+class _FullFor(Decider):
+    """`decider`, except that the given (batch, tokens) rows run every layer in full."""
+
+    def __init__(self, decider: Decider, rows: torch.Tensor) -> None:
+        self.decider, self.rows = decider, rows
+
+    def begin(self, step: StepInfo) -> None:
+        self.decider.begin(step)
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        answer = self.decider(layer, hidden, previous)
+        return torch.where(self.rows, int(State.FULL), torch.as_tensor(answer).expand(self.rows.shape))
+
+
 @dataclass
 class StepResult:
     hidden: torch.Tensor  # (batch, tokens, hidden), after the last layer (before norm)
@@ -109,12 +123,13 @@ class Engine:
     def _expand(choice: StateChoice, batch: int, tokens: int) -> torch.Tensor:
         return choice if isinstance(choice, torch.Tensor) else torch.full((batch, tokens), choice)
 
-    def _warn_nonfinite(self, layer: int) -> None:
+    def _warn_nonfinite(self, states: torch.Tensor) -> None:
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
+            layers = sorted({int(i) for i in torch.nonzero(states != State.FULL)[:, -1]})
             warnings.warn(
-                f"non-finite hidden state on a skipped/quantized path at layer {layer}; those tokens were rerun in "
-                "full (warned once per engine)",
+                f"non-finite hidden state after a skipped/quantized path (layers {layers}); those tokens were rerun "
+                "in full (warned once per engine)",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -147,6 +162,28 @@ class Engine:
         else:
             cache.write(i, *self.backbone.project_kv(i, x, rope))
         return x * self.scales[i]
+
+    def _layers(
+        self, x: torch.Tensor, decider: Decider, info: StepInfo, ropes, masks, positions, session: Session
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        bb = self.backbone
+        batch, tokens = x.shape[:2]
+        decider.begin(info)
+        states = torch.full((batch, tokens, bb.num_layers), int(State.FULL), dtype=torch.int8)
+        previous: StateChoice = int(State.FULL)
+        last = bb.num_layers - 1
+        try:
+            for i in range(bb.num_layers):
+                # Every layer is shown to the decider (an asynchronous policy decides layer i+1 while layer i
+                # runs), but the first and last layer always run in full, whatever it answers.
+                answer = decider(i, x, previous)
+                choice = int(State.FULL) if i in (0, last) else self._normalize(answer, batch, tokens)
+                x = self._run_layer(i, choice, x, ropes[bb.layer_types[i]], masks[bb.windows[i]], positions, session)
+                states[:, :, i] = choice if isinstance(choice, int) else choice.to(torch.int8)
+                previous = choice
+        finally:
+            bb.rows.set_uniform(int(State.FULL))
+        return x, states
 
     @torch.no_grad()
     def step(
@@ -185,30 +222,14 @@ class Engine:
             w: build_mask(session.key_valid, cache.start, cache.end, w, batch, bb.attn_implementation)
             for w in set(bb.windows)
         }
-        decider.begin(StepInfo(positions=positions, prefill=cache.start == 0, num_layers=bb.num_layers))
-        states = torch.full((batch, tokens, bb.num_layers), int(State.FULL), dtype=torch.int8)
-        previous: StateChoice = int(State.FULL)
-        last = bb.num_layers - 1
-        try:
-            for i in range(bb.num_layers):
-                # Every layer is shown to the decider (an asynchronous policy decides layer i+1 while layer i
-                # runs), but the first and last layer always run in full, whatever it answers.
-                answer = decider(i, x, previous)
-                choice = int(State.FULL) if i in (0, last) else self._normalize(answer, batch, tokens)
-                run = (x, ropes[bb.layer_types[i]], masks[bb.windows[i]], positions, session)
-                out = self._run_layer(i, choice, *run)
-                if not (isinstance(choice, int) and choice == State.FULL):
-                    bad = ~torch.isfinite(out).all(-1)
-                    if bool(bad.any()):  # a skipped or quantized path blew up: rerun those tokens in full
-                        self._warn_nonfinite(i)
-                        choice = self._normalize(
-                            torch.where(bad, int(State.FULL), self._expand(choice, batch, tokens)), batch, tokens
-                        )
-                        out = self._run_layer(i, choice, *run)
-                x = out
-                states[:, :, i] = choice if isinstance(choice, int) else choice.to(torch.int8)
-                previous = choice
-        finally:
-            bb.rows.set_uniform(int(State.FULL))
+        info = StepInfo(positions=positions, prefill=cache.start == 0, num_layers=bb.num_layers)
+        run = (ropes, masks, positions, session)
+        hidden, states = self._layers(x, decider, info, *run)
+        # One check per step, not per layer: a skipped or quantized path that blew up is rare, and rerunning
+        # the affected tokens in full (overwriting this step's K/V) is cheaper than checking 30 layers per token.
+        bad = ~torch.isfinite(hidden).all(-1)
+        if bool(bad.any()):
+            self._warn_nonfinite(states[bad])
+            hidden, states = self._layers(x, _FullFor(decider, bad), info, *run)
         cache.end_step()
-        return StepResult(x, states)
+        return StepResult(hidden, states)

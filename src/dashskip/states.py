@@ -31,6 +31,16 @@ class State(IntEnum):
 
 VALID_STATES = tuple(int(s) for s in State)
 INT4_GROUP_SIZE = 64  # not 32: SmolLM2's Q4_1 GGUF uses 32-blocks, and group 32 would reproduce it exactly
+# From this many rows on, a quantized linear runs as a bf16 GEMM on weights dequantized for the call (same
+# values): the weight-only kernels cost about one GEMV per row, so they lose to a GEMM in prefill. The INT4
+# crossover is later because unpacking its groups costs more (measured on SmolLM2's shapes, docs/speed.md).
+GEMM_ROWS = {1: 64, 2: 32}
+
+
+def column_major(weight: torch.Tensor) -> torch.Tensor:
+    """The same (out, in) matrix stored as (in, out): CPU BLAS reads it about twice as fast for one-row products
+    (decode), and F.linear then runs as `x @ W_t` with no copy. Values, shape and autograd are unchanged."""
+    return weight.t().contiguous().t()
 
 
 def check_state(value: int) -> int:
@@ -54,20 +64,28 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scales.to(torch.bfloat16)
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric grouped INT4 in the CPU kernel's layout: (packed weight, scales_and_zeros (K/g, N, 2))."""
-    w = weight.detach().float()
+def int4_codes(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, ...]:
+    """Asymmetric grouped INT4: codes (N, K) in 0..15, scales and minima (N, K/g); w ~ code * scale + minimum."""
+    w = weight.detach().float().contiguous()  # the linears' weights are stored column-major
     n, k = w.shape
     if k % group_size:
         raise DashskipError(f"INT4 needs in_features divisible by the group size {group_size}; got {k}")
     groups = w.reshape(n, k // group_size, group_size)
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
     scales = ((hi - lo) / 15.0).clamp(min=1e-8)
-    zeros = lo + scales * 8.0
-    q = torch.round((groups - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
-    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    codes = torch.round((groups - lo[..., None]) / scales[..., None]).clamp(0, 15).reshape(n, k)
+    return codes.to(torch.uint8), scales, lo
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, ...]:
+    """INT4 in the CPU kernel's layout: (packed weight, scales_and_zeros (K/g, N, 2) bf16), plus (codes (N, K)
+    uint8, scales (N, K/g), minima (N, K/g)) for the dequantized GEMM path: the kernel's packed
+    layout cannot be read back."""
+    codes, scales, lo = int4_codes(weight, group_size)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    zeros = lo + scales * 8.0  # the kernel computes (code - 8) * scale + zero
     scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return packed, scales_and_zeros
+    return packed, scales_and_zeros, codes, scales, lo
 
 
 class RowStates:
@@ -107,6 +125,7 @@ class StatefulLinear(nn.Linear):
     def __init__(self, linear: nn.Linear, rows: RowStates, keeps_kv: bool) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        linear.weight.data = column_major(linear.weight.data)
         self.weight = linear.weight
         self.bias = linear.bias
         self.rows = rows
@@ -114,9 +133,20 @@ class StatefulLinear(nn.Linear):
         q8, s8 = quantize_int8(linear.weight)
         self.register_buffer("int8_weight", q8, persistent=False)
         self.register_buffer("int8_scales", s8, persistent=False)
-        q4, sz4 = quantize_int4(linear.weight)
+        q4, sz4, codes, scales, minima = quantize_int4(linear.weight)
         self.register_buffer("int4_weight", q4, persistent=False)
         self.register_buffer("int4_scales_zeros", sz4, persistent=False)
+        self.register_buffer("int4_codes", codes, persistent=False)
+        self.register_buffer("int4_scales", scales, persistent=False)
+        self.register_buffer("int4_minima", minima, persistent=False)
+
+    def dequantized(self, state: int) -> torch.Tensor:
+        """The bf16 (out, in) weight a quantized state computes with, for GEMM-sized calls."""
+        if state == State.INT8:
+            return self.int8_weight.to(torch.bfloat16) * self.int8_scales[:, None]
+        codes = self.int4_codes.view(self.out_features, -1, INT4_GROUP_SIZE).float()  # bf16 arithmetic is slow
+        weight = torch.addcmul(self.int4_minima[..., None], codes, self.int4_scales[..., None])
+        return weight.view(self.out_features, -1).to(torch.bfloat16)
 
     def run(self, state: int, x: torch.Tensor) -> torch.Tensor:
         if state == State.FULL or (state == State.SKIP and self.keeps_kv):
@@ -124,7 +154,9 @@ class StatefulLinear(nn.Linear):
         if state == State.SKIP:
             return x.new_zeros(*x.shape[:-1], self.out_features)
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if state == State.INT8:
+        if flat.shape[0] >= GEMM_ROWS[state]:
+            out = F.linear(flat, self.dequantized(state))
+        elif state == State.INT8:
             out = torch._weight_int8pack_mm(flat, self.int8_weight, self.int8_scales)
         else:
             out = torch._weight_int4pack_mm_for_cpu(flat, self.int4_weight, INT4_GROUP_SIZE, self.int4_scales_zeros)

@@ -31,6 +31,7 @@ from dashskip.engine import Engine
 from dashskip.errors import DashskipError
 from dashskip.policy import DashPolicy, PolicyConfig, PolicyDecider, ScoringModel
 from dashskip.profiling import CostTable, atomic_path
+from dashskip.states import VALID_STATES
 
 DEFAULT_TARGETS = (1.33, 1.67, 2.0)
 
@@ -43,7 +44,10 @@ class TrainConfig:
     batch_size: int = 4
     seq_len: int = 128
     lr: float = 5e-4
-    beta: float = 0.02  # initial weight of the efficiency reward r_eff = beta * (4 - s)
+    beta: float = 0.02  # initial weight of the efficiency reward r_eff = beta * e(s)
+    # e(s): "bits" = 4 - s as in METHOD.md; "measured" = 4 * (1 - c(s)) from the machine's cost table, so the
+    # reward follows what a state really saves here (on SmolLM2 both still drive the policy to INT4: docs/policy.md).
+    efficiency: str = "bits"
     # The constraint of eq. 5 in training: beta follows dual ascent so the sampled paths' compute ratio tracks
     # this value (None: fixed beta). Needed because w_i -> 0 on cheap paths (|S_M| / |S_X| grows), so with a fixed
     # beta the efficiency reward wins once paths get cheap and the policy collapses to skipping everything.
@@ -75,6 +79,8 @@ class TrainConfig:
             raise DashskipError("need steps >= 1, batch size >= 1 and sequence length >= 8")
         if self.checkpoint_every < 1:
             raise DashskipError("checkpoint interval must be >= 1 step")
+        if self.efficiency not in ("measured", "bits"):
+            raise DashskipError(f"efficiency reward must be 'measured' or 'bits', got '{self.efficiency}'")
         if any(t < 1.0 for t in self.targets):
             raise DashskipError(f"operating points must be >= 1.0, got {list(self.targets)}")
 
@@ -108,9 +114,24 @@ def classification_reward(correct: torch.Tensor) -> torch.Tensor:
     return correct.float() * 2 - 1
 
 
-def decision_rewards(states: torch.Tensor, r_acc: torch.Tensor, beta: float) -> torch.Tensor:
-    """r_i = r_acc * w_i + beta * (4 - s_{i+1}) for every decision; states (..., L), r_acc (...) -> (..., L-1)."""
-    return r_acc[..., None] * position_weights(states) + beta * (4 - states[..., 1:].float())
+def efficiency_values(kind: str, costs: CostTable) -> torch.Tensor:
+    """e(s) indexed by state value (0..4): the saving a state earns in r_eff = beta * e(s)."""
+    values = torch.zeros(5)
+    for s in VALID_STATES:
+        values[s] = 4.0 - s if kind == "bits" else 4.0 * (1.0 - costs.decode[s])
+    return values
+
+
+def decision_rewards(
+    states: torch.Tensor, r_acc: torch.Tensor, beta: float, efficiency: torch.Tensor | None = None
+) -> torch.Tensor:
+    """r_i = r_acc * w_i + beta * e(s_{i+1}) for every decision; states (..., L), r_acc (...) -> (..., L-1).
+
+    `efficiency` maps state values to e(s); None is METHOD.md's 4 - s.
+    """
+    nxt = states[..., 1:].long()
+    saving = (4 - nxt).float() if efficiency is None else efficiency[nxt]
+    return r_acc[..., None] * position_weights(states) + beta * saving
 
 
 def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -260,6 +281,7 @@ def _optimize(engine, costs: CostTable, cfg: TrainConfig, out: Path, meta, progr
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start, beta = _resume(out, cfg, meta["fingerprint"], model, opt)
     cost_vec = torch.tensor([costs.decode[s] for s in (0, 1, 2, 4)])
+    efficiency = efficiency_values(cfg.efficiency, costs)
     log_path = out / "train_log.jsonl"
     _truncate_log(log_path, start)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training policy", disable=not progress)
@@ -270,7 +292,7 @@ def _optimize(engine, costs: CostTable, cfg: TrainConfig, out: Path, meta, progr
             model, engine.scales, cost_vec, mode=cfg.mode, temperature=temp, generator=gen, record=True
         )
         ep = episode(step, decider)
-        rewards = decision_rewards(ep.states, ep.r_acc, beta)
+        rewards = decision_rewards(ep.states, ep.r_acc, beta, efficiency)
         loss = reinforce_loss(decider.records, rewards, temp, model, ep.mask)
         opt.zero_grad()
         loss.backward()
@@ -370,7 +392,9 @@ def _resume(out: Path, cfg: TrainConfig, fingerprint: str, model, opt) -> tuple[
         raise DashskipError(f"checkpoint '{path}' is unreadable ({exc}); delete it to start over") from None
     # Settings that do not change the trained weights may differ on resume (more steps, other operating points).
     free = {"steps", "heldout_windows", "heldout_len", "targets", "checkpoint_every"}
-    saved = {k: v for k, v in ckpt["config"].items() if k not in free}
+    # Settings added after a checkpoint was written count as their defaults (what that run trained with).
+    saved = {**asdict(TrainConfig()), **ckpt["config"]}
+    saved = {k: v for k, v in saved.items() if k not in free}
     now = {k: v for k, v in asdict(cfg).items() if k not in free}
     if (
         json.dumps(saved, sort_keys=True, default=list) != json.dumps(now, sort_keys=True, default=list)

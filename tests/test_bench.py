@@ -1,0 +1,113 @@
+"""The speed machinery: weight-byte accounting, decision timing, batch-majority voting, the GEMM path of the
+quantized states, the head precisions, and the `bench` command end to end (no timing asserts)."""
+
+import json
+
+import pytest
+import torch
+
+from dashskip import Backbone, Engine
+from dashskip.bench import TimedDecider, bytes_per_step, check_bench_args, head_bytes, layer_bytes
+from dashskip.decisions import BatchMajority, Decider, StepInfo, TokenStates
+from dashskip.errors import DashskipError
+from dashskip.states import GEMM_ROWS, RowStates, StatefulLinear
+from tests.conftest import tiny_model
+
+
+def test_weight_bytes_count_each_state_once_per_layer_and_step():
+    bb = Backbone(tiny_model("llama"))
+    per = layer_bytes(bb)
+    full_layer = sum(p.numel() * 4 for n, p in bb.layers[1].named_parameters() if "proj" in n)
+    assert per[4][1] == full_layer
+    k_v = sum(
+        p.numel() * 4 for n, p in bb.layers[1].named_parameters() if n.endswith(("k_proj.weight", "v_proj.weight"))
+    )
+    assert per[0][1] == k_v  # a skipped layer still projects K/V
+    assert per[2][1] < full_layer / 3 and per[1][1] < per[2][1]
+    head = bb.lm_head.weight.numel() * 4
+    assert head_bytes(bb) == head
+    states = torch.full((2, 3, 6), 4, dtype=torch.int8)
+    states[0, :, 2] = 2  # two rows in different states read both copies of layer 2
+    expected = sum(per[4]) + per[2][2] + head
+    assert bytes_per_step(bb, states) == pytest.approx(expected)
+    bb.set_head("int8")
+    assert head_bytes(bb) < head / 3
+
+
+def test_timed_decider_counts_decode_steps_only():
+    timed = TimedDecider(Decider())
+    info = dict(positions=torch.zeros(1, 1, dtype=torch.long), num_layers=6)
+    timed.begin(StepInfo(prefill=True, **info))
+    timed(1, torch.zeros(1, 1, 4), 4)
+    assert timed.seconds == 0 and timed.steps == 0
+    for _ in range(3):
+        timed.begin(StepInfo(prefill=False, **info))
+        timed(1, torch.zeros(1, 1, 4), 4)
+    assert timed.steps == 3 and timed.seconds > 0
+
+
+def test_batch_majority_gives_every_row_the_most_common_state_ties_to_precision():
+    answers = torch.tensor([[0, 2, 1], [0, 4, 1], [2, 2, 4], [0, 4, 4]])  # (batch 4, tokens 3)
+    vote = BatchMajority(TokenStates(lambda layer, positions: answers))
+    vote.begin(StepInfo(positions=torch.zeros(4, 3, dtype=torch.long), prefill=False, num_layers=6))
+    out = vote(2, torch.zeros(4, 3, 8), 4)
+    assert torch.equal(out, torch.tensor([[0, 4, 4]]).expand(4, 3))  # 2 vs 2 ties go to the more precise state
+
+
+def test_batch_majority_runs_uniform_layers_in_the_engine():
+    model = tiny_model("llama")
+    eng = Engine(Backbone(model))
+    ids = torch.randint(3, 97, (3, 5), generator=torch.Generator().manual_seed(0))
+    rows = TokenStates(lambda layer, positions: torch.tensor([[0], [2], [0]]).expand(3, 5))
+    result = eng.step(ids, eng.new_session(3), BatchMajority(rows))
+    assert result.states[..., 1:-1].eq(0).all()
+
+
+@pytest.mark.parametrize("state", [1, 2])
+def test_gemm_path_of_quantized_states_matches_the_kernel_path(state):
+    torch.manual_seed(0)
+    lin = StatefulLinear(torch.nn.Linear(128, 96).requires_grad_(False), RowStates(), keeps_kv=False)
+    x = torch.randn(GEMM_ROWS[state] + 3, 128)
+    rows = torch.cat([lin.run(state, x[i : i + 1]) for i in range(x.shape[0])])  # one row at a time: the kernel
+    batched = lin.run(state, x)  # dequantized bf16 weights, one GEMM
+    assert float((batched - rows).norm() / rows.norm()) < 5e-3
+
+
+def test_head_precisions_stay_close_to_the_full_head_and_bad_names_are_refused():
+    bb = Backbone(tiny_model("llama"))
+    h = torch.randn(2, 3, 64)
+    full = bb.logits(h)
+    for precision, bound in (("bf16", 1e-2), ("int8", 2e-2)):
+        bb.set_head(precision)
+        assert float((bb.logits(h) - full).norm() / full.norm()) < bound
+    bb.set_head("full")
+    assert torch.equal(bb.logits(h), full)
+    with pytest.raises(DashskipError, match="unknown head precision 'fp8'"):
+        bb.set_head("fp8")
+
+
+def test_bench_arguments_are_checked():
+    with pytest.raises(DashskipError, match="new-tokens must be >= 2"):
+        check_bench_args(1, 8, 1, 3)
+    with pytest.raises(DashskipError, match="batch and prompt length"):
+        check_bench_args(0, 8, 4, 3)
+
+
+@pytest.mark.real
+def test_bench_command_runs_three_configurations_side_by_side(tmp_path):
+    from typer.testing import CliRunner
+
+    from dashskip.cli import app
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--method", "int8", "--prompt-len", "8", "--new-tokens", "3", "--repeats", "1", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "transformers generate" in result.output and "engine, full" in result.output
+    data = json.loads(out.read_text())
+    names = [row["name"] for row in data["rows"]]
+    assert len(names) == 3 and "int8" in names[2]
+    int8 = data["rows"][2]
+    assert int8["compute_ratio"] > 1.5 and int8["weight_mb_per_step"] < data["rows"][1]["weight_mb_per_step"] / 2
+    assert 0 < data["rows"][1]["bandwidth_fraction"] < 1.5 and data["bandwidth_gbs"] > 0
+    assert set(data["ratios"]) >= {"decode_vs_engine_full", "decode_vs_transformers", "prefill_vs_engine_full"}
