@@ -1,4 +1,6 @@
-"""WikiText-2 test perplexity of DASH (async and sync decisions) vs static similarity skipping at matched ratios.
+"""WikiText-2 test perplexity of DASH (async and sync decisions) vs static similarity skipping and the
+quantization-only baselines (INT8 / INT4 on the least sensitive layers, static mixed precision, plus static
+skipping) at matched ratios.
 
 Usage: python benchmarks/policy_quality.py --model smollm2-135m --calibration CAL --limit 40 [--policy FILE]
 Prints a Markdown table (and writes JSON with --out); every cell carries its SE and measured compute ratio.
@@ -11,9 +13,10 @@ import json
 import time
 
 from dashskip.api import bundled_policy, from_pretrained
-from dashskip.baselines import static_similarity
+from dashskip.baselines import QUANT_METHODS, sensitivity_for, static_mixed, static_similarity
 from dashskip.calibration import Calibration
 from dashskip.data import load_text
+from dashskip.errors import DashskipError
 from dashskip.evaluation import perplexity, perplexity_windows
 from dashskip.policy import DashPolicy
 
@@ -48,8 +51,14 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     record("full", 1.0, None)
+    sensitivity = sensitivity_for(dm)
     for target in [float(s) for s in args.speedups.split(",")]:
         record("static-similarity", target, static_similarity(calibration, dm.costs, target))
+        for name, allowed in QUANT_METHODS.items():
+            try:
+                record(name, target, static_mixed(sensitivity, dm.costs, target, allowed))
+            except DashskipError as exc:  # beyond what the method can reach: say so in the table
+                rows.append({"method": name, "target": target, "unreachable": str(exc)})
         for mode in ("async", "sync"):
             record(f"dash-{mode}", target, policy.decider(target, mode))
         if args.matched:  # one multiplicative correction of the request, from the async row just measured
@@ -64,9 +73,11 @@ def main() -> None:
     print(
         f"| full | {rows[0]['ppl']:.2f} ± {rows[0]['ppl_se']:.2f} (1.00) |" + " |" * (len(args.speedups.split(",")) - 1)
     )
-    for method in ("static-similarity", "dash-async", "dash-sync", "dash-async-matched"):
+    for method in ("static-similarity", *QUANT_METHODS, "dash-async", "dash-sync", "dash-async-matched"):
         cells = [
-            f"{r['ppl']:.2f} ± {r['ppl_se']:.2f} ({r['compute_ratio']:.2f})" for r in rows if r["method"] == method
+            "unreachable" if "unreachable" in r else f"{r['ppl']:.2f} ± {r['ppl_se']:.2f} ({r['compute_ratio']:.2f})"
+            for r in rows
+            if r["method"] == method
         ]
         if cells:
             print(f"| {method} | " + " | ".join(cells) + " |")

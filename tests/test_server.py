@@ -198,14 +198,19 @@ def test_speedup_moves_the_operating_point_per_request(client):
         assert info.value.body["param"] == "speedup"
 
 
-def test_lossless_is_refused_until_it_exists(client):
-    with pytest.raises(openai.BadRequestError, match="lossless mode is not available yet") as info:
+def test_lossless_requests_give_the_full_models_tokens_and_need_a_draft_path(client):
+    with pytest.raises(openai.BadRequestError, match="lossless mode drafts with the DASH path") as info:
         client.chat.completions.create(
             model=NAME, messages=[{"role": "user", "content": "hi"}], extra_body={"lossless": True}
         )
     assert info.value.status_code == 400 and info.value.body["param"] == "lossless"
-    ok = client.completions.create(model=NAME, prompt="hi", max_tokens=2, extra_body={"lossless": False})
-    assert ok.usage.completion_tokens == 2
+    full = client.completions.create(model=NAME, prompt="Once upon", max_tokens=10, temperature=0)
+    lossless = client.completions.create(
+        model=NAME, prompt="Once upon", max_tokens=10, temperature=0, extra_body={"lossless": True, "speedup": 2.5}
+    )
+    assert lossless.choices[0].text == full.choices[0].text
+    stats = lossless.model_extra["dashskip"]["lossless"]
+    assert stats["rounds"] >= 1 and 0 <= stats["acceptance_rate"] <= 1
 
 
 def test_sampling_is_reproducible_with_a_seed(client):

@@ -17,6 +17,7 @@ from dashskip.generation import GenerateOutput, generate
 from dashskip.loading import fingerprint, load_model
 from dashskip.policy import DashPolicy
 from dashskip.profiling import CostTable, default_profile_path
+from dashskip.speculative import DraftLength, SpeculativeStats, generate_lossless
 
 
 def bundled_policy(name: str) -> Path | None:
@@ -64,6 +65,7 @@ class DashModel:
         self.speedup = 1.0
         self.set_speedup(speedup)
         self.last_output: GenerateOutput | None = None
+        self.last_speculative: SpeculativeStats | None = None
 
     def _cost_table(self) -> CostTable:
         if self.policy is not None:  # the table its operating points were calibrated with
@@ -101,8 +103,16 @@ class DashModel:
         streamer: Any = None,
         return_dict_in_generate: bool = False,
         generator: torch.Generator | None = None,
+        lossless: bool = False,
+        draft_tokens: int = 4,
+        adaptive_draft: bool = True,
     ) -> torch.Tensor | GenerateOutput:
-        """Like transformers' `generate`; `return_dict_in_generate=True` adds per-token states and the compute ratio."""
+        """Like transformers' `generate`; `return_dict_in_generate=True` adds per-token states and the compute ratio.
+
+        `lossless=True`: the DASH path at the current speedup drafts up to `draft_tokens` tokens, the full model
+        verifies them; the output is the full model's (token-identical when greedy). Batch 1; statistics of the
+        drafting land in `last_speculative`.
+        """
         gen_cfg = getattr(self.model, "generation_config", None)
         if eos_token_id is None and gen_cfg is not None:
             eos_token_id = gen_cfg.eos_token_id
@@ -112,6 +122,11 @@ class DashModel:
             raise DashskipError(
                 "input_ids must be a torch tensor of token ids (use the tokenizer with return_tensors='pt')"
             )
+        if lossless:
+            return self._generate_lossless(
+                input_ids, max_new_tokens, do_sample, temperature, top_p, eos_token_id, streamer,
+                return_dict_in_generate, generator, DraftLength(draft_tokens, adaptive_draft),
+            )  # fmt: skip
         out = generate(
             self.engine,
             input_ids,
@@ -129,6 +144,21 @@ class DashModel:
         )
         self.last_output = out
         return out if return_dict_in_generate else out.sequences
+
+    def _generate_lossless(
+        self, input_ids, max_new_tokens, do_sample, temperature, top_p, eos_token_id, streamer, as_dict, generator,
+        length: DraftLength,
+    ) -> torch.Tensor | GenerateOutput:  # fmt: skip
+        if self.speedup <= 1.0:
+            raise DashskipError(
+                "lossless mode drafts with the DASH path; set a speedup > 1 (e.g. speedup=2.0) to have one"
+            )
+        out, stats = generate_lossless(
+            self.engine, input_ids, self.decider, max_new_tokens, do_sample, temperature, top_p, eos_token_id,
+            streamer, generator, length,
+        )  # fmt: skip
+        self.last_output, self.last_speculative = out, stats
+        return out if as_dict else out.sequences
 
 
 def _policy(policy: str | Path | DashPolicy | None, name: str, speedup: float) -> DashPolicy | None:

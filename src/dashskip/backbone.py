@@ -72,7 +72,7 @@ class Backbone:
         if self.lm_head.weight.is_contiguous():  # (tied embeddings share it: a lookup reads either layout)
             self.lm_head.weight.data = column_major(self.lm_head.weight.data)
         self.head_precision = "full"
-        self._head_weights: tuple[torch.Tensor, ...] = ()
+        self._head_weights: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def set_head(self, precision: str) -> None:
         """Run the LM head in full (default, exact), bf16, or INT8 weight-only.
@@ -81,16 +81,23 @@ class Backbone:
         (SmolLM2: ~5 ms of ~45 ms per token in fp32); the low-precision heads are options whose quality cost
         is measured in docs/benchmarks.md.
         """
+        self.head_weights(precision)
+        self.head_precision = precision
+
+    def head_weights(self, precision: str) -> tuple[torch.Tensor, ...]:
+        """The low-precision copies of the head weight, made once per precision."""
         if precision not in HEAD_PRECISIONS:
             raise DashskipError(f"unknown head precision '{precision}'; choose one of {', '.join(HEAD_PRECISIONS)}")
-        weight = self.lm_head.weight.detach()
-        if precision == "bf16":
-            self._head_weights = (weight.to(torch.bfloat16),)
-        elif precision == "int8":
-            self._head_weights = quantize_int8(weight)
-        else:
-            self._head_weights = ()
-        self.head_precision = precision
+        if precision not in self._head_weights:
+            weight = self.lm_head.weight.detach()
+            self._head_weights[precision] = (
+                ()
+                if precision == "full"
+                else (weight.to(torch.bfloat16),)
+                if precision == "bf16"
+                else quantize_int8(weight)
+            )
+        return self._head_weights[precision]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -113,15 +120,17 @@ class Backbone:
                 out[layer_type] = self.rotary_emb(hidden, position_ids)
         return out
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+        """Logits through the head at `precision` (default: the one set with `set_head`)."""
+        precision = precision or self.head_precision
         normed = self.norm(hidden)
-        if self.head_precision == "full":
+        if precision == "full":
             logits = self.lm_head(normed)
-        elif self.head_precision == "bf16":
-            logits = F.linear(normed.to(torch.bfloat16), self._head_weights[0]).to(normed.dtype)
+        elif precision == "bf16":
+            logits = F.linear(normed.to(torch.bfloat16), self.head_weights("bf16")[0]).to(normed.dtype)
         else:
             flat = normed.reshape(-1, normed.shape[-1]).to(torch.bfloat16)
-            logits = torch._weight_int8pack_mm(flat, *self._head_weights).to(normed.dtype)
+            logits = torch._weight_int8pack_mm(flat, *self.head_weights("int8")).to(normed.dtype)
             logits = logits.reshape(*normed.shape[:-1], -1)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap

@@ -70,7 +70,7 @@ def layer_bytes(backbone) -> dict[int, list[int]]:
 def head_bytes(backbone) -> int:
     if backbone.head_precision == "full":
         return _tensor_bytes(backbone.lm_head.weight, getattr(backbone.lm_head, "bias", None))
-    return _tensor_bytes(*backbone._head_weights)
+    return _tensor_bytes(*backbone.head_weights(backbone.head_precision))
 
 
 def bytes_per_step(backbone, states: torch.Tensor) -> float:

@@ -43,6 +43,10 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    lossless: Annotated[
+        bool, typer.Option(help="draft with the DASH path at --speedup, verify with the full model: its exact output")
+    ] = False,
+    draft_tokens: Annotated[int, typer.Option(help="lossless: most tokens drafted per round")] = 4,
     as_json: Annotated[
         bool, typer.Option("--json", help="print one JSON object: text and per-token statistics")
     ] = False,
@@ -50,6 +54,8 @@ def generate(
     """Generate text, streaming tokens as they come.
 
     Example: dashskip generate "The capital of France is" --max-new-tokens 20
+
+    Lossless (the full model's exact output, drafted by DASH): dashskip generate "Once upon" --speedup 2.0 --lossless
     """
     if not prompt.strip():
         raise DashskipError("empty prompt: give some text to continue")
@@ -80,6 +86,8 @@ def generate(
         streamer=streamer,
         return_dict_in_generate=True,
         generator=generator,
+        lossless=lossless,
+        draft_tokens=draft_tokens,
     )
     seconds = time.perf_counter() - t0
     new = out.sequences[0, ids.shape[1] :]
@@ -93,6 +101,7 @@ def generate(
             load_seconds=round(load_s, 2),
             tokens_per_second=round(new.numel() / seconds, 2),
             cost_table_measured=dm.costs.measured,
+            **({"lossless": dm.last_speculative.as_dict()} if lossless else {}),
         )
         print(
             json.dumps(
@@ -322,7 +331,13 @@ def train(
 @app.command("eval")
 def evaluate(
     model: ModelOpt = DEFAULT_MODEL,
-    method: Annotated[str, typer.Option(help="full, dash or static (ShortGPT-style similarity skipping)")] = "dash",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="full, dash, static (ShortGPT-style similarity skipping), or a quantization-only baseline: int8, "
+            "int4, mixed (static INT4/INT8 per layer), mixed-skip (plus static skipping)"
+        ),
+    ] = "dash",
     speedup: float = 1.67,
     policy: Annotated[Path | None, typer.Option(help="policy file (default: the one shipped for the alias)")] = None,
     calibration: Annotated[Path | None, typer.Option(help="calibration file (static: which layers to skip)")] = None,
@@ -338,13 +353,14 @@ def evaluate(
     Example: dashskip eval --model smollm2-135m --method dash --speedup 1.67 --limit 40
     """
     from dashskip.api import from_pretrained
-    from dashskip.baselines import static_similarity
+    from dashskip.baselines import QUANT_METHODS, sensitivity_for, static_mixed, static_similarity
     from dashskip.calibration import Calibration
     from dashskip.data import load_text
     from dashskip.evaluation import perplexity, perplexity_windows
 
-    if method not in ("full", "dash", "static"):
-        raise DashskipError(f"unknown method '{method}'; use full, dash or static")
+    methods = ("full", "dash", "static", *QUANT_METHODS)
+    if method not in methods:
+        raise DashskipError(f"unknown method '{method}'; use one of {', '.join(methods)}")
     dash = method == "dash"
     dm = from_pretrained(
         model,
@@ -359,6 +375,8 @@ def evaluate(
         if calibration is None:
             raise DashskipError("static skipping needs --calibration FILE (from `dashskip calibrate`)")
         decider = static_similarity(Calibration.load(calibration), costs, speedup)
+    if method in QUANT_METHODS:
+        decider = static_mixed(sensitivity_for(dm, data_dir), costs, speedup, QUANT_METHODS[method])
     windows = perplexity_windows(dm.tokenizer, load_text(data, data_dir), context, limit)
     result = perplexity(dm.engine, windows, decider, costs)
     row = {

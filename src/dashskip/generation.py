@@ -39,7 +39,8 @@ class GenerateOutput:
         }
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def warp_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Temperature and nucleus (top-p) filtering, as transformers applies them; dropped tokens get -inf."""
     logits = logits / temperature
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
@@ -47,7 +48,12 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
         drop = cumulative - sorted_logits.softmax(-1) > top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return logits
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    probs = warp_logits(logits, temperature, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, top_p: float) -> None:

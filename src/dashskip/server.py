@@ -63,11 +63,14 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def check_lossless(lossless: bool) -> None:
-    """Refuse lossless mode until it exists; the one place to wire it in when it lands."""
-    if lossless:
+def check_lossless(lossless: bool, speedup: float) -> None:
+    """Lossless mode drafts with the DASH path, so it needs an operating point above 1."""
+    if lossless and speedup <= 1.0:
         raise APIError(
-            400, "lossless mode is not available yet; omit 'lossless' or set it to false", "lossless", "unsupported"
+            400,
+            "lossless mode drafts with the DASH path; give a 'speedup' above 1 (e.g. 2.0) with it",
+            "lossless",
+            "invalid_value",
         )
 
 
@@ -196,6 +199,7 @@ class Job:
     top_p: float
     seed: int | None
     speedup: float
+    lossless: bool = False
     on_token: Callable[[int], None] | None = None  # called on the worker thread
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -294,6 +298,7 @@ class Worker:
                 streamer=TokenStream(job, self),
                 return_dict_in_generate=True,
                 generator=generator,
+                lossless=job.lossless,
             )
         except Cancelled:
             self.cancelled += 1
@@ -307,6 +312,7 @@ class Worker:
                 "speedup": model.speedup,
                 "compute_ratio": stats["compute_ratio"],
                 "state_fractions": stats["state_fractions"],
+                **({"lossless": model.last_speculative.as_dict()} if job.lossless and model.last_speculative else {}),
             },
         )
 
@@ -447,13 +453,13 @@ class Service:
 
     def job(self, req: _Generation, ids: list[int], asked: int | None, default: int) -> Job:
         """Check the sampling fields against the server's limits and the model's context."""
-        check_lossless(req.lossless)
         if req.n != 1:
             raise APIError(400, f"n={req.n} is not supported; send n separate requests", "n", "unsupported")
         if not ids:
             raise APIError(400, "the prompt is empty; give at least one token", "prompt", "invalid_value")
         speedup = req.speedup if req.speedup is not None else self.worker.default_speedup
         self.check_speedup(speedup)
+        check_lossless(req.lossless, speedup)
         limit = self.limits.max_tokens
         if asked is not None and asked > limit:
             raise APIError(
@@ -475,7 +481,7 @@ class Service:
                     "max_tokens" if room >= 1 else "prompt",
                     "context_length_exceeded",
                 )
-        return Job(ids, max_new, req.temperature, req.top_p, req.seed, speedup)
+        return Job(ids, max_new, req.temperature, req.top_p, req.seed, speedup, req.lossless)
 
     async def answer(self, request: Request, req: _Generation, job: Job, chat: bool) -> Response:
         reply = Reply(chat, self.name, len(job.ids))
