@@ -71,6 +71,20 @@ def test_folded_greedy_scorer_chooses_what_the_scoring_model_chooses():
         assert torch.equal(scorer(h, current, 2), reference)
 
 
+def test_states_left_out_of_a_policy_are_never_chosen():
+    model = ScoringModel(PolicyConfig(64, 6, allowed=(0, 2, 4), full_prior=-5.0))
+    h = torch.randn(4, 9, 64) * 3
+    scores = model(h, 1, 2, torch.full((4, 9), 4))
+    assert not scores.argmax(-1).eq(1).any()  # index 1 = INT4
+    probs = torch.softmax(scores, -1)
+    assert float(probs[..., 1].max()) == 0.0
+    from dashskip.policy import GreedyScorer
+
+    assert not GreedyScorer(model, torch.zeros(4))(h, 1, 4).eq(1).any()
+    with pytest.raises(DashskipError, match="include 4"):
+        PolicyConfig(64, 6, allowed=(0, 2))
+
+
 def test_greedy_policy_gives_per_token_states_in_the_engine():
     model = tiny_model("llama")
     policy = make_policy()

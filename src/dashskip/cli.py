@@ -248,6 +248,9 @@ def train(
     efficiency: Annotated[
         str, typer.Option(help="efficiency reward: 'bits' (4 - s, METHOD.md) or 'measured' (this machine's costs)")
     ] = "bits",
+    states: Annotated[
+        str, typer.Option(help="states the policy may choose, e.g. 0,2,4 to leave INT4 out (4 = full is required)")
+    ] = "0,1,2,4",
     ratio_target: Annotated[
         float, typer.Option(help="compute ratio the sampled paths are held at (0: fixed beta)")
     ] = 1.5,
@@ -305,6 +308,7 @@ def train(
         lr=lr,
         beta=beta,
         efficiency=efficiency,
+        policy={} if states == "0,1,2,4" else {"allowed": _parse_states(states)},
         ratio_target=ratio_target or None,
         eps=eps,
         tau0=tau0,
@@ -326,6 +330,13 @@ def train(
         f"wrote {out / 'policy.safetensors'}; operating points (held-out compute ratio): "
         f"{policy.meta['operating_point_ratios']}"
     )
+
+
+def _parse_states(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise DashskipError(f"--states takes comma-separated states among 0, 1, 2, 4; got '{text}'") from None
 
 
 @app.command("eval")

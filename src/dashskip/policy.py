@@ -49,10 +49,19 @@ class PolicyConfig:
     change_penalty: float = 0.05  # alpha in eq. 8: penalty per unit of |s - s_i|
     mode: str = "async"  # or "sync"
     full_prior: float = 3.0  # initial score advantage of the full state (P(full) ~ 0.87 at temperature 1)
+    # States the policy may choose; the others are masked out of its scores (training and inference alike).
+    allowed: tuple[int, ...] = (0, 1, 2, 4)
 
     def __post_init__(self) -> None:
         if self.mode not in ("async", "sync"):
             raise DashskipError(f"decision mode must be 'async' or 'sync', got '{self.mode}'")
+        self.allowed = tuple(sorted({int(s) for s in self.allowed}))
+        if not set(self.allowed) <= {0, 1, 2, 4} or State.FULL not in self.allowed:
+            raise DashskipError(f"allowed states must be among 0, 1, 2, 4 and include 4 (full); got {self.allowed}")
+
+    def state_mask(self) -> torch.Tensor:
+        """0 for allowed states, a large negative score for the others (one per output index)."""
+        return torch.tensor([0.0 if int(s) in self.allowed else -1e9 for s in STATE_VALUES])
 
 
 class ScoringModel(nn.Module):
@@ -80,7 +89,7 @@ class ScoringModel(nn.Module):
         pos = self.layer_embedding(torch.tensor([current, nxt])).reshape(-1)
         x = torch.cat([h, pos.expand(*shape, pos.numel())], dim=-1)
         change = (STATE_VALUES.float() - previous.float()[..., None]).abs()
-        return self.mlp(x) - self.config.change_penalty * change
+        return self.mlp(x) - self.config.change_penalty * change + self.config.state_mask()
 
 
 class GreedyScorer:
@@ -104,7 +113,7 @@ class GreedyScorer:
             self.w2, self.b2 = middle.weight.t().contiguous(), middle.bias.clone()
             self.w3 = last.weight.t().contiguous()
             change = (STATE_VALUES[None, :] - STATE_VALUES[:, None]).abs().float()  # (previous index, state)
-            b3 = last.bias - cfg.change_penalty * change - cost_bias  # (4, 4)
+            b3 = last.bias - cfg.change_penalty * change - cost_bias + cfg.state_mask()  # (4, 4)
             self.b3_table = b3
             self.b3 = {int(v): row for v, row in zip(STATE_VALUES.tolist(), b3.unbind(0), strict=True)}
         self.dim = d
