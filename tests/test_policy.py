@@ -72,7 +72,7 @@ def test_folded_greedy_scorer_chooses_what_the_scoring_model_chooses():
 
 
 def test_states_left_out_of_a_policy_are_never_chosen():
-    model = ScoringModel(PolicyConfig(64, 6, allowed=(0, 2, 4), full_prior=-5.0))
+    model = ScoringModel(PolicyConfig(64, 6, allowed=(0, 2, 4), full_prior=-5.0)).requires_grad_(False)
     h = torch.randn(4, 9, 64) * 3
     scores = model(h, 1, 2, torch.full((4, 9), 4))
     assert not scores.argmax(-1).eq(1).any()  # index 1 = INT4
