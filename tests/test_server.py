@@ -28,7 +28,7 @@ from dashskip.chat import chat_input_ids
 from dashskip.loading import fingerprint, resolve
 from dashskip.policy import DashPolicy, PolicyConfig, ScoringModel
 from dashskip.server import APIError, Job, ServerLimits, Service, Worker, create_app, listen, make_server
-from tests.conftest import spread_weights
+from tests.conftest import COMMON, spread_weights
 
 NAME = "tiny"
 MAX_TOKENS = 1000
@@ -42,19 +42,7 @@ def tokenizer():
 def tiny_smol(tokenizer, seed: int = 0):
     """A 6-layer random Llama with SmolLM2's vocabulary and special tokens."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    config = LlamaConfig(**{**COMMON, "vocab_size": len(tokenizer), "max_position_embeddings": 4096, "pad_token_id": 2})
     return spread_weights(AutoModelForCausalLM.from_config(config))
 
 

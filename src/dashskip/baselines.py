@@ -115,7 +115,7 @@ def static_mixed(
     states = [4] * n
 
     def ratio(schedule: list[int]) -> float:
-        return n / sum(costs.decode[s] for s in schedule)
+        return costs.compute_ratio(torch.tensor(schedule))
 
     def harm(layer: int, state: int) -> float:
         return 0.0 if state == State.FULL else sensitivity.delta_nll[state][layer - 1]
