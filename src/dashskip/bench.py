@@ -21,12 +21,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dashskip.decisions import BatchMajority, Decider, FixedStates, StateChoice, StepInfo
+from dashskip.baselines import AdaSkip, build_decider, check_method
+from dashskip.decisions import BatchMajority, Decider, FixedStates, StateChoice, StepInfo, inherit_traits
 from dashskip.errors import DashskipError
 from dashskip.generation import generate
 from dashskip.states import State, StatefulLinear
-
-METHODS = ("dash", "int8", "int4")
 
 
 def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 7) -> float:
@@ -106,6 +105,7 @@ class TimedDecider(Decider):
 
     def __init__(self, decider: Decider) -> None:
         self.decider = decider
+        inherit_traits(self, decider)
         self.seconds, self.steps, self.prefill = 0.0, 0, True
 
     def reset(self) -> None:
@@ -210,17 +210,15 @@ def time_engine(name: str, dm, ids: torch.Tensor, decider: Decider | None, new_t
     )
 
 
-def method_decider(dm, method: str, speedup: float, mode: str | None) -> Decider:
+def method_decider(dm, method: str, speedup: float, mode: str | None, data_dir=None) -> Decider:
+    """The registry's decider, except that int8 / int4 run every inner layer in that state (the kernels' speed,
+    as docs/benchmarks.md measured it), not the sensitivity-chosen layers at `speedup`."""
     n = dm.backbone.num_layers
     if method == "int8":
         return FixedStates([4] + [int(State.INT8)] * (n - 2) + [4])
     if method == "int4":
         return FixedStates([4] + [int(State.INT4)] * (n - 2) + [4])
-    if method == "dash":
-        if dm.policy is None:
-            raise DashskipError("--method dash needs a policy (--policy FILE, or an alias that ships one)")
-        return dm.policy.decider(speedup, mode)
-    raise DashskipError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    return build_decider(dm, method, speedup, data_dir=data_dir, mode=mode)
 
 
 @dataclass
@@ -304,14 +302,16 @@ def run_bench(
     from dashskip.loading import load_model
 
     check_bench_args(batch, prompt_len, new_tokens, repeats)
-    if method not in METHODS:
-        raise DashskipError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    check_method(method)
     dm = from_pretrained(name, speedup=speedup if method == "dash" else 1.0, policy=policy)
     dm.backbone.set_head(head)
     reference, _ = load_model(name)  # a pristine copy: the engine re-lays out its own model's weights
     ids = token_windows(dm.tokenizer, load_text("wikitext2", data_dir), batch, prompt_len, seed=0)
-    decider = method_decider(dm, method, speedup, mode)
-    label = method if method != "dash" else f"dash {speedup:g}x {mode or dm.policy.config.mode}"
+    decider = method_decider(dm, method, speedup, mode, data_dir)
+    plan_ratio = decider.compute_ratio if isinstance(decider, AdaSkip) else None  # the states cannot show it
+    label = method if method in ("int8", "int4") else f"{method} {speedup:g}x"
+    if method == "dash":
+        label += f" {mode or dm.policy.config.mode}"
     if majority:
         decider, label = BatchMajority(decider), f"{label}, batch-majority"
     config = dict(
@@ -327,6 +327,8 @@ def run_bench(
     for job in tqdm(jobs, desc="benchmark", disable=not progress):
         with torch.inference_mode():
             result.rows.append(job())
+    if plan_ratio is not None:
+        result.rows[-1].compute_ratio = result.rows[-1].prefill_compute_ratio = plan_ratio
     result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result.quantized_extra_mb = quantized_extra_mb(dm.backbone)
     return result

@@ -271,14 +271,14 @@ def train(
     from dashskip.api import DashModel
     from dashskip.calibration import Calibration
     from dashskip.calibration import calibrate as run_calibration
-    from dashskip.data import CHOICE_SETS, leading_bos, load_choice_questions, load_text, token_windows
+    from dashskip.data import CHOICE_TASKS, leading_bos, load_choice_questions, load_text, token_windows
     from dashskip.loading import fingerprint, load_model
     from dashskip.training import DEFAULT_TARGETS, ChoiceQuestion, TrainConfig
     from dashskip.training import train as run_training
 
     hf, tok = load_model(model)
     fp = fingerprint(hf)
-    choice = data in CHOICE_SETS
+    choice = data in CHOICE_TASKS
     text = None if choice else load_text(TRAIN_SPLIT.get(data, data), data_dir)
     out.mkdir(parents=True, exist_ok=True)
     if calibration is None:
@@ -345,51 +345,59 @@ def evaluate(
     method: Annotated[
         str,
         typer.Option(
-            help="full, dash, static (ShortGPT-style similarity skipping), or a quantization-only baseline: int8, "
-            "int4, mixed (static INT4/INT8 per layer), mixed-skip (plus static skipping)"
+            help="full, dash, static (ShortGPT-style similarity skipping), a quantization-only baseline: int8, "
+            "int4, mixed (static INT4/INT8 per layer), mixed-skip (plus static skipping), or early-exit, "
+            "skipdecode, adaskip, random (the DASH paper's baselines); docs/cli.md says what each is"
         ),
     ] = "dash",
     speedup: float = 1.67,
     policy: Annotated[Path | None, typer.Option(help="policy file (default: the one shipped for the alias)")] = None,
-    calibration: Annotated[Path | None, typer.Option(help="calibration file (static: which layers to skip)")] = None,
+    calibration: Annotated[
+        Path | None, typer.Option(help="calibration file for static/adaskip/skipdecode/random (default: cached one)")
+    ] = None,
     decisions: Annotated[str | None, typer.Option("--mode", help="dash decision mode: async or sync")] = None,
+    task: Annotated[
+        str,
+        typer.Option(
+            help="perplexity (the default, on --data) or arc-easy, arc-challenge, hellaswag, mmlu, sst2, rte, xsum, "
+            "cnn-dailymail"
+        ),
+    ] = "perplexity",
     data: Annotated[str, typer.Option(help="perplexity text: wikitext2 (test split) or a file")] = "wikitext2",
     data_dir: Annotated[Path | None, typer.Option(help="folder holding the shared data sets")] = None,
     context: Annotated[int, typer.Option(help="tokens per window (stride = context, no overlap)")] = 256,
-    limit: Annotated[int | None, typer.Option(help="score only the first N windows")] = None,
+    limit: Annotated[int | None, typer.Option(help="score only the first N windows / examples")] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="per-example results file (.jsonl): an interrupted --task run resumes from it")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Perplexity with its standard error and the measured compute ratio.
+    """Perplexity, or a task's accuracy / ROUGE, with standard errors and the measured compute ratio.
 
     Example: dashskip eval --model smollm2-135m --method dash --speedup 1.67 --limit 40
+
+    A task: dashskip eval --method int8 --speedup 2.0 --task arc-easy --limit 200
     """
     from dashskip.api import from_pretrained
-    from dashskip.baselines import QUANT_METHODS, sensitivity_for, static_mixed, static_similarity
+    from dashskip.baselines import AdaSkip, EarlyExit, build_decider, check_method
     from dashskip.calibration import Calibration
     from dashskip.data import load_text
     from dashskip.evaluation import perplexity, perplexity_windows
 
-    methods = ("full", "dash", "static", *QUANT_METHODS)
-    if method not in methods:
-        raise DashskipError(f"unknown method '{method}'; use one of {', '.join(methods)}")
+    check_method(method)
+    cal = Calibration.load(calibration) if calibration is not None else None
     dash = method == "dash"
-    dm = from_pretrained(
-        model,
-        speedup=speedup if dash else 1.0,
-        policy=policy if dash else None,
-        calibration=calibration if method == "static" else None,
-        mode=decisions,
-    )
-    costs = dm.costs if dash else _cost_table(dm)
-    decider = dm.decider
-    if method == "static":
-        if calibration is None:
-            raise DashskipError("static skipping needs --calibration FILE (from `dashskip calibrate`)")
-        decider = static_similarity(Calibration.load(calibration), costs, speedup)
-    if method in QUANT_METHODS:
-        decider = static_mixed(sensitivity_for(dm, data_dir), costs, speedup, QUANT_METHODS[method])
+    dm = from_pretrained(model, speedup=speedup if dash else 1.0, policy=policy if dash else None, mode=decisions)
+    if not dash:  # DASH keeps the table its operating points were calibrated with
+        dm.costs = _cost_table(dm)
+    decider = build_decider(dm, method, speedup, data_dir=data_dir, mode=decisions, calibration=cal)
+    if task != "perplexity":
+        _eval_task(dm, decider, task, limit, data_dir, cache, as_json, {"model": model, "method": method})
+        return
     windows = perplexity_windows(dm.tokenizer, load_text(data, data_dir), context, limit)
-    result = perplexity(dm.engine, windows, decider, costs)
+    result = perplexity(dm.engine, windows, decider, dm.costs)
+    if isinstance(decider, AdaSkip):  # sublayer skipping leaves every layer's state full
+        result.compute_ratio = decider.compute_ratio
     row = {
         "model": model,
         "method": method,
@@ -397,6 +405,8 @@ def evaluate(
         "mode": decisions or (dm.policy.config.mode if dash else None),
         **result.as_dict(),
     }
+    if isinstance(decider, EarlyExit):  # LM-head evaluations the layer-count compute ratio leaves out
+        row["exit_checks_per_token"] = round(decider.checks_per_token, 3)
     if as_json:
         print(json.dumps(row))
         return
@@ -404,6 +414,110 @@ def evaluate(
         f"{method} @ {row['requested_speedup']}x: ppl {result.ppl:.3f} ± {result.ppl_se:.3f} (SE, "
         f"{result.windows} windows x {context} tokens), compute ratio {result.compute_ratio:.3f}"
     )
+
+
+def _eval_task(dm, decider, task: str, limit, data_dir, cache, as_json: bool, row: dict) -> None:
+    from dashskip.tasks import TaskSettings, run_task
+
+    result = run_task(dm.engine, dm.tokenizer, task, decider, dm.costs, TaskSettings(limit=limit), data_dir, cache)
+    data = {**row, **result.as_dict()}
+    if as_json:
+        print(json.dumps(data))
+        return
+    scores = ", ".join(
+        f"{name} {m.value:.4f} ± {m.se:.4f}" for name, m in result.metrics.items() if name != "nll"
+    )  # fmt: skip
+    typer.echo(
+        f"{row['method']} on {task}: {scores} (SE, {result.examples} examples), compute ratio "
+        f"{result.compute_ratio:.3f}"
+    )
+
+
+def _csv(text: str, name: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise DashskipError(f"--{name} is empty; give a comma-separated list")
+    return items
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(t) for t in _csv(text, name)]
+    except ValueError:
+        raise DashskipError(f"--{name} '{text}': give comma-separated numbers, e.g. 1.33,1.67,2.0") from None
+
+
+@app.command()
+def sweep(
+    model: ModelOpt = DEFAULT_MODEL,
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated: dash, static, int8, int4, mixed, mixed-skip, early-exit, "
+            "skipdecode, adaskip, random, rl-adapter (the full model is always run)"
+        ),
+    ] = "dash,static,int8,mixed,early-exit,skipdecode,adaskip,random",
+    speedups: Annotated[str, typer.Option(help="requested compute ratios")] = "1.33,1.67,2.0",
+    tasks: Annotated[
+        str, typer.Option(help="wikitext2, arc-easy, arc-challenge, hellaswag, mmlu, sst2, rte, xsum, cnn-dailymail")
+    ] = "wikitext2,arc-easy,hellaswag,mmlu,xsum",
+    limit: Annotated[
+        str | None, typer.Option(help="examples per task: N for all, or task=N pairs (defaults: wikitext2=40, ...)")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="output folder: table.md, results.json/csv, plots, per-example cache")
+    ] = Path("sweep"),
+    policy: Annotated[
+        Path | None, typer.Option(help="DASH policy file (default: the one shipped for the alias)")
+    ] = None,
+    variant: Annotated[
+        list[str] | None, typer.Option(help="extra DASH policy as LABEL=FILE, repeatable (the ablation's rows)")
+    ] = None,
+    rl_adapter: Annotated[
+        Path | None, typer.Option(help="adapters of the rl-adapter method (python -m dashskip.rl_adapter)")
+    ] = None,
+    mode: Annotated[str | None, typer.Option(help="DASH decision mode: async or sync")] = None,
+    match: Annotated[
+        bool, typer.Option(help="correct DASH's request once so its measured ratio on WikiText-2 meets the target")
+    ] = True,
+    plots: Annotated[bool, typer.Option(help="write pareto.png and state_map.png")] = True,
+    seed: Annotated[int, typer.Option(help="seed of the random baseline")] = 0,
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding the shared data sets")] = None,
+) -> None:
+    """Quality and measured speedup of every method at every operating point, on every task, in one table.
+
+    Re-running the same command resumes from the per-example cache in --out.
+
+    Example: dashskip sweep --model smollm2-135m --methods dash,static,int8 --speedups 1.33,1.67,2.0 \\
+    --tasks wikitext2,arc-easy --limit wikitext2=40,arc-easy=200 --out sweep-smollm2
+    """
+    from dashskip.sweep import Sweep, SweepSpec, parse_limits
+
+    variants = {}
+    for item in variant or []:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise DashskipError(f"--variant '{item}': write LABEL=FILE, e.g. --variant no-int4=run/policy.safetensors")
+        variants[label] = path
+    spec = SweepSpec(
+        model=model,
+        methods=_csv(methods, "methods"),
+        speedups=_floats(speedups, "speedups"),
+        tasks=_csv(tasks, "tasks"),
+        limits=parse_limits(limit),
+        out=out,
+        policy=str(policy) if policy else None,
+        variants=variants,
+        rl_adapter=str(rl_adapter) if rl_adapter else None,
+        mode=mode,
+        seed=seed,
+        match=match,
+        data_dir=str(data_dir) if data_dir else None,
+        plots=plots,
+    )
+    Sweep(spec).run()
+    typer.echo((out / "table.md").read_text())
+    typer.echo(f"wrote {out}/table.md, results.json, results.csv" + (", pareto.png, state_map.png" if plots else ""))
 
 
 @app.command()

@@ -7,9 +7,14 @@ Tests and CI read `../shared/data` (relative to the project root); users point
 
 from __future__ import annotations
 
+import bz2
+import csv
+import itertools
+import json
 import os
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -102,31 +107,171 @@ def token_windows(tokenizer, text: str, num: int, length: int, seed: int = 0) ->
     return with_bos(torch.stack([ids[s : s + content] for s in starts]), bos)
 
 
-CHOICE_SETS = {"arc-easy": "arc/ARC-Easy-Test.jsonl", "arc-challenge": "arc/ARC-Challenge-Test.jsonl"}
+class ChoiceItem(NamedTuple):
+    """A multiple-choice question as lm-evaluation-harness scores it: context + each continuation."""
+
+    context: str
+    choices: list[str]  # continuations, each with its leading space
+    label: int
 
 
-def load_choice_questions(name: str, data_dir: str | Path | None = None) -> list[tuple[str, list[str], int]]:
-    """ARC multiple-choice items as (question prompt, answer continuations, index of the right one)."""
-    import json
+class SummaryItem(NamedTuple):
+    document: str
+    reference: str
+    instruction: str  # e.g. "Summarize the above article in 1 sentence."
 
-    if name not in CHOICE_SETS:
-        raise DashskipError(f"unknown multiple-choice set '{name}'; use one of {', '.join(CHOICE_SETS)}")
+
+def find_data_file(relative: str, data_dir: str | Path | None = None) -> Path:
+    """The first data root holding `relative`, or an error that lists every place looked."""
     looked = []
     for root in data_roots(data_dir):
-        path = root / CHOICE_SETS[name]
+        path = root / relative
         looked.append(str(path))
-        if path.is_file():
-            items = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                row = json.loads(line)
-                labels = [c["label"] for c in row["question"]["choices"]]
-                if row["answerKey"] not in labels:
-                    continue
-                prompt = f"Question: {row['question']['stem']}\nAnswer:"
-                items.append(
-                    (prompt, [" " + c["text"] for c in row["question"]["choices"]], labels.index(row["answerKey"]))
-                )
-            return items
+        if path.exists():
+            return path
     raise DashskipError(
-        f"data set '{name}' not found; looked in: {', '.join(looked)}; pass --data-dir or set DASHSKIP_DATA"
+        f"data file '{relative}' not found; looked in: {', '.join(looked)}; pass --data-dir PATH or set "
+        "DASHSKIP_DATA to the folder that holds the shared data sets"
     )
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _arc(path: Path) -> list[ChoiceItem]:
+    items = []
+    for row in _jsonl(path):
+        labels = [c["label"] for c in row["question"]["choices"]]
+        if row["answerKey"] not in labels:
+            continue
+        choices = [" " + c["text"] for c in row["question"]["choices"]]
+        items.append(
+            ChoiceItem(f"Question: {row['question']['stem']}\nAnswer:", choices, labels.index(row["answerKey"]))
+        )
+    return items
+
+
+# HellaSwag's wikiHow items carry these activity labels; every other label is an ActivityNet activity.
+WIKIHOW_CATEGORIES = frozenset(
+    {
+        "Cars & Other Vehicles", "Computers and Electronics", "Education and Communications", "Family Life",
+        "Finance and Business", "Food and Entertaining", "Health", "Holidays and Traditions", "Home and Garden",
+        "Home,Categories", "Personal Care and Style", "Pets and Animals", "Philosophy and Religion",
+        "Relationships", "Sports and Fitness", "Travel", "Uncategorized", "Work World", "Youth",
+    }
+)  # fmt: skip
+
+
+def hellaswag_query(line: str) -> str:
+    """lm-eval's HellaSwag query from the shared file's context line.
+
+    lm-eval builds `label: ctx_a + " " + ctx_b.capitalize()`; the file holds the dataset's `ctx` instead
+    (ctx_a + " " + ctx_b, ctx_b lower-case) and lost the split. wikiHow items have an empty ctx_b, so their line
+    is the query. In ActivityNet items ctx_a is whole sentences and ctx_b the start of the next one, i.e. what
+    follows the last ". ": that tail is capitalized. 7 of the 3243 ActivityNet items have a tail that starts with
+    a digit or a quote, where ctx_b may begin after it; those keep the tail as is (a possible 0.07 % mismatch).
+    """
+    label, _, context = line.partition(": ")
+    if label in WIKIHOW_CATEGORIES:
+        return line
+    head, dot, tail = context.rpartition(". ")
+    return f"{label}: {head}{dot}{tail.capitalize()}"
+
+
+def _hellaswag(path: Path) -> list[ChoiceItem]:
+    # Six lines per item (preprocessed the way lm-eval does): context, gold index, four endings.
+    with bz2.open(path, "rt", encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    return [
+        ChoiceItem(hellaswag_query(lines[i]), [" " + e for e in lines[i + 2 : i + 6]], int(lines[i + 1]))
+        for i in range(0, len(lines), 6)
+    ]
+
+
+def _sst2(path: Path) -> list[ChoiceItem]:
+    # This copy's header says "text" where GLUE says "sentence"; the trailing space is kept, as lm-eval keeps it.
+    rows = list(csv.DictReader(path.open(encoding="utf-8"), delimiter="\t", quoting=csv.QUOTE_NONE))
+    question = "\nQuestion: Is this sentence positive or negative?\nAnswer:"
+    return [ChoiceItem(r["text"] + question, [" negative", " positive"], int(r["label"])) for r in rows]
+
+
+def _rte(path: Path) -> list[ChoiceItem]:
+    return [
+        ChoiceItem(
+            f"{r['premise']}\nQuestion: {r['hypothesis']} True or False?\nAnswer:",
+            [" True", " False"],
+            0 if r["label"] == "entailment" else 1,
+        )
+        for r in _jsonl(path)
+    ]
+
+
+def _mmlu_block(row: list[str], answer: bool) -> str:
+    question, *options, letter = row
+    text = question.strip() + "".join(f"\n{k}. {o}" for k, o in zip("ABCD", options, strict=True)) + "\nAnswer:"
+    return text + (f" {letter}\n\n" if answer else "")
+
+
+def _mmlu(folder: Path, shots: int = 5) -> list[ChoiceItem]:
+    """5-shot from each subject's dev split; subjects interleaved, so the first N items are a stratified subset."""
+    per_subject = []
+    for test in sorted((folder / "test").glob("*_test.csv")):
+        subject = test.name.removesuffix("_test.csv")
+        dev = list(csv.reader((folder / "dev" / f"{subject}_dev.csv").open(encoding="utf-8")))[:shots]
+        header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        prefix = header + "".join(_mmlu_block(r, True) for r in dev)
+        rows = list(csv.reader(test.open(encoding="utf-8")))
+        per_subject.append(
+            [ChoiceItem(prefix + _mmlu_block(r, False), [" A", " B", " C", " D"], "ABCD".index(r[5])) for r in rows]
+        )
+    return [item for group in itertools.zip_longest(*per_subject) for item in group if item is not None]
+
+
+# name -> (file or folder under the data root, reader)
+CHOICE_TASKS = {
+    "arc-easy": ("arc/ARC-Easy-Test.jsonl", _arc),
+    "arc-challenge": ("arc/ARC-Challenge-Test.jsonl", _arc),
+    "hellaswag": ("hellaswag/hellaswag_val_full.txt.bz2", _hellaswag),
+    "mmlu": ("mmlu", _mmlu),
+    "sst2": ("glue/sst2_dev.tsv", _sst2),
+    "rte": ("glue/rte_val.jsonl", _rte),
+}
+
+
+def load_choice_questions(name: str, data_dir: str | Path | None = None) -> list[ChoiceItem]:
+    """A multiple-choice set in lm-evaluation-harness's prompt format (ARC, HellaSwag, MMLU 5-shot, SST-2, RTE)."""
+    if name not in CHOICE_TASKS:
+        raise DashskipError(f"unknown multiple-choice set '{name}'; use one of {', '.join(CHOICE_TASKS)}")
+    relative, reader = CHOICE_TASKS[name]
+    return reader(find_data_file(relative, data_dir))
+
+
+XSUM_HEAD, XSUM_TAIL = "###\nArticle: ", "\n\nSummarize the above article in 1 sentence.\n"
+
+
+def _xsum(path: Path) -> list[SummaryItem]:
+    items = []
+    for row in _jsonl(path):
+        document = row["article"].removeprefix(XSUM_HEAD).removesuffix(XSUM_TAIL)
+        items.append(SummaryItem(document, row["summary_gt"], "Summarize the above article in 1 sentence."))
+    return items
+
+
+def _cnn(path: Path) -> list[SummaryItem]:
+    instruction = "Summarize the above article in 3 sentences."
+    return [SummaryItem(r["article"], r["highlights"].replace(" .\n", ". ").strip(), instruction) for r in _jsonl(path)]
+
+
+SUMMARY_TASKS = {
+    "xsum": ("xsum/xsum_0shot.jsonl", _xsum),
+    "cnn-dailymail": ("cnn_dailymail/test_subset_from_stories.jsonl", _cnn),
+}
+
+
+def load_summaries(name: str, data_dir: str | Path | None = None) -> list[SummaryItem]:
+    """XSum (the HELM-format copy of its first 1000 test documents) or the 10 CNN/DailyMail smoke-test stories."""
+    if name not in SUMMARY_TASKS:
+        raise DashskipError(f"unknown summarization set '{name}'; use one of {', '.join(SUMMARY_TASKS)}")
+    relative, reader = SUMMARY_TASKS[name]
+    return reader(find_data_file(relative, data_dir))

@@ -2,10 +2,16 @@
 
 The engine asks a `Decider` once per layer with the hidden state entering
 that layer; for the first and last layer the answer is ignored (they always
-run in full), but the call lets an asynchronous policy look ahead.
+run in full; an exit-style method may skip the last), but the call lets an
+asynchronous policy look ahead.
 It may answer one state for the whole step (an `int`: the fast path, no
 per-row grouping) or a (batch, tokens) tensor of states. DASH's learned
 policy, the baselines and the fixed schedules below all implement this.
+
+Three class attributes let a method change how the engine runs the states,
+each off by default: its own skip scales, a static plan of skipped attention /
+MLP sublayers (AdaSkip), and permission to skip the last layer (early exit).
+A decider that wraps another copies them with `inherit_traits`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,17 @@ StateChoice = int | torch.Tensor
 VOTE_ORDER = (int(State.FULL), int(State.INT8), int(State.INT4), int(State.SKIP))  # most precise first
 
 
+@dataclass(frozen=True)
+class SublayerSkip:
+    """A layer whose attention and/or MLP every token of every step skips (None: that sublayer runs).
+
+    A skipped sublayer's residual-stream output is its input times the scale: `mid = attn * x`, `out = mlp * mid`.
+    """
+
+    attn: float | None = None
+    mlp: float | None = None
+
+
 @dataclass
 class StepInfo:
     """What a decider may know about the step being run."""
@@ -33,6 +50,13 @@ class StepInfo:
 
 class Decider:
     """Base class: every layer in full."""
+
+    # Skip scales this method was calibrated with; None: the engine's own.
+    skip_scales: torch.Tensor | None = None
+    # Layers whose sublayers are skipped statically, by index; the engine runs their kept sublayers in full.
+    sublayers: dict[int, SublayerSkip] | None = None
+    # Only exit-style methods may skip the last layer: for every other one it runs in full, as METHOD.md says.
+    may_skip_last: bool = False
 
     def begin(self, step: StepInfo) -> None:
         """Called before the first layer of every step."""
@@ -57,6 +81,12 @@ class FixedStates(Decider):
         return self.states[layer]
 
 
+def inherit_traits(wrapper: Decider, inner: Decider) -> None:
+    """A wrapper changes which states run, not how: it must keep the wrapped method's scales, plan and exit rule."""
+    wrapper.skip_scales, wrapper.sublayers = inner.skip_scales, inner.sublayers
+    wrapper.may_skip_last = inner.may_skip_last
+
+
 class TokenStates(Decider):
     """States from a function of (layer, positions) -> (batch, tokens) tensor; used to test mixed steps."""
 
@@ -77,6 +107,7 @@ class BatchMajority(Decider):
 
     def __init__(self, decider: Decider) -> None:
         self.decider = decider
+        inherit_traits(self, decider)
 
     def begin(self, step: StepInfo) -> None:
         self.decider.begin(step)

@@ -3,6 +3,8 @@
 Flat and explicit, in the style of gpt-fast: embed, then for each layer ask the
 decider, run the transformers layer (or skip it: `scale_i * x`, leaving K/V by
 the chosen rule), then norm and head. One step = one call of `step()`.
+A decider with a sublayer plan (AdaSkip) has its planned layers run here
+sublayer by sublayer, from the layer's own modules.
 """
 
 from __future__ import annotations
@@ -14,9 +16,23 @@ import torch
 
 from dashskip.backbone import Backbone
 from dashskip.cache import KVCache, KVRule
-from dashskip.decisions import Decider, StateChoice, StepInfo
+from dashskip.decisions import Decider, StateChoice, StepInfo, SublayerSkip, inherit_traits
 from dashskip.errors import DashskipError
 from dashskip.states import State, check_state, check_state_tensor
+
+# Per family, the norms around the two sublayers: (before attention, after it, before the MLP, after it); Gemma3
+# norms each sublayer's output as well before adding it to the residual stream.
+SUBLAYER_NORMS: dict[str, tuple[str, str | None, str, str | None]] = {
+    "llama": ("input_layernorm", None, "post_attention_layernorm", None),
+    "qwen2": ("input_layernorm", None, "post_attention_layernorm", None),
+    "mistral": ("input_layernorm", None, "post_attention_layernorm", None),
+    "gemma3_text": (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ),
+}
 
 
 def build_mask(
@@ -48,6 +64,7 @@ class _FullFor(Decider):
 
     def __init__(self, decider: Decider, rows: torch.Tensor) -> None:
         self.decider, self.rows = decider, rows
+        inherit_traits(self, decider)
 
     def begin(self, step: StepInfo) -> None:
         self.decider.begin(step)
@@ -135,12 +152,20 @@ class Engine:
             )
 
     def _run_layer(
-        self, i: int, choice: StateChoice, x: torch.Tensor, rope: tuple, mask, positions, session: Session
+        self,
+        i: int,
+        choice: StateChoice,
+        x: torch.Tensor,
+        rope: tuple,
+        mask,
+        positions,
+        session: Session,
+        scale: torch.Tensor,
     ) -> torch.Tensor:
         """Layer i for every token of the step, each in its state; K/V of skipped tokens by the engine's rule."""
         bb, cache = self.backbone, session.cache
         if isinstance(choice, int) and choice == State.SKIP:
-            return self._skip(i, x, rope, session)
+            return self._skip(i, x, rope, session, scale)
         skipped = None
         if isinstance(choice, int):
             bb.rows.set_uniform(choice)
@@ -153,15 +178,52 @@ class Engine:
             out = bb.layers[i](x, attention_mask=mask, position_embeddings=rope, position_ids=positions, cache=cache)
         finally:
             cache.copy_rows = None
-        return out if skipped is None else torch.where(skipped[..., None], x * self.scales[i], out)
+        return out if skipped is None else torch.where(skipped[..., None], x * scale, out)
 
-    def _skip(self, i: int, x: torch.Tensor, rope: tuple, session: Session) -> torch.Tensor:
+    def _skip(
+        self, i: int, x: torch.Tensor, rope: tuple, session: Session, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Every token skips layer i: `scale * x` (default: the engine's scale), K/V by the engine's rule."""
         cache = session.cache
         if self.kv_rule is KVRule.COPY:
             cache.copy_from_below(i)
         else:
             cache.write(i, *self.backbone.project_kv(i, x, rope))
-        return x * self.scales[i]
+        return x * (self.scales[i] if scale is None else scale)
+
+    def _run_sublayers(
+        self, i: int, plan: SublayerSkip, x: torch.Tensor, rope: tuple, mask, positions, session: Session
+    ) -> torch.Tensor:
+        """Layer i with its planned sublayers skipped (a skipped one: its input times its scale), the rest in full.
+
+        A skipped attention writes no K/V: the plan holds for every token of the session, so no query ever reads
+        this layer's cache. The code mirrors the transformers layers' own forward for each family.
+        """
+        bb = self.backbone
+        model_type = bb.config.model_type
+        if model_type not in SUBLAYER_NORMS:
+            raise DashskipError(
+                f"sublayer skipping does not know the layer structure of '{model_type}'; it supports "
+                f"{', '.join(sorted(SUBLAYER_NORMS))}"
+            )
+        layer = bb.layers[i]
+        pre_attn, post_attn, pre_mlp, post_mlp = SUBLAYER_NORMS[model_type]
+        bb.rows.set_uniform(int(State.FULL))
+        if plan.attn is None:
+            update, _ = layer.self_attn(
+                hidden_states=getattr(layer, pre_attn)(x),
+                position_embeddings=rope,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=session.cache,
+            )
+            mid = x + (update if post_attn is None else getattr(layer, post_attn)(update))
+        else:
+            mid = x * plan.attn
+        if plan.mlp is not None:
+            return mid * plan.mlp
+        update = layer.mlp(getattr(layer, pre_mlp)(mid))
+        return mid + (update if post_mlp is None else getattr(layer, post_mlp)(update))
 
     def _layers(
         self, x: torch.Tensor, decider: Decider, info: StepInfo, ropes, masks, positions, session: Session
@@ -171,14 +233,21 @@ class Engine:
         decider.begin(info)
         states = torch.full((batch, tokens, bb.num_layers), int(State.FULL), dtype=torch.int8)
         previous: StateChoice = int(State.FULL)
-        last = bb.num_layers - 1
+        forced_full = {0} if decider.may_skip_last else {0, bb.num_layers - 1}
+        scales = self.scales if decider.skip_scales is None else decider.skip_scales
+        plan = decider.sublayers or {}
         try:
             for i in range(bb.num_layers):
                 # Every layer is shown to the decider (an asynchronous policy decides layer i+1 while layer i
-                # runs), but the first and last layer always run in full, whatever it answers.
+                # runs), but the first layer always runs in full whatever it answers, and so does the last unless
+                # the decider exits early; a planned layer runs its kept sublayers in full.
                 answer = decider(i, x, previous)
-                choice = int(State.FULL) if i in (0, last) else self._normalize(answer, batch, tokens)
-                x = self._run_layer(i, choice, x, ropes[bb.layer_types[i]], masks[bb.windows[i]], positions, session)
+                choice = int(State.FULL) if i in forced_full or i in plan else self._normalize(answer, batch, tokens)
+                rope, mask = ropes[bb.layer_types[i]], masks[bb.windows[i]]
+                if i in plan:
+                    x = self._run_sublayers(i, plan[i], x, rope, mask, positions, session)
+                else:
+                    x = self._run_layer(i, choice, x, rope, mask, positions, session, scales[i])
                 states[:, :, i] = choice if isinstance(choice, int) else choice.to(torch.int8)
                 previous = choice
         finally:

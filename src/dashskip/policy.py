@@ -14,20 +14,17 @@ its real input h_{i+1}.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from dashskip.artifacts import load_artifact, load_weights, save_artifact
 from dashskip.decisions import Decider, StateChoice, StepInfo
 from dashskip.errors import DashskipError
-from dashskip.profiling import atomic_path
 from dashskip.states import State
 
 STATE_VALUES = torch.tensor([0, 1, 2, 4])  # output index k of the scoring model <-> state STATE_VALUES[k]
@@ -257,37 +254,12 @@ class DashPolicy:
 
     def save(self, path: str | Path) -> None:
         meta = {**self.meta, "format": POLICY_FORMAT, "version": POLICY_VERSION, "policy_config": asdict(self.config)}
-        tensors = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        with atomic_path(Path(path)) as tmp:
-            save_file(tensors, tmp, metadata={"dashskip": json.dumps(meta)})
+        save_artifact(path, self.model, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> DashPolicy:
-        path = Path(path)
-        if not path.is_file():
-            raise DashskipError(f"policy file '{path}' not found; train one with `dashskip train`")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                raw = (handle.metadata() or {}).get("dashskip")
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise DashskipError(
-                f"policy file '{path}' is truncated or corrupt ({exc}); re-train or re-copy it"
-            ) from None
-        if raw is None:
-            raise DashskipError(f"'{path}' is a safetensors file but not a dashskip policy (no metadata)")
-        meta = json.loads(raw)
-        if meta.get("format") != POLICY_FORMAT or meta.get("version") != POLICY_VERSION:
-            raise DashskipError(
-                f"policy file '{path}' has format {meta.get('format')} version {meta.get('version')}; this dashskip "
-                f"reads {POLICY_FORMAT} version {POLICY_VERSION}: re-train it with this version"
-            )
+        remedy = "train one with `dashskip train` (or re-copy the file)"
+        tensors, meta = load_artifact(path, "policy", POLICY_FORMAT, POLICY_VERSION, remedy)
         model = ScoringModel(PolicyConfig(**meta.pop("policy_config")))
-        try:
-            model.load_state_dict(tensors)
-        except RuntimeError as exc:
-            raise DashskipError(f"policy file '{path}' does not match its own config ({exc})") from None
-        model.eval()
+        load_weights(model, tensors, "policy", path)
         return cls(model, meta)

@@ -44,12 +44,16 @@ class CostTable:
 
     def compute_ratio(self, states: torch.Tensor, mode: str = "decode") -> float:
         """L / mean executed cost per token, for states of shape (..., L)."""
+        per_token = self.token_costs(states, mode)
+        return float(states.shape[-1] / per_token.float().mean().clamp(min=1e-9))
+
+    def token_costs(self, states: torch.Tensor, mode: str = "decode") -> torch.Tensor:
+        """Executed cost of each token's path (in full layers), for states of shape (..., L)."""
         table = self.decode if mode == "decode" else self.prefill
         lookup = torch.zeros(5)
         for s, c in table.items():
             lookup[s] = c
-        per_token = lookup[states.long()].sum(-1)
-        return float(states.shape[-1] / per_token.float().mean().clamp(min=1e-9))
+        return lookup[states.long()].sum(-1)
 
     def save(self, path: str | Path) -> None:
         data = asdict(self)

@@ -1,0 +1,125 @@
+"""`dashskip sweep` end to end on a tiny model folder: cells, paired differences, files, resume, clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from transformers import AutoTokenizer
+
+from dashskip.errors import DashskipError
+from dashskip.loading import resolve
+from dashskip.sweep import Cell, Sweep, SweepSpec, markdown_table, parse_limits
+from tests.test_server import tiny_policy, tiny_smol
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, monkeypatch_module):
+    tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
+    root = tmp_path_factory.mktemp("sweep")
+    monkeypatch_module.setenv("DASHSKIP_CACHE", str(root / "cache"))
+    model = tiny_smol(tokenizer)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    tiny_policy(model).save(root / "policy.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def spec(root, **kw) -> SweepSpec:
+    base = dict(
+        model=str(root / "model"),
+        methods=["dash", "int8", "random"],
+        speedups=[1.33, 1.67],
+        tasks=["wikitext2", "arc-easy"],
+        limits={"wikitext2": 3, "arc-easy": 3},
+        out=root / "out",
+        policy=str(root / "policy.safetensors"),
+        plots=True,
+    )
+    return SweepSpec(**{**base, **kw})
+
+
+def test_sweep_writes_every_cell_and_resumes(setup):
+    cells = Sweep(spec(setup), progress=False).run()
+    out = setup / "out"
+    assert {p.name for p in out.iterdir()} >= {"results.json", "results.csv", "table.md", "pareto.png", "state_map.png"}
+    # full on both tasks + 3 methods x 2 operating points x 2 tasks
+    assert len(cells) == 2 + 3 * 2 * 2
+    full = {c.task: c for c in cells if c.method == "full"}
+    assert full["wikitext2"].n == 3 and full["arc-easy"].n == 3 and full["wikitext2"].compute_ratio == pytest.approx(1)
+    for c in cells:
+        if c.method in ("int8", "random") and not c.unreachable:
+            # ratios are measured on the run, not copied from the request
+            assert c.compute_ratio > 1.0
+    table = (out / "table.md").read_text()
+    assert "| full |" in table and "1.67x requested" in table and "| dash |" in table
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["cells"]) == len(cells)
+    before = {(c.method, c.target, c.task): c.value for c in cells}
+    again = Sweep(spec(setup), progress=False).run()  # from the per-example cache
+    assert {(c.method, c.target, c.task): c.value for c in again} == before
+
+
+def test_paired_difference_is_the_mean_per_example_difference(setup):
+    sweep = Sweep(spec(setup, methods=["int8"], speedups=[1.33], tasks=["wikitext2"], plots=False), progress=False)
+    cells = sweep.run()
+    cell = next(c for c in cells if c.method == "int8")
+    full = sweep.full["wikitext2"]
+    result_cache = sweep._cache("int8-1.33", "wikitext2")
+    rows = [json.loads(line) for line in result_cache.read_text().splitlines()]
+    diffs = [r["nll"] - f for r, f in zip(sorted(rows, key=lambda r: r["index"]), full.scores, strict=True)]
+    assert cell.delta == pytest.approx(sum(diffs) / len(diffs))
+    mean = sum(diffs) / len(diffs)
+    assert cell.delta_se == pytest.approx(
+        math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    )
+
+
+def test_limits_and_bad_specs():
+    assert parse_limits("7")["arc-easy"] == 7 and parse_limits("arc-easy=5")["arc-easy"] == 5
+    assert parse_limits("arc-easy=5")["wikitext2"] == 40
+    with pytest.raises(DashskipError, match="task=N"):
+        parse_limits("arc-easy=many")
+    with pytest.raises(DashskipError, match="unknown task"):
+        SweepSpec("m", ["dash"], [2.0], ["squad"], {}, None).check()
+    with pytest.raises(DashskipError, match="> 1.0"):
+        SweepSpec("m", ["dash"], [1.0], ["wikitext2"], {}, None).check()
+
+
+def test_table_marks_unreachable_cells():
+    cells = [
+        Cell("full", 1.0, "wikitext2", "ppl", 40.0, 2.0, 40, 1.0),
+        Cell("int4", 2.0, "wikitext2", "", math.nan, math.nan, 0, math.nan, unreachable="up to 1.8"),
+        Cell("dash", 2.0, "wikitext2", "ppl", 45.5, 2.5, 40, 1.98),
+    ]
+    text = markdown_table(cells, SweepSpec("m", ["int4", "dash"], [2.0], ["wikitext2"], {}, None))
+    assert "| int4 | unreachable |" in text and "45.50 ± 2.50 (1.98x)" in text and "| full | 40.00 ± 2.00 |" in text
+
+
+def test_cli_eval_task_and_sweep(setup):
+    from typer.testing import CliRunner
+
+    from dashskip.cli import app
+
+    runner = CliRunner()
+    model = str(setup / "model")
+    args = ["--method", "random", "--speedup", "1.33", "--task", "sst2", "--limit", "3", "--json"]
+    result = runner.invoke(app, ["eval", "--model", model, *args])
+    assert result.exit_code == 0, result.output
+    json_line = next(line for line in result.output.splitlines() if '{"model"' in line)  # after progress bars
+    row = json.loads(json_line[json_line.index('{"model"') :])
+    assert row["task"] == "sst2" and row["examples"] == 3 and row["compute_ratio"] == pytest.approx(1.33, rel=0.03)
+    out = setup / "cli-sweep"
+    args = ["--methods", "random", "--speedups", "1.33", "--tasks", "rte", "--limit", "2", "--no-plots"]
+    result = runner.invoke(app, ["sweep", "--model", model, *args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| random |" in (out / "table.md").read_text()
+    bad = runner.invoke(app, ["sweep", "--model", model, "--speedups", "fast", "--out", str(out)])
+    assert isinstance(bad.exception, DashskipError) and "comma-separated numbers" in str(bad.exception)
