@@ -235,8 +235,8 @@ def test_adaskip_hits_the_target_skipping_the_least_important_sublayers(speedup)
     skipped = [(i, "attn") for i, p in decider.sublayers.items() if p.attn is not None]
     skipped += [(i, "mlp") for i, p in decider.sublayers.items() if p.mlp is not None]
     cost = 30 - sum(0.25 if kind == "attn" else 0.75 for _, kind in skipped)
-    assert decider.compute_ratio == pytest.approx(30 / cost)
-    assert abs(decider.compute_ratio - speedup) <= 0.03 * speedup
+    assert decider.plan_ratio == pytest.approx(30 / cost)
+    assert abs(decider.plan_ratio - speedup) <= 0.03 * speedup
     importance = {(i, "attn"): 1 - cal.attn_cosine[i] for i in range(1, 29)}
     importance |= {(i, "mlp"): 1 - cal.mlp_cosine[i] for i in range(1, 29)}
     kept = [key for key in importance if key not in skipped]

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.real
 
 
 def drafter(dm):
-    """SmolLM2: its shipped DASH policy at 2.0x. Gemma3 ships no policy: INT8 on every inner layer."""
+    """SmolLM2: its shipped DASH policy at 2.0x. Gemma3 (loaded at 1.0, so without its policy): INT8 on every
+    inner layer, a drafter that is rejected often enough to exercise the rollback."""
     if dm.policy is not None:
         return dm.policy.decider(2.0)
     n = dm.backbone.num_layers

@@ -72,8 +72,8 @@ def test_paired_difference_is_the_mean_per_example_difference(setup):
     cells = sweep.run()
     cell = next(c for c in cells if c.method == "int8")
     full = sweep.full["wikitext2"]
-    result_cache = sweep._cache("int8-1.33", "wikitext2")
-    rows = [json.loads(line) for line in result_cache.read_text().splitlines()]
+    result_cache = sweep._cache("int8-1.33-seed0", "wikitext2")
+    rows = [json.loads(line) for line in result_cache.read_text().splitlines()[1:]]  # after the header
     diffs = [r["nll"] - f for r, f in zip(sorted(rows, key=lambda r: r["index"]), full.scores, strict=True)]
     assert cell.delta == pytest.approx(sum(diffs) / len(diffs))
     mean = sum(diffs) / len(diffs)
@@ -99,7 +99,9 @@ def test_table_marks_unreachable_cells():
         Cell("int4", 2.0, "wikitext2", "", math.nan, math.nan, 0, math.nan, unreachable="up to 1.8"),
         Cell("dash", 2.0, "wikitext2", "ppl", 45.5, 2.5, 40, 1.98),
     ]
-    text = markdown_table(cells, SweepSpec("m", ["int4", "dash"], [2.0], ["wikitext2"], {}, None))
+    costs = {0: 0.17, 1: 0.36, 2: 0.45, 4: 1.0}
+    text = markdown_table(cells, SweepSpec("m", ["int4", "dash"], [2.0], ["wikitext2"], {}, None), costs)
+    assert "skip 0.170, int4 0.360, int8 0.450, full 1.000" in text
     assert "| int4 | unreachable |" in text and "45.50 ± 2.50 (1.98x)" in text and "| full | 40.00 ± 2.00 |" in text
 
 

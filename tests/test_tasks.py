@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -133,9 +134,10 @@ def test_wikitext_task_equals_the_perplexity_function(dm, tokenizer):
 def test_a_cached_run_resumes_without_recomputing(dm, tokenizer, tmp_path, monkeypatch):
     cache = tmp_path / "arc.jsonl"
     first = run_task(dm.engine, tokenizer, "arc-easy", settings=TaskSettings(limit=4), cache=cache, progress=False)
-    lines = cache.read_text().splitlines()
-    cache.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # a crash in the middle of the last write
-    assert len(ExampleCache(cache).rows) == 3
+    lines = cache.read_text().splitlines()  # a header, then one row per example
+    cache.write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])  # a crash in the middle of the last write
+    signature = json.loads(lines[0])["signature"]
+    assert len(ExampleCache(cache, signature).rows) == 3
     calls = []
     real = choice_logliks
 
@@ -148,6 +150,20 @@ def test_a_cached_run_resumes_without_recomputing(dm, tokenizer, tmp_path, monke
     assert len(calls) == 1  # only the torn example ran again
     assert second.metrics["acc"].value == first.metrics["acc"].value
     assert second.metrics["acc_norm"].value == first.metrics["acc_norm"].value
+    assert len(cache.read_text().splitlines()) == 5  # the torn line was cut off, not glued to the next row
+
+
+def test_a_cache_of_another_run_is_refused(dm, tokenizer, tmp_path):
+    from dashskip.errors import DashskipError
+
+    cache = tmp_path / "arc.jsonl"
+    run_task(
+        dm.engine, tokenizer, "arc-easy", settings=TaskSettings(limit=1), cache=cache, progress=False, run={"m": 1}
+    )
+    with pytest.raises(DashskipError, match="another run"):
+        run_task(
+            dm.engine, tokenizer, "arc-easy", settings=TaskSettings(limit=1), cache=cache, progress=False, run={"m": 2}
+        )
 
 
 def test_summarization_runs_and_counts_generated_tokens(dm, tokenizer):
@@ -169,10 +185,10 @@ def test_adaskip_ratio_comes_from_its_sublayer_plan(dm, tokenizer):
     from dashskip.baselines import AdaSkip
     from dashskip.decisions import SublayerSkip
 
-    plan = AdaSkip({2: SublayerSkip(attn=1.0, mlp=None), 3: SublayerSkip(attn=None, mlp=1.0)}, compute_ratio=1.23)
+    plan = AdaSkip({2: SublayerSkip(attn=1.0, mlp=None), 3: SublayerSkip(attn=None, mlp=1.0)}, plan_ratio=1.23)
     result = run_task(
         dm.engine, tokenizer, "wikitext2", plan, settings=TaskSettings(limit=1, context=32), progress=False
     )
     full = run_task(dm.engine, tokenizer, "wikitext2", settings=TaskSettings(limit=1, context=32), progress=False)
-    assert result.compute_ratio == 1.23  # every state reads full; the plan is what saves compute
+    assert result.compute_ratio == pytest.approx(1.23)  # every state reads full; the plan is what saves compute
     assert result.metrics["ppl"].value != full.metrics["ppl"].value  # and the plan really ran

@@ -6,6 +6,7 @@ bench, sweeps) asks it, so every method is built the same way from the same cost
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -104,7 +105,9 @@ def sensitivity_for(dm, data_dir=None, progress: bool = True) -> Sensitivity:
     from dashskip.data import load_text, token_windows
     from dashskip.loading import cache_dir
 
-    path = cache_dir() / "sensitivity" / f"{dm.fingerprint}-{dm.engine.kv_rule}.json"
+    # Skipping runs with the engine's skip scales, so they are part of what the table measured.
+    scales = hashlib.sha256(json.dumps([round(float(s), 6) for s in dm.engine.scales]).encode()).hexdigest()[:8]
+    path = cache_dir() / "sensitivity" / f"{dm.fingerprint}-{dm.engine.kv_rule}-{scales}.json"
     if path.exists():
         return Sensitivity.load(path)
     windows = token_windows(dm.tokenizer, load_text("wikitext2-valid", data_dir), 4, 128, seed=1)
@@ -189,7 +192,8 @@ class RandomSkip(Decider):
     """RandomSkip: every inner layer of every token is skipped independently with probability `p`.
 
     The draws come from the decider's own seeded generator: the same seed, inputs and call order give the same
-    states.
+    states. One draw per position and layer serves every row of a batch, so rows that share a prefix (the answers
+    of a multiple-choice question) share its path and differ only where they differ.
     """
 
     def __init__(self, p: float, num_layers: int, skip_scales: torch.Tensor | None = None, seed: int = 0) -> None:
@@ -205,7 +209,7 @@ class RandomSkip(Decider):
     def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
         if layer in (0, self.num_layers - 1):
             return int(State.FULL)
-        skip = torch.rand(self.shape, generator=self.generator) < self.p
+        skip = (torch.rand(self.shape[-1], generator=self.generator) < self.p).expand(self.shape)
         return torch.where(skip, int(State.SKIP), int(State.FULL))
 
 
@@ -422,13 +426,13 @@ class AdaSkip(Decider):
     """AdaSkip: attention and MLP sublayers skipped by their similarity importance on calibration data.
 
     Every layer's state stays full; the skipping is the static `sublayers` plan the engine runs, so the compute
-    ratio cannot be read from the states: it is `compute_ratio`, a sublayer costing its layer's full cost times its
+    ratio cannot be read from the states: it is `plan_ratio`, a sublayer costing its layer's full cost times its
     share of the layer's weight bytes (`attention_share`).
     """
 
-    def __init__(self, sublayers: dict[int, SublayerSkip], compute_ratio: float) -> None:
+    def __init__(self, sublayers: dict[int, SublayerSkip], plan_ratio: float) -> None:
         self.sublayers = sublayers
-        self.compute_ratio = compute_ratio
+        self.plan_ratio = plan_ratio
 
 
 def adaskip(

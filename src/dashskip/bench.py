@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dashskip.baselines import AdaSkip, build_decider, check_method
+from dashskip.baselines import build_decider, check_method
 from dashskip.decisions import BatchMajority, Decider, FixedStates, StateChoice, StepInfo, inherit_traits
 from dashskip.errors import DashskipError
 from dashskip.generation import generate
@@ -308,7 +308,7 @@ def run_bench(
     reference, _ = load_model(name)  # a pristine copy: the engine re-lays out its own model's weights
     ids = token_windows(dm.tokenizer, load_text("wikitext2", data_dir), batch, prompt_len, seed=0)
     decider = method_decider(dm, method, speedup, mode, data_dir)
-    plan_ratio = decider.compute_ratio if isinstance(decider, AdaSkip) else None  # the states cannot show it
+    plan_ratio = decider.plan_ratio  # a sublayer plan's ratio: the states cannot show it
     label = method if method in ("int8", "int4") else f"{method} {speedup:g}x"
     if method == "dash":
         label += f" {mode or dm.policy.config.mode}"

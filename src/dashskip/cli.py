@@ -379,7 +379,7 @@ def evaluate(
     A task: dashskip eval --method int8 --speedup 2.0 --task arc-easy --limit 200
     """
     from dashskip.api import from_pretrained
-    from dashskip.baselines import AdaSkip, EarlyExit, build_decider, check_method
+    from dashskip.baselines import EarlyExit, build_decider, check_method
     from dashskip.calibration import Calibration
     from dashskip.data import load_text
     from dashskip.evaluation import perplexity, perplexity_windows
@@ -396,8 +396,8 @@ def evaluate(
         return
     windows = perplexity_windows(dm.tokenizer, load_text(data, data_dir), context, limit)
     result = perplexity(dm.engine, windows, decider, dm.costs)
-    if isinstance(decider, AdaSkip):  # sublayer skipping leaves every layer's state full
-        result.compute_ratio = decider.compute_ratio
+    if decider.plan_ratio is not None:  # sublayer skipping leaves every layer's state full
+        result.compute_ratio = decider.plan_ratio
     row = {
         "model": model,
         "method": method,

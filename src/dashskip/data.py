@@ -191,7 +191,8 @@ def _hellaswag(path: Path) -> list[ChoiceItem]:
 
 def _sst2(path: Path) -> list[ChoiceItem]:
     # This copy's header says "text" where GLUE says "sentence"; the trailing space is kept, as lm-eval keeps it.
-    rows = list(csv.DictReader(path.open(encoding="utf-8"), delimiter="\t", quoting=csv.QUOTE_NONE))
+    with path.open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
     question = "\nQuestion: Is this sentence positive or negative?\nAnswer:"
     return [ChoiceItem(r["text"] + question, [" negative", " positive"], int(r["label"])) for r in rows]
 
@@ -207,6 +208,11 @@ def _rte(path: Path) -> list[ChoiceItem]:
     ]
 
 
+def _csv_rows(path: Path) -> list[list[str]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.reader(fh))
+
+
 def _mmlu_block(row: list[str], answer: bool) -> str:
     question, *options, letter = row
     text = question.strip() + "".join(f"\n{k}. {o}" for k, o in zip("ABCD", options, strict=True)) + "\nAnswer:"
@@ -218,10 +224,10 @@ def _mmlu(folder: Path, shots: int = 5) -> list[ChoiceItem]:
     per_subject = []
     for test in sorted((folder / "test").glob("*_test.csv")):
         subject = test.name.removesuffix("_test.csv")
-        dev = list(csv.reader((folder / "dev" / f"{subject}_dev.csv").open(encoding="utf-8")))[:shots]
+        dev = _csv_rows(folder / "dev" / f"{subject}_dev.csv")[:shots]
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         prefix = header + "".join(_mmlu_block(r, True) for r in dev)
-        rows = list(csv.reader(test.open(encoding="utf-8")))
+        rows = _csv_rows(test)
         per_subject.append(
             [ChoiceItem(prefix + _mmlu_block(r, False), [" A", " B", " C", " D"], "ABCD".index(r[5])) for r in rows]
         )

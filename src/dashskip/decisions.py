@@ -57,6 +57,8 @@ class Decider:
     sublayers: dict[int, SublayerSkip] | None = None
     # Only exit-style methods may skip the last layer: for every other one it runs in full, as METHOD.md says.
     may_skip_last: bool = False
+    # The compute ratio of a static sublayer plan, which the per-layer states (all full) cannot show.
+    plan_ratio: float | None = None
 
     def begin(self, step: StepInfo) -> None:
         """Called before the first layer of every step."""
@@ -84,7 +86,7 @@ class FixedStates(Decider):
 def inherit_traits(wrapper: Decider, inner: Decider) -> None:
     """A wrapper changes which states run, not how: it must keep the wrapped method's scales, plan and exit rule."""
     wrapper.skip_scales, wrapper.sublayers = inner.skip_scales, inner.sublayers
-    wrapper.may_skip_last = inner.may_skip_last
+    wrapper.may_skip_last, wrapper.plan_ratio = inner.may_skip_last, inner.plan_ratio
 
 
 class TokenStates(Decider):

@@ -41,6 +41,7 @@ from dashskip.errors import DashskipError
 from dashskip.generation import warp_logits
 from dashskip.loading import DEFAULT_MODEL, cache_dir
 from dashskip.profiling import atomic_write_text
+from dashskip.tasks import executed_cost
 
 log = logging.getLogger("dashskip.lmeval")
 
@@ -169,11 +170,9 @@ class DashskipLM(TemplateLM):
 
     def _account(self, states: torch.Tensor) -> None:
         """Add (tokens, layers) states to the running compute ratio."""
-        if states.shape[0] == 0:
-            return
-        ratio = self.costs.compute_ratio(states)
-        self.tokens += states.shape[0]
-        self.cost += states.shape[0] * states.shape[-1] / ratio
+        cost, tokens = executed_cost(self.costs, states, self.decider)
+        self.tokens += tokens
+        self.cost += cost
 
     def _log_ratio(self) -> None:
         log.info("compute ratio %.3f over %d tokens (method %s)", self.compute_ratio, self.tokens, self.method)
@@ -354,7 +353,6 @@ def arc_docs(dashskip_file: str, **metadata: Any) -> datasets.DatasetDict:
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
-# The wikiHow categories among HellaSwag's validation items; every other activity label is an ActivityNet one.
 def hellaswag_docs(dashskip_file: str, **metadata: Any) -> datasets.DatasetDict:
     """The preprocessed HellaSwag text file (6 lines per item) as rows of query, choices, label (a string, as on
     the hub), the validation split; the file's fields already had lm-eval's preprocessing applied."""

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from dashskip.errors import DashskipError
 from dashskip.profiling import atomic_write_text
+from dashskip.states import State
 from dashskip.tasks import TASKS, TaskResult, TaskSettings, mean_and_se, run_task
 
 DEFAULT_LIMITS = {
@@ -36,7 +37,6 @@ DEFAULT_LIMITS = {
     "xsum": 20,
     "cnn-dailymail": 10,
 }
-LOWER_IS_BETTER = {"ppl"}
 
 
 @dataclass
@@ -49,9 +49,10 @@ class Cell:
     se: float
     n: int
     compute_ratio: float  # measured over every token the task ran
-    delta: float = 0.0  # paired difference to the full model (for ppl: of the mean NLL, shown as a ppl ratio)
+    delta: float = 0.0  # paired difference to the full model over the same examples (for ppl: of the mean NLL)
     delta_se: float = 0.0
-    wall_ratio: float | None = None  # generation tasks: tokens/s over the full model's, same run
+    # Generation tasks: the full model's wall time per example over this method's (prefill + decode, same prompts)
+    wall_ratio: float | None = None
     request: float | None = None  # what the method was asked for, where it differs from the target (DASH matched)
     metrics: dict = field(default_factory=dict)
     unreachable: str | None = None
@@ -82,6 +83,11 @@ class SweepSpec:
             raise DashskipError(f"speedups must be > 1.0 (the full model is always included), got {self.speedups}")
         if not self.methods and not self.variants:
             raise DashskipError("no methods given; e.g. --methods dash,static,int8")
+        from dashskip.baselines import check_method
+
+        for method in self.methods:
+            if method not in ("dash", "full", "rl-adapter"):
+                check_method(method)
         if "rl-adapter" in self.methods and not self.rl_adapter:
             raise DashskipError("method 'rl-adapter' needs its trained adapters: --rl-adapter FILE")
 
@@ -102,6 +108,13 @@ def parse_limits(text: str | None) -> dict[str, int]:
             f"--limit '{text}': give a number or task=N pairs, e.g. wikitext2=40,arc-easy=100"
         ) from None
     return limits
+
+
+def _unreachable(exc: DashskipError) -> str:
+    """A method that cannot reach an operating point gets an 'unreachable' cell; any other error stops the sweep."""
+    if "reach" not in str(exc):
+        raise exc
+    return str(exc)
 
 
 def _file_hash(path: str) -> str:
@@ -128,8 +141,13 @@ class Sweep:
         self.spec, self.progress = spec, progress
         self.dm = from_pretrained(spec.model, policy=self._policy_file(), mode=spec.mode)
         self.variants = {label: DashPolicy.load(path) for label, path in spec.variants.items()}
-        for policy in self.variants.values():
+        for label, policy in self.variants.items():
             policy.check(self.dm.fingerprint)
+            if policy.meta["kv_rule"] != str(self.dm.engine.kv_rule):
+                raise DashskipError(
+                    f"variant '{label}' was trained with the '{policy.meta['kv_rule']}' K/V rule, the sweep runs "
+                    f"'{self.dm.engine.kv_rule}'; sweep it separately with a --policy of that rule"
+                )
         self.cells: list[Cell] = []
         self._adapter = None
         self.full: dict[str, TaskResult] = {}
@@ -152,7 +170,7 @@ class Sweep:
         settings = TaskSettings(limit=self.spec.limits.get(task))
         return run_task(
             engine or self.dm.engine, self.dm.tokenizer, task, decider, self.dm.costs, settings, self.spec.data_dir,
-            self._cache(key, task), self.progress,
+            self._cache(key, task), self.progress, run={"method": key},
         )  # fmt: skip
 
     def _cell(self, method: str, target: float, result: TaskResult, request: float | None = None) -> Cell:
@@ -163,7 +181,7 @@ class Sweep:
             delta, delta_se = mean_and_se([a - b for a, b in zip(result.scores, full.scores, strict=True)])
         wall = None
         if result.new_tokens and full is not None and full.new_tokens:
-            wall = result.tokens_per_second / full.tokens_per_second
+            wall = full.seconds / result.seconds
         m = result.metrics[metric]
         return Cell(
             method, target, result.task, metric, m.value, m.se, m.n, result.compute_ratio, delta, delta_se, wall,
@@ -173,11 +191,12 @@ class Sweep:
     def _dash_decider(self, policy, key: str, target: float) -> tuple[object, float, str]:
         """The policy's decider at `target`, its request corrected once from a measurement on WikiText-2."""
         request = target
-        if self.spec.match and "wikitext2" in self.spec.tasks:
+        if self.spec.match:
             settings = TaskSettings(limit=min(10, self.spec.limits.get("wikitext2") or 10))
             probe = run_task(
                 self.dm.engine, self.dm.tokenizer, "wikitext2", policy.decider(target, self.spec.mode), self.dm.costs,
                 settings, self.spec.data_dir, self._cache(f"{key}-{target}-probe", "wikitext2"), progress=False,
+                run={"method": key, "request": target},
             )  # fmt: skip
             request = min(target * target / probe.compute_ratio, policy.max_speedup())
         return policy.decider(request, self.spec.mode), request, f"{key}-{request:.4f}"
@@ -193,7 +212,7 @@ class Sweep:
         try:
             decider = adapter.decider(engine, target)
         except DashskipError as exc:
-            decider = str(exc)
+            decider = _unreachable(exc)
         return decider, engine, f"rl-adapter-{_file_hash(self.spec.rl_adapter)}-{target}"
 
     def _deciders(self, target: float) -> Iterator[tuple[str, object, float | None, str, object, object]]:
@@ -203,7 +222,8 @@ class Sweep:
         scales = self.dm.engine.scales
         for method in self.spec.methods:
             if method == "dash":
-                yield method, *self._dash_decider(self.dm.policy, f"dash-{self._dash_hash}", target), scales, None
+                key = f"dash-{self._dash_hash}-{self.spec.mode or 'default'}"
+                yield method, *self._dash_decider(self.dm.policy, key, target), scales, None
             elif method == "rl-adapter":
                 decider, engine, key = self._rl_adapter(target)
                 yield method, decider, None, key, None, engine
@@ -211,8 +231,8 @@ class Sweep:
                 try:
                     decider = build_decider(self.dm, method, target, data_dir=self.spec.data_dir, seed=self.spec.seed)
                 except DashskipError as exc:
-                    decider = str(exc)
-                yield method, decider, None, f"{method}-{target}", scales, None
+                    decider = _unreachable(exc)
+                yield method, decider, None, f"{method}-{target}-seed{self.spec.seed}", scales, None
         for label, policy in self.variants.items():
             with _scales(self.dm.engine, policy.scales()):
                 found = self._dash_decider(policy, f"{label}-{_file_hash(self.spec.variants[label])}", target)
@@ -242,7 +262,13 @@ class Sweep:
     def write(self) -> None:
         out = self.spec.out
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"model": self.spec.model, "fingerprint": self.dm.fingerprint, "limits": self.spec.limits}
+        meta = {
+            "model": self.spec.model,
+            "fingerprint": self.dm.fingerprint,
+            "limits": self.spec.limits,
+            "cost_table": self.dm.costs.decode,
+            "cost_table_measured": self.dm.costs.measured,
+        }
         atomic_write_text(
             out / "results.json", json.dumps({"meta": meta, "cells": [asdict(c) for c in self.cells]}, indent=1)
         )
@@ -251,7 +277,7 @@ class Sweep:
             writer.writeheader()
             for c in self.cells:
                 writer.writerow({k: v for k, v in asdict(c).items() if k != "metrics"})
-        atomic_write_text(out / "table.md", markdown_table(self.cells, self.spec))
+        atomic_write_text(out / "table.md", markdown_table(self.cells, self.spec, self.dm.costs.decode))
 
     def plot(self) -> None:
         from dashskip.baselines import calibration_for
@@ -279,7 +305,7 @@ def format_cell(c: Cell) -> str:
     return text + (extra if c.method != "full" else "")
 
 
-def markdown_table(cells: list[Cell], spec: SweepSpec) -> str:
+def markdown_table(cells: list[Cell], spec: SweepSpec, costs: dict[int, float]) -> str:
     tasks = spec.tasks
     metric = {c.task: c.metric for c in cells if c.method == "full"}
     header = "| method | " + " | ".join(f"{t} {metric.get(t, '')}" for t in tasks) + " |"
@@ -297,9 +323,14 @@ def markdown_table(cells: list[Cell], spec: SweepSpec) -> str:
             )
     n = {c.task: c.n for c in cells if c.method == "full"}
     notes = (
-        "\nCells: score ± SE over examples (measured compute ratio; for generation also the wall-clock ratio of "
-        "tokens/s against the full model in the same run). acc / acc_norm in %, ROUGE x 100. Examples per task: "
+        "\nCells: score ± SE over examples (measured compute ratio; for generation also 'wall': the full model's "
+        "wall time per example over this method's, prefill + decode on the same prompts, as measured when each "
+        "example ran, so under whatever load the machine had then; docs/benchmarks.md has clean speed numbers). "
+        "acc / acc_norm in %, ROUGE x 100. Examples per task: "
         + ", ".join(f"{t} {n.get(t)}" for t in tasks)
-        + ". Paired differences to the full model with their SEs are in results.json (`delta`, `delta_se`).\n"
+        + ". Paired differences to the full model with their SEs are in results.json (`delta`, `delta_se`). "
+        + "Compute ratios use the decode cost table (relative to a full layer) "
+        + ", ".join(f"{State(k).name.lower()} {v:.3f}" for k, v in sorted(costs.items()))
+        + ".\n"
     )
     return "\n".join(lines) + "\n" + notes

@@ -53,10 +53,13 @@ class Metric:
 class TaskResult:
     task: str
     metrics: dict[str, Metric]
-    compute_ratio: float  # layers / mean executed cost per token (cost table), over every token the task ran
+    # Layers / mean executed cost per token (decode cost table): over every scored token, or for summarization
+    # over the generated tokens' paths (the prompt's prefill is not in it).
+    compute_ratio: float
     examples: int
-    seconds: float  # time spent on the examples, summed (cached examples count with their original time)
+    seconds: float  # wall time of the examples, summed (prefill + decode + scoring; cached ones: their original)
     new_tokens: int = 0  # generated tokens (summarization)
+    head_checks_per_token: float = 0.0  # early exit: extra LM-head evaluations per token, not in compute_ratio
     settings: dict = field(default_factory=dict)
     scores: list[float] = field(default_factory=list)  # per example: NLL (perplexity) or the primary metric
 
@@ -73,26 +76,41 @@ class TaskResult:
 
 
 class ExampleCache:
-    """Per-example results as JSON lines; a torn last line (a crash mid-write) is ignored and recomputed."""
+    """Per-example results as JSON lines, after a header that says what produced them.
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
+    A torn last line (a crash mid-write) is cut off and its example recomputed; a file written by another run
+    (other method, operating point, settings, cost table or skip scales) is refused rather than mixed in.
+    """
+
+    def __init__(self, path: Path | None, signature: dict) -> None:
+        self.path, self.signature = path, json.loads(json.dumps(signature))
         self.rows: dict[int, dict] = {}
-        if path is not None and path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                self.rows[row["index"]] = row
+        if path is None or not path.exists():
+            return
+        text = path.read_text(encoding="utf-8")
+        if not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            path.write_text(text, encoding="utf-8")
+        lines = text.splitlines()
+        if lines and json.loads(lines[0]).get("signature") != self.signature:
+            raise DashskipError(
+                f"'{path}' holds results of another run (method, operating point, settings or model differ); "
+                "use another cache file, or delete it to start over"
+            )
+        for line in lines[1:]:
+            row = json.loads(line)
+            self.rows[row["index"]] = row
 
     def add(self, index: int, row: dict) -> None:
         row = {"index": index, **row}
         self.rows[index] = row
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            if fh.tell() == 0:
+                fh.write(json.dumps({"signature": self.signature}) + "\n")
+            fh.write(json.dumps(row) + "\n")
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float]:
@@ -101,11 +119,18 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
     return float(x.mean()), se
 
 
-def _cost(costs: CostTable, states: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, int]:
-    """Summed executed cost of the (masked) tokens' paths, and how many tokens that is."""
+def executed_cost(
+    costs: CostTable, states: torch.Tensor, decider: Decider | None, mask: torch.Tensor | None = None
+) -> tuple[float, int]:
+    """Summed executed cost (in full layers, decode cost table) of the (masked) tokens' paths, and their count.
+
+    A static sublayer plan (AdaSkip) leaves every state full; its own ratio then sets each token's cost.
+    """
     per_token = costs.token_costs(states)
     if mask is not None:
         per_token = per_token[mask]
+    if decider is not None and decider.plan_ratio is not None:
+        per_token = torch.full_like(per_token, states.shape[-1] / decider.plan_ratio)
     return float(per_token.sum()), int(per_token.numel())
 
 
@@ -153,7 +178,7 @@ def choice_logliks(
         float(sum(logprobs[row_of[(r, p)], t] for p, t in zip(range(end - len(cont), end), cont, strict=True)))
         for r, end, cont in spans
     ]
-    cost, tokens = _cost(costs, result.states, mask)
+    cost, tokens = executed_cost(costs, result.states, decider, mask)
     return scores, cost, tokens
 
 
@@ -226,7 +251,7 @@ def _ppl_metrics(rows: list[dict]) -> dict[str, Metric]:
 class TaskSettings:
     limit: int | None = None
     context: int = 256  # perplexity: window length, stride = context (no overlap)
-    max_length: int = 2048  # multiple choice: longest scored sequence (left-truncated beyond)
+    max_length: int | None = None  # multiple choice: longest scored sequence (left-truncated beyond); None: the model's
     max_prompt_tokens: int = 768  # summarization
     max_new_tokens: int = 48
 
@@ -249,14 +274,15 @@ def _scorer(engine: Engine, tokenizer, task: str, decider, costs: CostTable, set
         def window(ids: torch.Tensor) -> dict:
             ids = ids[None]
             result = engine.step(ids, engine.new_session(*ids.shape), decider)
-            cost, tokens = _cost(costs, result.states)
+            cost, tokens = executed_cost(costs, result.states, decider)
             return {"nll": float(token_nll(bb.logits(result.hidden), ids).mean()), "cost": cost, "tokens": tokens}
 
         return window
     if task in CHOICE_TASKS:
+        max_length = settings.max_length or bb.config.max_position_embeddings
 
         def question(item: ChoiceItem) -> dict:
-            ll, cost, tokens = choice_logliks(engine, tokenizer, item, decider, costs, settings.max_length)
+            ll, cost, tokens = choice_logliks(engine, tokenizer, item, decider, costs, max_length)
             chars = [max(len(c) - c.startswith(" "), 1) for c in item.choices]  # lm-eval: the answer's own length
             return {"ll": ll, "chars": chars, "label": item.label, "cost": cost, "tokens": tokens}
 
@@ -269,7 +295,7 @@ def _scorer(engine: Engine, tokenizer, task: str, decider, costs: CostTable, set
             engine, ids, decider=decider, max_new_tokens=settings.max_new_tokens, eos_token_id=eos, costs=costs
         )
         text = first_line(tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True))
-        cost, tokens = _cost(costs, out.states)
+        cost, tokens = executed_cost(costs, out.states, decider)
         return {
             **rouge_scores(item.reference, text),
             "summary": text,
@@ -279,6 +305,24 @@ def _scorer(engine: Engine, tokenizer, task: str, decider, costs: CostTable, set
         }
 
     return summary
+
+
+def _skip_scales(engine: Engine, decider: Decider | None) -> torch.Tensor:
+    return decider.skip_scales if decider is not None and decider.skip_scales is not None else engine.scales
+
+
+def task_signature(
+    engine: Engine, task: str, decider: Decider | None, costs: CostTable, settings: TaskSettings, run: dict | None
+) -> dict:
+    """What a cached example's result depends on besides the example: all but the limit."""
+    return {
+        **(run or {}),
+        "task": task,
+        "settings": {k: v for k, v in asdict(settings).items() if k != "limit"},
+        "costs": costs.decode,
+        "kv_rule": str(engine.kv_rule),
+        "scales": [round(float(s), 6) for s in _skip_scales(engine, decider)],
+    }
 
 
 def run_task(
@@ -291,21 +335,29 @@ def run_task(
     data_dir: str | Path | None = None,
     cache: Path | None = None,
     progress: bool = True,
+    run: dict | None = None,
 ) -> TaskResult:
-    """Score `task` with the engine and decider; `cache` (a .jsonl path) makes the run resumable."""
+    """Score `task` with the engine and decider; `cache` (a .jsonl path) makes the run resumable.
+
+    `run` describes the decider (method, operating point, policy, ...) for the cache's signature; the task,
+    its settings (all but the limit), the cost table, the K/V rule and the skip scales are added here.
+    """
     settings = settings or TaskSettings()
     costs = costs or CostTable.default()
     examples = _examples(engine, tokenizer, task, data_dir, settings)
     if not examples:
         raise DashskipError(f"task '{task}' has no examples (limit {settings.limit})")
-    store = ExampleCache(cache)
+    store = ExampleCache(cache, task_signature(engine, task, decider, costs, settings, run))
     score = _scorer(engine, tokenizer, task, decider, costs, settings)
     todo = [i for i in range(len(examples)) if i not in store.rows]
     for i in tqdm(todo, desc=task, disable=not progress or not todo):
-        start = time.perf_counter()
+        checks, start = getattr(decider, "checks", 0), time.perf_counter()
         with torch.no_grad():
             row = score(examples[i])
-        store.add(i, {**row, "seconds": time.perf_counter() - start})
+        seconds = time.perf_counter() - start
+        if hasattr(decider, "checks"):  # early exit: LM-head evaluations the layer-count ratio leaves out
+            row["head_checks"] = decider.checks - checks
+        store.add(i, {**row, "seconds": seconds})
     rows = [store.rows[i] for i in range(len(examples))]
     if task == "wikitext2":
         metrics, scores = _ppl_metrics(rows), [r["nll"] for r in rows]
@@ -314,13 +366,11 @@ def run_task(
     else:
         metrics, scores = _summary_metrics(rows), [r["rougeL"] for r in rows]
     total_cost, total_tokens = sum(r["cost"] for r in rows), sum(r["tokens"] for r in rows)
-    ratio = engine.backbone.num_layers * total_tokens / max(total_cost, 1e-9)
-    if getattr(decider, "sublayers", None):  # AdaSkip: every state reads full; its static plan sets the cost
-        ratio = decider.compute_ratio
     return TaskResult(
         task=task,
         metrics=metrics,
-        compute_ratio=ratio,
+        compute_ratio=engine.backbone.num_layers * total_tokens / max(total_cost, 1e-9),
+        head_checks_per_token=sum(r.get("head_checks", 0) for r in rows) / max(total_tokens, 1),
         examples=len(rows),
         seconds=sum(r["seconds"] for r in rows),
         new_tokens=sum(r.get("new_tokens", 0) for r in rows),
