@@ -268,7 +268,7 @@ def test_lm_eval_and_run_task_agree_on_arc_easy(tmp_path, task_manager):
     assert theirs["acc,none"] == ours.metrics["acc"].value
     assert theirs["acc_norm,none"] == ours.metrics["acc_norm"].value
     samples = sorted(out["samples"]["dashskip_arc_easy"], key=lambda s: s["doc_id"])
-    rows = [json.loads(line) for line in cache.read_text().splitlines()]
+    rows = [json.loads(line) for line in cache.read_text().splitlines()[1:]]  # after the signature header
     assert len(samples) == len(rows) == 20
     for sample, row in zip(samples, sorted(rows, key=lambda r: r["index"]), strict=True):
         lm_eval_ll = [float(resp[0][0]) for resp in sample["resps"]]
