@@ -28,8 +28,9 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from transformers import AutoTokenizer
 
 from dashskip.api import DashModel, from_pretrained
+from dashskip.data import hellaswag_query
 from dashskip.errors import DashskipError
-from dashskip.lmeval import LOCAL_TASKS, DashskipLM, hellaswag_query, local_tasks
+from dashskip.lmeval import LOCAL_TASKS, DashskipLM, local_tasks
 from dashskip.loading import resolve
 from tests.test_server import tiny_policy, tiny_smol
 

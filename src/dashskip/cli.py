@@ -396,8 +396,6 @@ def evaluate(
         return
     windows = perplexity_windows(dm.tokenizer, load_text(data, data_dir), context, limit)
     result = perplexity(dm.engine, windows, decider, dm.costs)
-    if decider.plan_ratio is not None:  # sublayer skipping leaves every layer's state full
-        result.compute_ratio = decider.plan_ratio
     row = {
         "model": model,
         "method": method,

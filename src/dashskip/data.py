@@ -135,13 +135,13 @@ def find_data_file(relative: str, data_dir: str | Path | None = None) -> Path:
     )
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _arc(path: Path) -> list[ChoiceItem]:
     items = []
-    for row in _jsonl(path):
+    for row in read_jsonl(path):
         labels = [c["label"] for c in row["question"]["choices"]]
         if row["answerKey"] not in labels:
             continue
@@ -179,20 +179,27 @@ def hellaswag_query(line: str) -> str:
     return f"{label}: {head}{dot}{tail.capitalize()}"
 
 
-def _hellaswag(path: Path) -> list[ChoiceItem]:
-    # Six lines per item (preprocessed the way lm-eval does): context, gold index, four endings.
+def hellaswag_records(path: str | Path) -> list[tuple[str, list[str], int]]:
+    """(lm-eval's query, the four endings, the gold index) per item of the preprocessed file (six lines each:
+    context, gold index, endings; preprocessed the way lm-eval does)."""
     with bz2.open(path, "rt", encoding="utf-8") as fh:
         lines = fh.read().splitlines()
-    return [
-        ChoiceItem(hellaswag_query(lines[i]), [" " + e for e in lines[i + 2 : i + 6]], int(lines[i + 1]))
-        for i in range(0, len(lines), 6)
-    ]
+    return [(hellaswag_query(lines[i]), lines[i + 2 : i + 6], int(lines[i + 1])) for i in range(0, len(lines) - 5, 6)]
+
+
+def _hellaswag(path: Path) -> list[ChoiceItem]:
+    return [ChoiceItem(query, [" " + e for e in endings], label) for query, endings, label in hellaswag_records(path)]
+
+
+def read_tsv(path: str | Path) -> list[dict]:
+    """Rows of a tab-separated file with a header; quotes are text (GLUE's files are not CSV-quoted)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
 def _sst2(path: Path) -> list[ChoiceItem]:
     # This copy's header says "text" where GLUE says "sentence"; the trailing space is kept, as lm-eval keeps it.
-    with path.open(encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = read_tsv(path)
     question = "\nQuestion: Is this sentence positive or negative?\nAnswer:"
     return [ChoiceItem(r["text"] + question, [" negative", " positive"], int(r["label"])) for r in rows]
 
@@ -204,7 +211,7 @@ def _rte(path: Path) -> list[ChoiceItem]:
             [" True", " False"],
             0 if r["label"] == "entailment" else 1,
         )
-        for r in _jsonl(path)
+        for r in read_jsonl(path)
     ]
 
 
@@ -258,7 +265,7 @@ XSUM_HEAD, XSUM_TAIL = "###\nArticle: ", "\n\nSummarize the above article in 1 s
 
 def _xsum(path: Path) -> list[SummaryItem]:
     items = []
-    for row in _jsonl(path):
+    for row in read_jsonl(path):
         document = row["article"].removeprefix(XSUM_HEAD).removesuffix(XSUM_TAIL)
         items.append(SummaryItem(document, row["summary_gt"], "Summarize the above article in 1 sentence."))
     return items
@@ -266,7 +273,9 @@ def _xsum(path: Path) -> list[SummaryItem]:
 
 def _cnn(path: Path) -> list[SummaryItem]:
     instruction = "Summarize the above article in 3 sentences."
-    return [SummaryItem(r["article"], r["highlights"].replace(" .\n", ". ").strip(), instruction) for r in _jsonl(path)]
+    return [
+        SummaryItem(r["article"], r["highlights"].replace(" .\n", ". ").strip(), instruction) for r in read_jsonl(path)
+    ]
 
 
 SUMMARY_TASKS = {

@@ -46,6 +46,33 @@ def perplexity_windows(tokenizer, text: str, context: int, limit: int | None = N
     return with_bos(ids[: count * content].view(count, content), bos)
 
 
+def executed_cost(
+    costs: CostTable, states: torch.Tensor, decider: Decider | None, mask: torch.Tensor | None = None
+) -> tuple[float, int]:
+    """Summed executed cost (in full layers, decode cost table) of the (masked) tokens' paths, and their count.
+
+    The compute ratio over many tokens is L * tokens / summed cost: costs add up, ratios do not. A static
+    sublayer plan (AdaSkip) leaves every state full; its own ratio then sets each token's cost.
+    """
+    per_token = costs.token_costs(states)
+    if mask is not None:
+        per_token = per_token[mask]
+    if decider is not None and decider.plan_ratio is not None:
+        per_token = torch.full_like(per_token, states.shape[-1] / decider.plan_ratio)
+    return float(per_token.sum()), int(per_token.numel())
+
+
+@torch.no_grad()
+def window_nll(
+    engine: Engine, ids: torch.Tensor, decider: Decider | None, costs: CostTable
+) -> tuple[list[float], float, int]:
+    """Mean next-token NLL of each window (batch, tokens) scored on its own; the windows' summed executed cost and
+    the number of tokens it covers (every token, the last too: it ran through the layers)."""
+    result = engine.step(ids, engine.new_session(*ids.shape), decider)
+    nll = token_nll(engine.backbone.logits(result.hidden), ids)
+    return nll.mean(-1).tolist(), *executed_cost(costs, result.states, decider)
+
+
 @torch.no_grad()
 def perplexity(
     engine: Engine,
@@ -57,27 +84,21 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of the windows (each scored on its own, every token with its own per-layer states)."""
     costs = costs or CostTable.default()
-    per_window, ratios, tokens = [], [], 0
-    bb = engine.backbone
+    per_window, total_cost, run = [], 0.0, 0
     for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress):
-        ids = windows[start : start + batch_size]
-        result = engine.step(ids, engine.new_session(*ids.shape), decider)
-        nll = token_nll(bb.logits(result.hidden), ids)
-        per_window.extend(nll.mean(-1).tolist())
-        ratios.append((costs.compute_ratio(result.states), ids.numel()))
-        tokens += nll.numel()
+        nlls, cost, count = window_nll(engine, windows[start : start + batch_size], decider, costs)
+        per_window.extend(nlls)
+        total_cost += cost
+        run += count
     nlls = torch.tensor(per_window, dtype=torch.float64)
     mean = float(nlls.mean())
     se = float(nlls.std(unbiased=True) / math.sqrt(len(nlls))) if len(nlls) > 1 else float("nan")
-    # The compute ratio over all scored tokens is L / mean cost; average the costs, not the ratios.
-    n_layers = bb.num_layers
-    mean_cost = sum(n_layers / r * w for r, w in ratios) / sum(w for _, w in ratios)
     return PerplexityResult(
         ppl=math.exp(mean),
         ppl_se=math.exp(mean) * se,
         nll=mean,
         windows=len(nlls),
-        tokens=tokens,
-        compute_ratio=n_layers / mean_cost,
+        tokens=windows.shape[0] * (windows.shape[1] - 1),
+        compute_ratio=engine.backbone.num_layers * run / max(total_cost, 1e-9),
         context=windows.shape[1],
     )

@@ -10,8 +10,6 @@ scores are those of the chosen operating point, and what they cost (the compute 
 
 from __future__ import annotations
 
-import bz2
-import csv
 import json
 import logging
 import sys
@@ -35,13 +33,13 @@ from lm_eval.models.utils import (
 from tqdm.auto import tqdm
 
 from dashskip.api import DashModel, from_pretrained
-from dashskip.data import find_data_file, hellaswag_query
+from dashskip.data import find_data_file, hellaswag_records, read_jsonl, read_tsv
 from dashskip.decisions import Decider
 from dashskip.errors import DashskipError
+from dashskip.evaluation import executed_cost
 from dashskip.generation import warp_logits
 from dashskip.loading import DEFAULT_MODEL, cache_dir
 from dashskip.profiling import atomic_write_text
-from dashskip.tasks import executed_cost
 
 log = logging.getLogger("dashskip.lmeval")
 
@@ -338,55 +336,49 @@ def _sampling(kwargs: dict[str, Any]) -> tuple[float, float] | None:
 
 def arc_docs(dashskip_file: str, **metadata: Any) -> datasets.DatasetDict:
     """AI2's ARC JSONL as `allenai/ai2_arc` rows (question, choices.text/label, answerKey), the test split."""
-    rows = []
-    for line in Path(dashskip_file).read_text(encoding="utf-8").splitlines():
-        item = json.loads(line)
-        choices = item["question"]["choices"]
-        rows.append(
-            {
-                "id": item["id"],
-                "question": item["question"]["stem"],
-                "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
-                "answerKey": item["answerKey"],
-            }
-        )
+    rows = [
+        {
+            "id": item["id"],
+            "question": item["question"]["stem"],
+            "choices": {
+                "text": [c["text"] for c in item["question"]["choices"]],
+                "label": [c["label"] for c in item["question"]["choices"]],
+            },
+            "answerKey": item["answerKey"],
+        }
+        for item in read_jsonl(dashskip_file)
+    ]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
 def hellaswag_docs(dashskip_file: str, **metadata: Any) -> datasets.DatasetDict:
     """The preprocessed HellaSwag text file (6 lines per item) as rows of query, choices, label (a string, as on
     the hub), the validation split; the file's fields already had lm-eval's preprocessing applied."""
-    with bz2.open(dashskip_file, "rt", encoding="utf-8") as fh:
-        lines = fh.read().splitlines()
     rows = [
-        {"query": hellaswag_query(lines[i]), "choices": lines[i + 2 : i + 6], "label": lines[i + 1]}
-        for i in range(0, len(lines) - 5, 6)
+        {"query": query, "choices": endings, "label": str(label)}
+        for query, endings, label in hellaswag_records(dashskip_file)
     ]
     return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
 
 
 def sst2_docs(dashskip_file: str, **metadata: Any) -> datasets.DatasetDict:
     """GLUE's SST-2 dev TSV (this copy's header says `text` where GLUE says `sentence`) as `nyu-mll/glue` rows."""
-    with open(dashskip_file, encoding="utf-8", newline="") as fh:
-        table = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-    rows = [{"sentence": row["text"], "label": int(row["label"]), "idx": i} for i, row in enumerate(table)]
+    rows = [{"sentence": r["text"], "label": int(r["label"]), "idx": i} for i, r in enumerate(read_tsv(dashskip_file))]
     return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
 
 
 def rte_docs(dashskip_file: str, **metadata: Any) -> datasets.DatasetDict:
     """SuperGLUE's RTE validation JSONL (the same 277 pairs as GLUE's) as `nyu-mll/glue` rte rows
     (sentence1, sentence2, label 0 = entailment, 1 = not_entailment)."""
-    rows = []
-    for line in Path(dashskip_file).read_text(encoding="utf-8").splitlines():
-        item = json.loads(line)
-        rows.append(
-            {
-                "sentence1": item["premise"],
-                "sentence2": item["hypothesis"],
-                "label": 0 if item["label"] == "entailment" else 1,
-                "idx": item["idx"],
-            }
-        )
+    rows = [
+        {
+            "sentence1": item["premise"],
+            "sentence2": item["hypothesis"],
+            "label": 0 if item["label"] == "entailment" else 1,
+            "idx": item["idx"],
+        }
+        for item in read_jsonl(dashskip_file)
+    ]
     return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
 
 

@@ -33,10 +33,9 @@ from dashskip.data import (
 from dashskip.decisions import Decider
 from dashskip.engine import Engine
 from dashskip.errors import DashskipError
-from dashskip.evaluation import perplexity_windows
+from dashskip.evaluation import executed_cost, perplexity_windows, window_nll
 from dashskip.generation import generate
 from dashskip.profiling import CostTable
-from dashskip.training import token_nll
 
 TASKS = ("wikitext2", *CHOICE_TASKS, *SUMMARY_TASKS)
 PRIMARY = {"wikitext2": "ppl", "mmlu": "acc", "sst2": "acc", "rte": "acc", "xsum": "rougeL", "cnn-dailymail": "rougeL"}
@@ -117,21 +116,6 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
     x = torch.tensor(values, dtype=torch.float64)
     se = float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
     return float(x.mean()), se
-
-
-def executed_cost(
-    costs: CostTable, states: torch.Tensor, decider: Decider | None, mask: torch.Tensor | None = None
-) -> tuple[float, int]:
-    """Summed executed cost (in full layers, decode cost table) of the (masked) tokens' paths, and their count.
-
-    A static sublayer plan (AdaSkip) leaves every state full; its own ratio then sets each token's cost.
-    """
-    per_token = costs.token_costs(states)
-    if mask is not None:
-        per_token = per_token[mask]
-    if decider is not None and decider.plan_ratio is not None:
-        per_token = torch.full_like(per_token, states.shape[-1] / decider.plan_ratio)
-    return float(per_token.sum()), int(per_token.numel())
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -272,10 +256,8 @@ def _scorer(engine: Engine, tokenizer, task: str, decider, costs: CostTable, set
     if task == "wikitext2":
 
         def window(ids: torch.Tensor) -> dict:
-            ids = ids[None]
-            result = engine.step(ids, engine.new_session(*ids.shape), decider)
-            cost, tokens = executed_cost(costs, result.states, decider)
-            return {"nll": float(token_nll(bb.logits(result.hidden), ids).mean()), "cost": cost, "tokens": tokens}
+            (nll,), cost, tokens = window_nll(engine, ids[None], decider, costs)
+            return {"nll": nll, "cost": cost, "tokens": tokens}
 
         return window
     if task in CHOICE_TASKS:
