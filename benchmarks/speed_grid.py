@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dashskip import kernels
 from dashskip.api import from_pretrained
 from dashskip.bench import run_bench
 from dashskip.data import load_text
@@ -154,7 +155,8 @@ def main() -> None:
     meta = {
         "command": f"python benchmarks/speed_grid.py{' --quick' if args.quick else ''}",
         "seconds": time.time() - started,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"small-row fp32 kernel {'on' if kernels.extension() is not None else 'off'}",
         "repeats": repeats,
         "limit": args.limit,
     }

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from dashskip.errors import DashskipError
+from dashskip.kernels import FewRowLinear
 from dashskip.states import RowStates, column_major, find_rows, install_states, quantize_int8
 
 HEAD_PRECISIONS = ("full", "bf16", "int8")
@@ -71,6 +72,7 @@ class Backbone:
         self.softcap: float | None = getattr(self.config, "final_logit_softcapping", None)
         if self.lm_head.weight.is_contiguous():  # (tied embeddings share it: a lookup reads either layout)
             self.lm_head.weight.data = column_major(self.lm_head.weight.data)
+        self.head = FewRowLinear(self.lm_head.weight)
         self.head_precision = "full"
         self._head_weights: dict[str, tuple[torch.Tensor, ...]] = {}
 
@@ -125,7 +127,7 @@ class Backbone:
         precision = precision or self.head_precision
         normed = self.norm(hidden)
         if precision == "full":
-            logits = self.lm_head(normed)
+            logits = self.head(normed, getattr(self.lm_head, "bias", None))
         elif precision == "bf16":
             logits = F.linear(normed.to(torch.bfloat16), self.head_weights("bf16")[0]).to(normed.dtype)
         else:

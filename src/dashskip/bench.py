@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dashskip import kernels
 from dashskip.baselines import build_decider, check_method
 from dashskip.decisions import BatchMajority, Decider, FixedStates, StateChoice, StepInfo, inherit_traits
 from dashskip.errors import DashskipError
@@ -84,8 +85,8 @@ def bytes_per_step(backbone, states: torch.Tensor) -> float:
 
 
 def quantized_extra_mb(backbone) -> float:
-    """Memory the INT8/INT4 copies add to the model, in MB."""
-    extra = 0
+    """Memory the INT8/INT4 copies and the small-row kernel's packed fp32 panels add to the model, in MB."""
+    extra = _tensor_bytes(backbone.head.panels)
     for module in backbone.layers.modules():
         if isinstance(module, StatefulLinear):
             extra += _tensor_bytes(
@@ -96,6 +97,7 @@ def quantized_extra_mb(backbone) -> float:
                 module.int4_codes,
                 module.int4_scales,
                 module.int4_minima,
+                module.full.panels,
             )
     return extra / 2**20
 
@@ -267,6 +269,7 @@ class BenchResult:
             f"\ndecode: {r['decode_vs_engine_full']:.2f}x the engine's full path, {r['decode_vs_transformers']:.2f}x "
             f"transformers generate; prefill: {r['prefill_vs_engine_full']:.2f}x / {r['prefill_vs_transformers']:.2f}x"
             f" (memory bandwidth {self.bandwidth_gbs:.1f} GB/s, peak RSS {self.peak_rss_mb:.0f} MB, INT8/INT4 copies "
+            "and packed panels "
             f"{self.quantized_extra_mb:.0f} MB)"
         )
         return "\n".join(lines)
@@ -317,6 +320,7 @@ def run_bench(
     config = dict(
         model=name, method=method, speedup=speedup, mode=mode, majority=majority, batch=batch,
         prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, head=head, threads=torch.get_num_threads(),
+        small_row_kernel=kernels.extension() is not None,
     )  # fmt: skip
     result = BenchResult(config, memory_bandwidth_gbs())
     jobs = [
