@@ -230,5 +230,6 @@ def test_quantized_linears_match_their_dequantized_weights():
     for state, deq in ((2, deq8), (1, deq4)):
         ref = xb @ deq.T + linear.bias
         assert rel_err(lin.run(state, x), ref) < 1e-2
-    assert torch.equal(lin.run(4, x), linear(x))
+    # Full precision runs the small-row kernel (5 rows): F.linear's values up to summation order.
+    torch.testing.assert_close(lin.run(4, x), linear(x), rtol=1e-6, atol=1e-6)
     assert torch.equal(lin.run(0, x), torch.zeros(5, 96))
