@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dashskip.backbone import Backbone
-from dashskip.calibration import Calibration, calibrate
+from dashskip.calibration import Calibration, calibrate, scales_key
 from dashskip.decisions import Decider, FixedStates, StateChoice, StepInfo, SublayerSkip
 from dashskip.engine import Engine
 from dashskip.errors import DashskipError
@@ -106,7 +106,7 @@ def sensitivity_for(dm, data_dir=None, progress: bool = True) -> Sensitivity:
     from dashskip.loading import cache_dir
 
     # Skipping runs with the engine's skip scales, so they are part of what the table measured.
-    scales = hashlib.sha256(json.dumps([round(float(s), 6) for s in dm.engine.scales]).encode()).hexdigest()[:8]
+    scales = hashlib.sha256(json.dumps(scales_key(dm.engine.scales)).encode()).hexdigest()[:8]
     path = cache_dir() / "sensitivity" / f"{dm.fingerprint}-{dm.engine.kv_rule}-{scales}.json"
     if path.exists():
         return Sensitivity.load(path)

@@ -25,6 +25,11 @@ from dashskip.profiling import atomic_write_text
 FORMAT_VERSION = 1
 
 
+def scales_key(scales: torch.Tensor) -> list[float]:
+    """Skip scales as plain rounded numbers: what caches record of the scales their results were computed with."""
+    return [round(float(s), 6) for s in scales]
+
+
 @dataclass
 class Calibration:
     """Per-layer statistics; lists are indexed by layer."""

@@ -94,9 +94,10 @@ class FewRowLinear:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not usable(x, self.weight):
             return F.linear(x, self.weight, bias)
+        ext = extension()
         source = (self.weight.data_ptr(), self.weight._version)  # repack after `.to()`, `load_state_dict`, ...
         if self.packed_from != source:
-            self.panels, self.packed_from = extension().pack(self.weight.detach()), source
-        out = extension().linear(x.reshape(-1, x.shape[-1]), self.panels, self.weight.shape[0])
+            self.panels, self.packed_from = ext.pack(self.weight.detach()), source
+        out = ext.linear(x.reshape(-1, x.shape[-1]), self.panels, self.weight.shape[0])
         out = out.view(*x.shape[:-1], self.weight.shape[0])
         return out if bias is None else out + bias

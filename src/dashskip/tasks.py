@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dashskip.calibration import scales_key
 from dashskip.chat import chat_input_ids
 from dashskip.data import (
     CHOICE_TASKS,
@@ -303,7 +304,7 @@ def task_signature(
         "settings": {k: v for k, v in asdict(settings).items() if k != "limit"},
         "costs": costs.decode,
         "kv_rule": str(engine.kv_rule),
-        "scales": [round(float(s), 6) for s in _skip_scales(engine, decider)],
+        "scales": scales_key(_skip_scales(engine, decider)),
     }
 
 
