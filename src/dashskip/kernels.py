@@ -1,9 +1,10 @@
 """The fp32 linear for few rows: decode steps, the verifier's k+1 tokens in lossless mode, small batches.
 
-BLAS's fp32 GEMM repacks the weight on every call, so on this project's reference CPU (2 AVX+FMA cores) 5 rows
-cost 2.3x one row and a batched verification step costs twice a decode step, although each reads the weight once.
-`csrc/small_gemm.cpp` packs each weight once into 16-column panels and streams them once per call with up to 6
-rows accumulating in registers, so a handful of rows costs what one row costs (docs/speed.md has the numbers).
+BLAS's fp32 GEMM repacks the weight on every call for more than one row, and its one-row path reads the weight
+at well under the memory bandwidth. `csrc/small_gemm.cpp` packs each weight once into 16-column panels and streams
+them once per call with up to 6 rows accumulating in registers: on this project's reference CPU (2 AVX+FMA cores)
+SmolLM2's linears run about 2x faster for 1 and for 5 rows, a whole decode or verification step about 1.7x
+(`python benchmarks/small_gemm.py`; docs/speed.md).
 
 It is compiled on first use with torch's C++ extension builder (a C++ compiler and ninja, both on a standard Linux
 machine) into the dashskip cache. Where it cannot run (no AVX/FMA, not x86-64 Linux, no compiler, a GPU tensor,
