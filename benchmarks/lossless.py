@@ -85,10 +85,12 @@ def main() -> None:
     for speedup in (2.0, round(dm.policy.max_speedup() - 0.01, 2)):
         rows.append(run(f"DASH draft {speedup}x, fixed k={args.k}", prompts, reference, args.new_tokens, engine,
                         dm.policy.decider(speedup), fixed))  # fmt: skip
-    for state, name in ((2, "INT8"), (1, "INT4")):  # quantization-only drafters, for reference
+    for state, name in ((2, "INT8"), (1, "INT4")):  # quantization-only drafters (`--draft int8|int4`)
         every = FixedStates([4] + [state] * (n - 2) + [4])
         rows.append(run(f"{name} on every inner layer, fixed k={args.k}", prompts, reference, args.new_tokens,
                         engine, every, fixed))  # fmt: skip
+        rows.append(run(f"{name} on every inner layer, adaptive k<={args.k + 2}", prompts, reference,
+                        args.new_tokens, engine, every, lambda: DraftLength(args.k + 2, adaptive=True)))  # fmt: skip
     # Fixed drafters never read their skipped layers' K/V, so they run on a 'copy'-rule engine (free skips).
     # Matched draft cost: DASH at 2.0x runs ~n/2 full-layer equivalents per token.
     keep = n // 2

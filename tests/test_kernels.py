@@ -8,7 +8,8 @@ import torch
 from torch.nn import functional as F
 
 from dashskip import kernels
-from dashskip.kernels import SMALL_ROWS, FewRowLinear, usable
+from dashskip.kernels import SMALL_ROWS, FewRowInt8Linear, FewRowLinear, usable
+from dashskip.states import quantize_int8
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,37 @@ def test_can_be_switched_off(monkeypatch):
     finally:
         monkeypatch.delenv("DASHSKIP_SMALL_GEMM")
         kernels.extension.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def int8_ext(ext):
+    if not ext.has_int8():
+        pytest.skip("the INT8 kernel needs AVX-512")
+    return ext
+
+
+@pytest.mark.parametrize("out_features, in_features", [(100, 37), (48, 64), (16, 1)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, SMALL_ROWS])
+def test_int8_kernel_computes_what_torchs_kernel_computes(int8_ext, out_features, in_features, rows):
+    """bf16 activations times the INT8 codes, summed in fp32, scaled, rounded to bf16: torch's arithmetic."""
+    torch.manual_seed(rows)
+    weight, scales = quantize_int8(torch.randn(out_features, in_features))
+    x = torch.randn(1, rows, in_features)
+    linear = FewRowInt8Linear()
+    got = linear(x, weight, scales)
+    assert got.shape == (1, rows, out_features)
+    assert torch.equal(got, got.bfloat16().float())  # bf16 values
+    if in_features % 16 == 0:  # the widths torch's kernel takes
+        torchs = torch._weight_int8pack_mm(x[0].bfloat16(), weight, scales).float()
+        torch.testing.assert_close(got[0], torchs, rtol=8e-3, atol=1e-3)  # one bf16 rounding step apart at most
+    exact = x.bfloat16().double() @ (weight.double() * scales.double()[:, None]).T
+    torch.testing.assert_close(got.double(), exact, rtol=4e-3, atol=1e-3)
+    assert usable(x, weight) and not usable(torch.randn(SMALL_ROWS + 1, in_features), weight)
+
+
+def test_int8_kernel_repacks_when_the_codes_change(int8_ext):
+    weight, scales = quantize_int8(torch.randn(32, 16))
+    linear, x = FewRowInt8Linear(), torch.randn(2, 16)
+    before = linear(x, weight, scales)
+    weight.neg_()
+    torch.testing.assert_close(linear(x, weight, scales), -before)

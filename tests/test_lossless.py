@@ -127,3 +127,18 @@ def test_lossless_refuses_batches_and_needs_a_draft_path():
 
     with pytest.raises(DashskipError, match="set a speedup > 1"):
         DashModel(model).generate(torch.ones(1, 3, dtype=torch.long), lossless=True)
+
+
+@pytest.mark.parametrize("draft", ["int8", "int4"])
+def test_quantized_drafters_need_no_policy_and_keep_the_full_output(draft):
+    from dashskip.api import DashModel
+
+    model = tiny_model("llama")
+    dm = DashModel(model)
+    ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(4))
+    full = dm.generate(ids, max_new_tokens=20, eos_token_id=None)
+    out = dm.generate(ids, max_new_tokens=20, eos_token_id=None, lossless=True, draft=draft, adaptive_draft=False)
+    assert torch.equal(out, full)
+    assert dm.last_speculative.drafted > 0
+    with pytest.raises(DashskipError, match="unknown drafter 'int2'"):
+        dm.generate(ids, lossless=True, draft="int2")

@@ -29,7 +29,7 @@ from dashskip.engine import _FullFor
 from dashskip.errors import DashskipError
 from dashskip.loading import fingerprint
 from dashskip.policy import PolicyDecider
-from dashskip.profiling import CostTable, layer_runner
+from dashskip.profiling import CostTable
 from tests.conftest import tiny_model
 from tests.test_policy import make_policy
 
@@ -267,11 +267,15 @@ class RecordingPlan(Decider):
 
 
 def mid_residual_of_full_layer(engine: Engine, i: int, x: torch.Tensor) -> torch.Tensor:
-    """The residual stream between attention and MLP when layer i runs in full on x (a fresh prefill)."""
+    """The residual stream between attention and MLP when transformers' layer i runs in full on x (a fresh
+    prefill)."""
     bb, seen = engine.backbone, {}
     hook = bb.mid_residual_module(i).register_forward_pre_hook(lambda module, args: seen.update(mid=args[0]))
+    positions = torch.arange(x.shape[1]).expand(x.shape[:2])
+    session = engine.new_session(*x.shape[:2])
+    session.cache.begin_step(x.shape[1])
     try:
-        layer_runner(engine, i, x, engine.new_session(*x.shape[:2]))(4)
+        bb.layers[i](x, position_embeddings=bb.rope(x, positions)[bb.layer_types[i]], cache=session.cache)
     finally:
         hook.remove()
     return seen["mid"]

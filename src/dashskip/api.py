@@ -10,7 +10,7 @@ import torch
 
 from dashskip.backbone import Backbone
 from dashskip.calibration import Calibration
-from dashskip.decisions import Decider
+from dashskip.decisions import Decider, FixedStates
 from dashskip.engine import Engine
 from dashskip.errors import DashskipError
 from dashskip.generation import GenerateOutput, generate
@@ -18,6 +18,10 @@ from dashskip.loading import fingerprint, load_model
 from dashskip.policy import DashPolicy
 from dashskip.profiling import CostTable, default_profile_path
 from dashskip.speculative import DraftLength, SpeculativeStats, generate_lossless
+from dashskip.states import State
+
+# Lossless drafters besides DASH: every inner layer in one quantized state.
+QUANTIZED_DRAFTS = {"int8": int(State.INT8), "int4": int(State.INT4)}
 
 
 def bundled_policy(name: str) -> Path | None:
@@ -106,12 +110,14 @@ class DashModel:
         lossless: bool = False,
         draft_tokens: int = 4,
         adaptive_draft: bool = True,
+        draft: str = "dash",
     ) -> torch.Tensor | GenerateOutput:
         """Like transformers' `generate`; `return_dict_in_generate=True` adds per-token states and the compute ratio.
 
-        `lossless=True`: the DASH path at the current speedup drafts up to `draft_tokens` tokens, the full model
-        verifies them; the output is the full model's (token-identical when greedy). Batch 1; statistics of the
-        drafting land in `last_speculative`.
+        `lossless=True`: a cheap path of the model drafts up to `draft_tokens` tokens, the full model verifies
+        them; the output is the full model's (token-identical when greedy). Batch 1; statistics of the drafting
+        land in `last_speculative`. `draft`: "dash" (the DASH path at the current speedup), "int8" or "int4"
+        (every inner layer in that state; on CPUs INT8 drafting is the fastest, docs/benchmarks.md).
         """
         gen_cfg = getattr(self.model, "generation_config", None)
         if eos_token_id is None and gen_cfg is not None:
@@ -125,7 +131,7 @@ class DashModel:
         if lossless:
             return self._generate_lossless(
                 input_ids, max_new_tokens, do_sample, temperature, top_p, eos_token_id, streamer,
-                return_dict_in_generate, generator, DraftLength(draft_tokens, adaptive_draft),
+                return_dict_in_generate, generator, DraftLength(draft_tokens, adaptive_draft), draft,
             )  # fmt: skip
         out = generate(
             self.engine,
@@ -147,18 +153,28 @@ class DashModel:
 
     def _generate_lossless(
         self, input_ids, max_new_tokens, do_sample, temperature, top_p, eos_token_id, streamer, as_dict, generator,
-        length: DraftLength,
+        length: DraftLength, draft: str,
     ) -> torch.Tensor | GenerateOutput:  # fmt: skip
-        if self.speedup <= 1.0:
-            raise DashskipError(
-                "lossless mode drafts with the DASH path; set a speedup > 1 (e.g. speedup=2.0) to have one"
-            )
         out, stats = generate_lossless(
-            self.engine, input_ids, self.decider, max_new_tokens, do_sample, temperature, top_p, eos_token_id,
-            streamer, generator, length,
+            self.engine, input_ids, self._drafter(draft), max_new_tokens, do_sample, temperature, top_p,
+            eos_token_id, streamer, generator, length,
         )  # fmt: skip
         self.last_output, self.last_speculative = out, stats
         return out if as_dict else out.sequences
+
+    def _drafter(self, draft: str) -> Decider:
+        """The decider lossless mode drafts with."""
+        if draft in QUANTIZED_DRAFTS:
+            n = self.backbone.num_layers
+            return FixedStates([int(State.FULL)] + [QUANTIZED_DRAFTS[draft]] * (n - 2) + [int(State.FULL)])
+        if draft != "dash":
+            raise DashskipError(f"unknown drafter '{draft}'; choose dash, {', '.join(QUANTIZED_DRAFTS)}")
+        if self.speedup <= 1.0:
+            raise DashskipError(
+                "lossless mode with draft='dash' drafts with the DASH path; set a speedup > 1 (e.g. speedup=2.0) "
+                "to have one, or draft with 'int8'"
+            )
+        return self.decider
 
 
 def _policy(policy: str | Path | DashPolicy | None, name: str, speedup: float) -> DashPolicy | None:

@@ -1,8 +1,8 @@
 """The parts of a transformers decoder LLM the engine drives, behind one small interface.
 
-The decoder layers are the library's own modules, called as they are; this
-file only knows, per family, where the pieces live and the two things the
-engine must compute outside a layer: rotary embeddings per layer type (Gemma3
+The decoder layers are the library's own modules, called as they are (or, for the Llama family, their weights
+run by `flat.FlatLayer` when a step's rows share one state); this file only knows, per family, where the
+pieces live and the two things the engine must compute outside a layer: rotary embeddings per layer type (Gemma3
 has a local and a global rope) and a skipped token's K/V under the
 'project' rule.
 """
@@ -19,8 +19,17 @@ from torch.nn import functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from dashskip.errors import DashskipError
-from dashskip.kernels import FewRowLinear
-from dashskip.states import RowStates, column_major, find_rows, install_states, quantize_int8
+from dashskip.flat import FlatLayer, flat_layers
+from dashskip.kernels import FewRowInt8Linear, FewRowLinear
+from dashskip.states import (
+    RowStates,
+    State,
+    column_major,
+    find_rows,
+    install_states,
+    quantize_int8,
+    weight_only_product,
+)
 
 HEAD_PRECISIONS = ("full", "bf16", "int8")
 
@@ -61,6 +70,7 @@ class Backbone:
         self.rotary_emb: nn.Module = inner.rotary_emb
         self.num_layers = len(self.layers)
         self.rows: RowStates = find_rows(self.layers) or install_states(self.layers)
+        self.flat: list[FlatLayer] | None = flat_layers(self.layers, self.config)
         types = getattr(self.config, "layer_types", None)
         window = getattr(self.config, "sliding_window", None)
         if types is None:
@@ -73,6 +83,7 @@ class Backbone:
         if self.lm_head.weight.is_contiguous():  # (tied embeddings share it: a lookup reads either layout)
             self.lm_head.weight.data = column_major(self.lm_head.weight.data)
         self.head = FewRowLinear(self.lm_head.weight)
+        self.head_int8 = FewRowInt8Linear()
         self.head_precision = "full"
         self._head_weights: dict[str, tuple[torch.Tensor, ...]] = {}
 
@@ -131,9 +142,7 @@ class Backbone:
         elif precision == "bf16":
             logits = F.linear(normed.to(torch.bfloat16), self.head_weights("bf16")[0]).to(normed.dtype)
         else:
-            flat = normed.reshape(-1, normed.shape[-1]).to(torch.bfloat16)
-            logits = torch._weight_int8pack_mm(flat, *self.head_weights("int8")).to(normed.dtype)
-            logits = logits.reshape(*normed.shape[:-1], -1)
+            logits = weight_only_product(int(State.INT8), normed, *self.head_weights("int8"), self.head_int8)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

@@ -85,8 +85,13 @@ def bytes_per_step(backbone, states: torch.Tensor) -> float:
 
 
 def quantized_extra_mb(backbone) -> float:
-    """Memory the INT8/INT4 copies and the small-row kernel's packed fp32 panels add to the model, in MB."""
-    extra = _tensor_bytes(backbone.head.panels)
+    """Memory the INT8/INT4 copies and the small-row kernels' packed panels add to the model, in MB (packed
+    copies exist once used: a state never run costs nothing)."""
+    extra = _tensor_bytes(backbone.head.panels, *(backbone.head_int8.panels or ()))
+    for layer in backbone.flat or []:
+        for fused in (layer.qkv, layer.gate_up):
+            # The fused INT8 weight is the parts' own storage (counted below); the fused INT4 one is a copy.
+            extra += _tensor_bytes(fused.full.panels, *(fused.int8.panels or ()), *fused.quantized.get(State.INT4, ()))
     for module in backbone.layers.modules():
         if isinstance(module, StatefulLinear):
             extra += _tensor_bytes(
@@ -98,6 +103,7 @@ def quantized_extra_mb(backbone) -> float:
                 module.int4_scales,
                 module.int4_minima,
                 module.full.panels,
+                *(module.int8.panels or ()),
             )
     return extra / 2**20
 

@@ -44,9 +44,12 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     lossless: Annotated[
-        bool, typer.Option(help="draft with the DASH path at --speedup, verify with the full model: its exact output")
+        bool, typer.Option(help="draft with a cheap path (--draft), verify with the full model: its exact output")
     ] = False,
     draft_tokens: Annotated[int, typer.Option(help="lossless: most tokens drafted per round")] = 4,
+    draft: Annotated[
+        str, typer.Option(help="lossless drafter: dash (the DASH path at --speedup), int8 or int4 (every inner layer)")
+    ] = "dash",
     as_json: Annotated[
         bool, typer.Option("--json", help="print one JSON object: text and per-token statistics")
     ] = False,
@@ -56,6 +59,8 @@ def generate(
     Example: dashskip generate "The capital of France is" --max-new-tokens 20
 
     Lossless (the full model's exact output, drafted by DASH): dashskip generate "Once upon" --speedup 2.0 --lossless
+
+    Lossless, fastest on CPUs (INT8 drafts): dashskip generate "Once upon" --lossless --draft int8
     """
     if not prompt.strip():
         raise DashskipError("empty prompt: give some text to continue")
@@ -88,6 +93,7 @@ def generate(
         generator=generator,
         lossless=lossless,
         draft_tokens=draft_tokens,
+        draft=draft,
     )
     seconds = time.perf_counter() - t0
     new = out.sequences[0, ids.shape[1] :]

@@ -1,8 +1,8 @@
 """The layer-wise engine: prefill and cached decode with a state per token and layer.
 
 Flat and explicit, in the style of gpt-fast: embed, then for each layer ask the
-decider, run the transformers layer (or skip it: `scale_i * x`, leaving K/V by
-the chosen rule), then norm and head. One step = one call of `step()`.
+decider, run the layer (the flat Llama-family layer where every row shares a state, else the transformers
+layer; or skip it: `scale_i * x`, leaving K/V by the chosen rule), then norm and head. One step = one call of `step()`.
 A decider with a sublayer plan (AdaSkip) has its planned layers run here
 sublayer by sublayer, from the layer's own modules.
 """
@@ -166,6 +166,10 @@ class Engine:
         bb, cache = self.backbone, session.cache
         if isinstance(choice, int) and choice == State.SKIP:
             return self._skip(i, x, rope, session, scale)
+        if isinstance(choice, int) and bb.flat is not None:
+            window = bb.windows[i]
+            plain = session.key_valid is None and (window is None or cache.end <= window)
+            return bb.flat[i](choice, x, rope, mask, cache, plain)
         skipped = None
         if isinstance(choice, int):
             bb.rows.set_uniform(choice)
@@ -184,9 +188,11 @@ class Engine:
         self, i: int, x: torch.Tensor, rope: tuple, session: Session, scale: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Every token skips layer i: `scale * x` (default: the engine's scale), K/V by the engine's rule."""
-        cache = session.cache
+        cache, flat = session.cache, self.backbone.flat
         if self.kv_rule is KVRule.COPY:
             cache.copy_from_below(i)
+        elif flat is not None:
+            flat[i].write_skipped_kv(x, rope, cache)
         else:
             cache.write(i, *self.backbone.project_kv(i, x, rope))
         return x * (self.scales[i] if scale is None else scale)

@@ -115,15 +115,11 @@ def layer_runner(engine, layer_idx: int, x: torch.Tensor, session) -> Callable[[
     cache.begin_step(tokens)
     rope = bb.rope(x, positions)[bb.layer_types[layer_idx]]
     mask = build_mask(None, cache.start, cache.end, bb.windows[layer_idx], batch, bb.attn_implementation)
-    layer = bb.layers[layer_idx]
 
     @torch.no_grad()
     def run(state: int) -> torch.Tensor:
-        if state == State.SKIP:
-            return engine._skip(layer_idx, x, rope, session)
-        bb.rows.set_uniform(state)
         try:
-            return layer(x, attention_mask=mask, position_embeddings=rope, position_ids=positions, cache=session.cache)
+            return engine._run_layer(layer_idx, state, x, rope, mask, positions, session, engine.scales[layer_idx])
         finally:
             bb.rows.set_uniform(int(State.FULL))
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dashskip.errors import DashskipError
-from dashskip.kernels import FewRowLinear
+from dashskip.kernels import FewRowInt8Linear, FewRowLinear, usable
 
 
 class State(IntEnum):
@@ -89,6 +89,22 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tu
     return packed, scales_and_zeros, codes, scales, lo
 
 
+def weight_only_product(
+    state: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, int8: FewRowInt8Linear
+) -> torch.Tensor:
+    """`x @ W^T` for few rows: INT8 through dashskip's kernel where it runs (`int8` holds its packed copy), else
+    torch's weight-only INT8 or INT4 kernel (bf16 activations, `x`'s dtype out); `(weight, scales)` as
+    `StatefulLinear.packed` gives them."""
+    if state == State.INT8 and usable(x, weight):
+        return int8(x, weight, scales)
+    flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    if state == State.INT8:
+        out = torch._weight_int8pack_mm(flat, weight, scales)
+    else:
+        out = torch._weight_int4pack_mm_for_cpu(flat, weight, INT4_GROUP_SIZE, scales)
+    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+
 class RowStates:
     """The states of the rows a layer is processing right now, shared by all linears of the backbone.
 
@@ -130,6 +146,7 @@ class StatefulLinear(nn.Linear):
         self.weight = linear.weight
         self.bias = linear.bias
         self.full = FewRowLinear(self.weight)
+        self.int8 = FewRowInt8Linear()
         self.rows = rows
         self.keeps_kv = keeps_kv
         q8, s8 = quantize_int8(linear.weight)
@@ -155,15 +172,18 @@ class StatefulLinear(nn.Linear):
             return self.full(x, self.bias)
         if state == State.SKIP:
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if flat.shape[0] >= GEMM_ROWS[state]:
-            out = F.linear(flat, self.dequantized(state))
-        elif state == State.INT8:
-            out = torch._weight_int8pack_mm(flat, self.int8_weight, self.int8_scales)
+        if x.numel() // self.in_features >= GEMM_ROWS[state]:
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            out = F.linear(flat, self.dequantized(state)).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         else:
-            out = torch._weight_int4pack_mm_for_cpu(flat, self.int4_weight, INT4_GROUP_SIZE, self.int4_scales_zeros)
-        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            out = weight_only_product(state, x, *self.packed(state), self.int8)
         return out if self.bias is None else out + self.bias
+
+    def packed(self, state: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight-only kernel's (weight, scales) for a quantized state."""
+        if state == State.INT8:
+            return self.int8_weight, self.int8_scales
+        return self.int4_weight, self.int4_scales_zeros
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.rows

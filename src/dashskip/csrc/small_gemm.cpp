@@ -1,15 +1,19 @@
-// y = x @ W^T in fp32 for few rows of x (decode, batched verification, small batches) on AVX + FMA CPUs.
+// Weight-only products for few rows of x (decode, batched verification, small batches) on x86-64 CPUs:
+// fp32 weights (AVX + FMA) and INT8 weights (AVX-512, chosen at run time).
 //
 // With 2 to ~16 rows, BLAS's fp32 GEMM packs the weight on every call and then computes; its one-row path reads
 // the weight well below the memory bandwidth. Here the weight is packed once into panels of 16 output columns
 // (K x 16, contiguous), and each panel is streamed once per call while up to 6 rows accumulate in registers
-// (benchmarks/small_gemm.py: all 210 linears of SmolLM2 for one row in 15.5 ms against BLAS's 31.4 ms; five
-// rows 28.2 against 55.7).
-// Panels are split over torch's intra-op threads. (INT8/INT4 versions, codes widened to fp32 in registers, were
-// tried and dropped: AVX has no 256-bit integer ops, widening made them compute-bound, no faster than torch's.)
+// (benchmarks/small_gemm.py: all 210 linears of SmolLM2 for one row in ~16 ms against BLAS's ~31 ms). With 3 or
+// more rows the loop is compute-heavy enough that the hardware prefetcher falls behind: a software prefetch
+// 32 steps ahead made five rows ~1.4x faster.
+// Panels are split over torch's intra-op threads. An INT4 version (nibbles widened to fp32 in registers) was
+// written and measured: no faster than torch's INT4 kernel (instruction-bound), so it was dropped.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cstring>
+#include <vector>
 
 namespace {
 
@@ -24,6 +28,7 @@ void panel_rows(const float* x, int64_t k, const float* panel, float* y, int64_t
     hi[r] = _mm256_setzero_ps();
   }
   for (int64_t i = 0; i < k; ++i) {
+    if constexpr (R > 2) _mm_prefetch(reinterpret_cast<const char*>(panel + (i + 32) * kPanel), _MM_HINT_T0);
     const __m256 w0 = _mm256_loadu_ps(panel + i * kPanel);
     const __m256 w1 = _mm256_loadu_ps(panel + i * kPanel + 8);
     for (int r = 0; r < R; ++r) {
@@ -50,15 +55,107 @@ void passes(int64_t m, Kernel&& kernel) {
   }
 }
 
+// INT8 weights (panels of 16 columns, K x 16 bytes), fp32 rows, per-column scales: y = (x @ q^T) * scale.
+// Each weight byte is widened to fp32 in a register (AVX-512: 16 at a time) and used by up to 4 rows; 4 k-chains
+// of accumulators hide the FMA latency at one row. Compiled for AVX-512 only, chosen at run time.
+constexpr int64_t kInt8Rows = 4;
+
+// fp32 -> the nearest bf16 (ties to even), kept in an fp32: the INT8 state computes on bf16 activations and
+// gives bf16 outputs, as torch's weight-only kernel does, so a row's result does not depend on which of the two
+// kernels ran it (the number of rows in the call) beyond the order of the fp32 sums.
+inline float round_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
+  std::memcpy(&value, &bits, sizeof bits);
+  return value;
+}
+constexpr int64_t kChains = 4;
+
+template <int R>
+__attribute__((target("avx512f"))) void int8_panel_rows(const float* x, int64_t k, const int8_t* panel,
+                                                         const float* scale, float* y, int64_t ldy) {
+  __m512 acc[R][kChains];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kChains; ++c) acc[r][c] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + kChains <= k; i += kChains) {
+    for (int c = 0; c < kChains; ++c) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + (i + c) * kPanel));
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * k + i + c]), w, acc[r][c]);
+    }
+  }
+  for (; i < k; ++i) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + i * kPanel));
+    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * k + i]), w, acc[r][0]);
+  }
+  const __m512 s = _mm512_loadu_ps(scale);
+  for (int r = 0; r < R; ++r) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+    _mm512_storeu_ps(y + r * ldy, _mm512_mul_ps(sum, s));
+    for (int c = 0; c < kPanel; ++c) y[r * ldy + c] = round_bf16(y[r * ldy + c]);
+  }
+}
+
+// Every (panel, pass of at most R rows) of an m-row product over `count` panels, panels split over torch's threads.
+template <int R, typename Kernel>
+void each_panel(int64_t m, int64_t count, Kernel&& kernel) {
+  at::parallel_for(0, count, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) passes<R>(m, [&](auto rows, int64_t r) { kernel(rows, p, r); });
+  });
+}
+
+// weight (N, K) of any dtype and layout -> (ceil(N / 16), K, 16) contiguous, zero-padded past N.
+torch::Tensor to_panels(const torch::Tensor& weight) {
+  const int64_t n = weight.size(0), k = weight.size(1), panels = (n + kPanel - 1) / kPanel;
+  auto padded = torch::zeros({panels * kPanel, k}, weight.options());
+  padded.narrow(0, 0, n).copy_(weight);
+  return padded.view({panels, kPanel, k}).transpose(1, 2).contiguous();
+}
+
 }  // namespace
+
+bool has_int8() { return __builtin_cpu_supports("avx512f"); }
+
+// weight (N, K) int8, scales (N,) -> (panels (ceil(N / 16), K, 16) int8, scales (ceil(N / 16) * 16,) float32).
+std::vector<torch::Tensor> pack_int8(const torch::Tensor& weight, const torch::Tensor& scales) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kInt8, "pack_int8: need a 2-D int8 weight");
+  auto panels = to_panels(weight);
+  auto padded_scales = torch::zeros({panels.size(0) * kPanel}, scales.options().dtype(torch::kFloat32));
+  padded_scales.narrow(0, 0, weight.size(0)).copy_(scales);
+  return {panels, padded_scales};
+}
+
+// x (M, K) float32, panels and scales from pack_int8() -> (M, out_features) float32.
+torch::Tensor linear_int8(const torch::Tensor& x_in, const torch::Tensor& panels, const torch::Tensor& scales,
+                          int64_t out_features) {
+  TORCH_CHECK(has_int8(), "linear_int8: this CPU has no AVX-512");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat32, "linear_int8: need 2-D float32 rows");
+  TORCH_CHECK(panels.dim() == 3 && panels.size(1) == x_in.size(1) && panels.size(2) == kPanel &&
+                  panels.is_contiguous() && panels.scalar_type() == torch::kInt8,
+              "linear_int8: panels do not match the rows' width");
+  const auto x = x_in.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), count = panels.size(0), width = count * kPanel;
+  auto y = torch::empty({m, width}, x.options());
+  std::vector<float> rounded(x.data_ptr<float>(), x.data_ptr<float>() + m * k);
+  for (float& v : rounded) v = round_bf16(v);
+  const float* xp = rounded.data();
+  const int8_t* pp = panels.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  each_panel<kInt8Rows>(m, count, [&](auto rows, int64_t p, int64_t r) {
+    int8_panel_rows<decltype(rows)::value>(xp + r * k, k, pp + p * k * kPanel, sp + p * kPanel,
+                                           yp + r * width + p * kPanel, width);
+  });
+  return width == out_features ? y : y.narrow(1, 0, out_features).contiguous();
+}
 
 // weight (N, K) float32 -> panels (ceil(N / 16), K, 16), zero-padded past N.
 torch::Tensor pack(const torch::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32, "pack: need a 2-D float32 weight");
-  const int64_t n = weight.size(0), k = weight.size(1), panels = (n + kPanel - 1) / kPanel;
-  auto padded = torch::zeros({panels * kPanel, k}, weight.options());
-  padded.narrow(0, 0, n).copy_(weight);  // any layout in: the column-major weights of the engine too
-  return padded.view({panels, kPanel, k}).transpose(1, 2).contiguous();
+  return to_panels(weight);  // any layout in: the column-major weights of the engine too
 }
 
 // x (M, K) float32, panels from pack() -> (M, out_features).
@@ -72,17 +169,19 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& panels, int
   const float* xp = x.data_ptr<float>();
   const float* pp = panels.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, count, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      passes<kRows>(m, [&](auto rows, int64_t r) {
-        panel_rows<decltype(rows)::value>(xp + r * k, k, pp + p * k * kPanel, yp + r * width + p * kPanel, width);
-      });
-    }
+  each_panel<kRows>(m, count, [&](auto rows, int64_t p, int64_t r) {
+    panel_rows<decltype(rows)::value>(xp + r * k, k, pp + p * k * kPanel, yp + r * width + p * kPanel, width);
   });
   return width == out_features ? y : y.narrow(1, 0, out_features).contiguous();
 }
 
+void register_layer_ops(pybind11::module& m);  // layer_ops.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_layer_ops(m);
   m.def("pack", &pack, "pack a (N, K) float32 weight into 16-column panels");
   m.def("linear", &linear, "x @ W^T for few rows, W packed by pack()");
+  m.def("has_int8", &has_int8, "whether this CPU runs linear_int8 (AVX-512)");
+  m.def("pack_int8", &pack_int8, "pack a (N, K) int8 weight and its scales into 16-column panels");
+  m.def("linear_int8", &linear_int8, "(x @ q^T) * scale for few fp32 rows, q packed by pack_int8()");
 }
