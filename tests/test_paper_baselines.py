@@ -13,6 +13,7 @@ from dashskip.baselines import (
     METHODS,
     AdaSkip,
     EarlyExit,
+    FixedExit,
     RandomSkip,
     SkipDecode,
     adaskip,
@@ -24,7 +25,7 @@ from dashskip.baselines import (
 )
 from dashskip.bench import TimedDecider
 from dashskip.calibration import Calibration
-from dashskip.decisions import BatchMajority, Decider, FixedStates, StepInfo, SublayerSkip
+from dashskip.decisions import AtMost, BatchMajority, Decider, FixedStates, StepInfo, SublayerSkip, TokenStates
 from dashskip.engine import _FullFor
 from dashskip.errors import DashskipError
 from dashskip.loading import fingerprint
@@ -177,6 +178,20 @@ def test_exited_tokens_skip_every_later_layer_and_decode_from_the_exit(family):
     assert decider.checks_per_token == pytest.approx(checks / ids.numel())
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_fixed_exit_decodes_from_the_output_of_its_last_kept_layer(family):
+    model = tiny_model(family)
+    bb, ids, keep = Backbone(model), windows(2, 12), 3
+    engine = Engine(bb)
+    result = engine.step(ids, engine.new_session(*ids.shape), FixedExit(bb.num_layers, keep))
+    assert result.states[0, 0].tolist() == [4] * keep + [0] * (bb.num_layers - keep)
+    with torch.no_grad():
+        reference = model(ids, output_hidden_states=True).hidden_states[keep]  # the output of layer keep - 1
+    torch.testing.assert_close(bb.logits(result.hidden), bb.logits(reference), rtol=1e-4, atol=1e-4)
+    with pytest.raises(DashskipError, match="keeps 1..6 layers"):
+        FixedExit(bb.num_layers, 0)
+
+
 def test_only_exit_style_deciders_may_skip_the_last_layer_and_wrappers_keep_the_traits():
     bb = Backbone(tiny_model("llama"))
     engine, ids = Engine(bb), windows(2, 6)
@@ -192,8 +207,24 @@ def test_only_exit_style_deciders_may_skip_the_last_layer_and_wrappers_keep_the_
     exiting = engine.step(ids, engine.new_session(2, 6), ExitAll()).states[0, 0].tolist()
     assert plain == [4, 0, 0, 0, 0, 4] and exiting == [4, 0, 0, 0, 0, 0]
     inner = EarlyExit(bb, 0.5)
-    for wrapper in (BatchMajority(inner), TimedDecider(inner), _FullFor(inner, torch.zeros(2, 6, dtype=torch.bool))):
+    wrappers = (BatchMajority(inner), TimedDecider(inner), _FullFor(inner, torch.zeros(2, 6, dtype=torch.bool)))
+    for wrapper in (*wrappers, AtMost(inner, 2)):
         assert wrapper.may_skip_last and wrapper.skip_scales is inner.skip_scales and wrapper.sublayers is None
+
+
+def test_at_most_runs_the_wrapped_choices_no_more_precise_than_its_state():
+    bb = Backbone(tiny_model("llama"))
+    engine, ids = Engine(bb), windows(2, 6)
+    table = torch.tensor([[4, 1, 2, 4, 0, 4], [4, 4, 2, 1, 4, 4]])  # (rows, layers): the rows differ
+    per_token = TokenStates(lambda layer, positions: table[:, layer, None].expand(positions.shape))
+    capped = engine.step(ids, engine.new_session(2, 6), AtMost(per_token, 2)).states
+    plain = engine.step(ids, engine.new_session(2, 6), per_token).states
+    inner = plain[..., 1:-1]
+    assert torch.equal(capped[..., 1:-1], torch.where(inner == 4, 2, inner))
+    assert bool((capped[..., [0, -1]] == 4).all())  # the first and last layer still run in full
+    assert AtMost(FixedStates([4, 4, 1, 4]), 2)(1, torch.zeros(1), 4) == 2
+    with pytest.raises(DashskipError, match="invalid execution state 3"):
+        AtMost(per_token, 3)
 
 
 def test_a_decider_brings_its_own_skip_scales():

@@ -10,7 +10,7 @@ import torch
 
 from dashskip.backbone import Backbone
 from dashskip.calibration import Calibration
-from dashskip.decisions import Decider, FixedStates
+from dashskip.decisions import AtMost, Decider, FixedStates
 from dashskip.engine import Engine
 from dashskip.errors import DashskipError
 from dashskip.generation import GenerateOutput, generate
@@ -116,8 +116,9 @@ class DashModel:
 
         `lossless=True`: a cheap path of the model drafts up to `draft_tokens` tokens, the full model verifies
         them; the output is the full model's (token-identical when greedy). Batch 1; statistics of the drafting
-        land in `last_speculative`. `draft`: "dash" (the DASH path at the current speedup), "int8" or "int4"
-        (every inner layer in that state; on CPUs INT8 drafting is the fastest, docs/benchmarks.md).
+        land in `last_speculative`. `draft`: "dash" (the DASH path at the current speedup, its full-precision
+        choices run in INT8), "int8" or "int4" (every inner layer in that state; on CPUs INT8 drafting is the
+        fastest, docs/benchmarks.md).
         """
         gen_cfg = getattr(self.model, "generation_config", None)
         if eos_token_id is None and gen_cfg is not None:
@@ -174,7 +175,7 @@ class DashModel:
                 "lossless mode with draft='dash' drafts with the DASH path; set a speedup > 1 (e.g. speedup=2.0) "
                 "to have one, or draft with 'int8'"
             )
-        return self.decider
+        return AtMost(self.decider, int(State.INT8))  # drafts are verified: full precision buys them little
 
 
 def _policy(policy: str | Path | DashPolicy | None, name: str, speedup: float) -> DashPolicy | None:

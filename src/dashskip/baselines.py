@@ -349,6 +349,27 @@ class EarlyExit(Decider):
         return self.checks / max(self.tokens, 1)
 
 
+class FixedExit(Decider):
+    """LayerSkip-style exit at a fixed layer: every token runs the first `keep` layers in full and leaves the
+    rest, the last included, with scale 1, so its logits are the head's (final norm included) on layer `keep`'s
+    output. The drafter of LayerSkip's self-speculative decoding, without its early-exit training."""
+
+    may_skip_last = True
+
+    def __init__(self, num_layers: int, keep: int) -> None:
+        if not 1 <= keep <= num_layers:
+            raise DashskipError(f"a fixed exit keeps 1..{num_layers} layers, got {keep}")
+        self.keep, self.num_layers = keep, num_layers
+        self.skip_scales = torch.ones(num_layers)
+
+    def begin(self, step: StepInfo) -> None:
+        if step.num_layers != self.num_layers:
+            raise DashskipError(f"fixed exit built for {self.num_layers} layers, the model has {step.num_layers}")
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        return int(State.FULL) if layer < self.keep else int(State.SKIP)
+
+
 @torch.no_grad()
 def exit_threshold(
     engine: Engine,
