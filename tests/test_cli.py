@@ -85,3 +85,22 @@ def test_policy_errors_are_one_line():
     assert out.returncode == 2 and "above the range this policy was calibrated for" in out.stderr
     out = run("generate", "hi", "--speedup", "1.5", "--policy", "/no/such/policy.safetensors")
     assert out.returncode == 2 and "policy file '/no/such/policy.safetensors' not found" in out.stderr
+
+
+@pytest.mark.real
+def test_lossless_generate_prints_the_full_models_text_with_draft_statistics():
+    prompt = ("The history of the Roman Empire is", "--max-new-tokens", "16", "--json")
+    full = json.loads(run("generate", *prompt).stdout)
+    for draft in (("--speedup", "2.0"), ("--draft", "int8")):
+        out = run("generate", *prompt, "--lossless", *draft)
+        assert out.returncode == 0, out.stderr
+        data = json.loads(out.stdout)
+        assert data["text"] == full["text"]
+        assert data["stats"]["lossless"]["rounds"] >= 1
+
+
+def test_lossless_errors_are_one_line():
+    out = run("generate", "hi", "--lossless", "--draft", "int2")
+    assert out.returncode == 2 and "unknown drafter 'int2'" in out.stderr and "Traceback" not in out.stderr
+    out = run("generate", "hi", "--lossless")
+    assert out.returncode == 2 and "set a speedup > 1" in out.stderr
