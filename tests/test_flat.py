@@ -10,10 +10,8 @@ from torch.nn import functional as F
 from dashskip import Backbone, kernels
 from dashskip.cache import KVCache
 from dashskip.engine import build_mask
-from dashskip.policy import GreedyScorer
 from dashskip.states import State
 from tests.conftest import tiny_model
-from tests.test_policy import make_policy
 
 FLAT_FAMILIES = ["llama", "qwen2", "mistral"]  # qwen2's q/k/v have biases: the fused bias is exercised too
 # fp32 agrees to rounding; the quantized states round activations to bf16 in torch's kernels (and, for INT8,
@@ -132,20 +130,6 @@ def test_compiled_rope_and_cache_write_rotate_like_transformers(ops):
     torch.testing.assert_close(keys[:, :, start : start + tokens], want_k)
     torch.testing.assert_close(values[:, :, start : start + tokens], split[:, heads + kv :])
     assert not keys[:, :, :start].any() and not keys[:, :, start + tokens :].any()
-
-
-@pytest.mark.parametrize("rows", [1, 4])
-def test_compiled_decision_equals_the_scoring_model(ops, rows):
-    policy = make_policy()
-    cost_bias = 0.7 * torch.tensor([0.1, 0.4, 0.5, 1.0])
-    scorer = GreedyScorer(policy.model, cost_bias)
-    gen = torch.Generator().manual_seed(rows)
-    for current in range(5):
-        for previous in (0, 2, 4):
-            h = torch.randn(1, rows, 64, generator=gen) * 4
-            with torch.no_grad():
-                want = (policy.model(h, current, current + 1, torch.full((1, rows), previous)) - cost_bias).argmax(-1)
-            assert torch.equal(scorer(h, current, previous), want)
 
 
 @pytest.mark.parametrize("family", FLAT_FAMILIES)

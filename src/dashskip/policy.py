@@ -30,6 +30,7 @@ from dashskip.states import State
 
 STATE_VALUES = torch.tensor([0, 1, 2, 4])  # output index k of the scoring model <-> state STATE_VALUES[k]
 STATE_INDEX = torch.tensor([0, 1, 2, 0, 3])  # state value -> output index
+STATE_LIST = STATE_VALUES.tolist()
 RMS_EPS = 1e-6
 POLICY_FORMAT = "dashskip-policy"
 POLICY_VERSION = 1
@@ -117,13 +118,17 @@ class GreedyScorer:
             self.b3 = {int(v): row for v, row in zip(STATE_VALUES.tolist(), b3.unbind(0), strict=True)}
         self.dim = d
 
-    def __call__(self, hidden: torch.Tensor, current: int, previous: StateChoice) -> torch.Tensor:
-        """Chosen output indices (...,) for layer current+1; `hidden` unscaled or scaled alike."""
-        flat = hidden.reshape(-1, self.dim).float()
+    def __call__(self, hidden: torch.Tensor, current: int, previous: StateChoice) -> StateChoice:
+        """Chosen states for layer current+1, an int for one row (the engine's uniform fast path) or a tensor of
+        the hidden state's leading shape; `hidden` unscaled or scaled alike."""
+        flat = hidden.reshape(-1, self.dim)
         if not isinstance(previous, torch.Tensor) and usable(flat, self.w1):  # few rows: one compiled call
             index = extension().decide(flat.contiguous(), self.w1, self.b1[current], self.w2, self.b2, self.w3,
                                        self.b3[previous], RMS_EPS)  # fmt: skip
-            return index.reshape(hidden.shape[:-1])
+            if len(index) == 1:
+                return STATE_LIST[index[0]]
+            return STATE_VALUES[index].reshape(hidden.shape[:-1])
+        flat = flat.float()
         norm = torch.linalg.vector_norm(flat, dim=-1, keepdim=True).clamp_(min=RMS_EPS)
         x = F.gelu(torch.addcdiv(self.b1[current], flat @ self.w1, norm))
         x = F.gelu(torch.addmm(self.b2, x, self.w2))
@@ -131,7 +136,10 @@ class GreedyScorer:
             scores = x @ self.w3 + self.b3_table[STATE_INDEX[previous.reshape(-1).long()]]
         else:
             scores = torch.addmm(self.b3[previous], x, self.w3)
-        return scores.argmax(-1).reshape(hidden.shape[:-1])
+        index = scores.argmax(-1)
+        if index.numel() == 1:
+            return STATE_LIST[int(index)]
+        return STATE_VALUES[index].reshape(hidden.shape[:-1])
 
 
 @dataclass
@@ -177,10 +185,7 @@ class PolicyDecider(Decider):
     @torch.no_grad()
     def choose(self, hidden: torch.Tensor, current: int, nxt: int, previous: StateChoice) -> StateChoice:
         if self.greedy is not None:
-            index = self.greedy(hidden, current, previous)
-            if index.numel() == 1:  # batch 1 decode: a plain int keeps the engine on its uniform fast path
-                return int(STATE_VALUES[int(index)])
-            return STATE_VALUES[index]
+            return self.greedy(hidden, current, previous)
         prev = previous if isinstance(previous, torch.Tensor) else torch.full(hidden.shape[:-1], previous)
         scores = self.model(hidden, current, nxt, prev) - self.cost_bias
         if self.temperature is None:
