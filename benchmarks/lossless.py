@@ -8,6 +8,8 @@ host hits all of them alike; a configuration's ratio is its tokens/s over full g
 and the table gives medians over repetitions with their range.
 
 Usage: python benchmarks/lossless.py [--prompts 10] [--new-tokens 128] [--k 4] [--reps 3]   (~7 min per rep)
+       python benchmarks/lossless.py --policy runs/x/policy.safetensors --speedups 1.6,1.9   (another policy's
+       drafts at the given operating points; prints its rows and leaves benchmarks.md as it is)
 """
 
 from __future__ import annotations
@@ -58,16 +60,15 @@ def decode(engine: Engine, config: Config, ids: torch.Tensor, new_tokens: int):
     return time.perf_counter() - t0, out.sequences, stats
 
 
-def configs(dm, k: int) -> list[Config]:
+def configs(dm, k: int, speedups: list[float] | None = None) -> list[Config]:
     engine, bb, n = dm.engine, dm.backbone, dm.backbone.num_layers
     adaptive = lambda: DraftLength(k, adaptive=True)  # noqa: E731
     fixed = lambda: DraftLength(k, adaptive=False)  # noqa: E731
     top = round(dm.policy.max_speedup() - 0.01, 2)
     out = [Config("full greedy (no drafting)")]
     dash = lambda s: AtMost(dm.policy.decider(s), int(State.INT8))  # noqa: E731  (what `--lossless` drafts with)
-    out += [
-        Config(f"DASH draft {s}x, full layers in INT8, fixed k={k}", dash(s), fixed) for s in (1.33, 1.67, 2.0, top)
-    ]
+    points = speedups or (1.33, 1.67, 2.0, top)
+    out += [Config(f"DASH draft {s}x, full layers in INT8, fixed k={k}", dash(s), fixed) for s in points]
     out.append(Config(f"DASH draft 2.0x, full layers in INT8, adaptive k<={k}", dash(2.0), adaptive))
     out += [Config(f"DASH draft {s}x as is, fixed k={k}", dm.policy.decider(s), fixed) for s in (2.0, top)]
     every = [FixedStates([4] + [state] * (n - 2) + [4]) for state in (2, 1)]  # `--draft int8|int4`
@@ -95,11 +96,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=4, help="most tokens drafted per round")
     parser.add_argument("--reps", type=int, default=3, help="repetitions; ratios are medians over them")
+    parser.add_argument("--policy", help="DASH policy file to draft with (default: the shipped one)")
+    parser.add_argument("--speedups", help="comma-separated DASH operating points (default: 1.33,1.67,2.0,top)")
     args = parser.parse_args()
     started = time.time()
-    dm = from_pretrained("smollm2-135m", speedup=2.0)
+    dm = from_pretrained("smollm2-135m", speedup=2.0, policy=args.policy)
     prompts = list(token_windows(dm.tokenizer, load_text("wikitext2"), args.prompts, 64, seed=3).split(1))
-    todo = configs(dm, args.k)
+    todo = configs(dm, args.k, [float(s) for s in args.speedups.split(",")] if args.speedups else None)
     for config in todo:  # warm-up: first calls, compiled kernels, the copy-rule engine's buffers
         decode(dm.engine, config, prompts[0], 8)
     seconds = [[0.0] * len(todo) for _ in range(args.reps)]
@@ -131,7 +134,8 @@ def main() -> None:
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
-    write_section(rows, args, time.time() - started, dm.backbone.num_layers // 2)
+    if args.policy is None and args.speedups is None:
+        write_section(rows, args, time.time() - started, dm.backbone.num_layers // 2)
 
 
 def write_section(rows: list[dict], args, elapsed: float, keep: int) -> None:
