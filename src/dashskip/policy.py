@@ -115,7 +115,7 @@ class GreedyScorer:
             change = (STATE_VALUES[None, :] - STATE_VALUES[:, None]).abs().float()  # (previous index, state)
             b3 = last.bias - cfg.change_penalty * change - cost_bias + cfg.state_mask()  # (4, 4)
             self.b3_table = b3
-            self.b3 = {int(v): row for v, row in zip(STATE_VALUES.tolist(), b3.unbind(0), strict=True)}
+            self.b3 = dict(zip(STATE_LIST, b3.unbind(0), strict=True))
         self.dim = d
 
     def __call__(self, hidden: torch.Tensor, current: int, previous: StateChoice) -> StateChoice:
@@ -125,9 +125,7 @@ class GreedyScorer:
         if not isinstance(previous, torch.Tensor) and usable(flat, self.w1):  # few rows: one compiled call
             index = extension().decide(flat.contiguous(), self.w1, self.b1[current], self.w2, self.b2, self.w3,
                                        self.b3[previous], RMS_EPS)  # fmt: skip
-            if len(index) == 1:
-                return STATE_LIST[index[0]]
-            return STATE_VALUES[index].reshape(hidden.shape[:-1])
+            return _states(index, hidden.shape[:-1])
         flat = flat.float()
         norm = torch.linalg.vector_norm(flat, dim=-1, keepdim=True).clamp_(min=RMS_EPS)
         x = F.gelu(torch.addcdiv(self.b1[current], flat @ self.w1, norm))
@@ -136,10 +134,14 @@ class GreedyScorer:
             scores = x @ self.w3 + self.b3_table[STATE_INDEX[previous.reshape(-1).long()]]
         else:
             scores = torch.addmm(self.b3[previous], x, self.w3)
-        index = scores.argmax(-1)
-        if index.numel() == 1:
-            return STATE_LIST[int(index)]
-        return STATE_VALUES[index].reshape(hidden.shape[:-1])
+        return _states(scores.argmax(-1), hidden.shape[:-1])
+
+
+def _states(index: list[int] | torch.Tensor, shape: torch.Size) -> StateChoice:
+    """Output indices as states: a plain int for one row keeps the engine on its uniform fast path."""
+    if len(index) == 1:
+        return STATE_LIST[int(index[0])]
+    return STATE_VALUES[index].reshape(shape)
 
 
 @dataclass

@@ -144,7 +144,7 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
 
 // The DASH policy's greedy decision, folded as policy.GreedyScorer folds it: for each row h,
 // a = gelu(b1 + (h @ w1) / max(||h||, eps)), b = gelu(b2 + a @ w2), state index = argmax(b3 + b @ w3).
-// w1 (D, H1), w2 (H1, H2), w3 (H2, S) stored input-major, so each product is a run of vector updates.
+// w1 (D, H1), w2 (H1, H2), w3 (H2, S) stored input-major, each product one pass over its weights (matvec).
 // One call instead of ~12 torch ops (~150 us inside a decode step, 28 times per token on SmolLM2).
 // y (n) = x (k) @ w (k, n), w row-major: 64 outputs at a time stay in 8 registers over all of k, so each weight
 // is loaded once and y is stored once (y += w * x row by row would load and store y k times). Each output sums
