@@ -9,9 +9,9 @@ import json
 import torch
 
 from dashskip.api import from_pretrained
+from dashskip.core.decisions import Decider
 from dashskip.data import load_text
-from dashskip.decisions import Decider
-from dashskip.evaluation import perplexity, perplexity_windows
+from dashskip.eval.evaluation import perplexity, perplexity_windows
 
 
 class RandomTokenSkip(Decider):

@@ -10,7 +10,7 @@ import time
 
 def main() -> None:
     os.environ["DASHSKIP_CACHE"] = tempfile.mkdtemp(prefix="dashskip-load-")
-    from dashskip.loading import ALIASES, load_model
+    from dashskip.models.loading import ALIASES, load_model
 
     print("| alias | first load (s) | cached load (s) |\n|---|---|---|")
     for name in ALIASES:

@@ -23,16 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from dashskip.methods.baselines import FixedExit
 
 from dashskip.api import from_pretrained
-from dashskip.baselines import FixedExit
-from dashskip.calibration import calibrate
+from dashskip.core.decisions import AtMost, Decider, FixedStates
+from dashskip.core.states import State
 from dashskip.data import load_text, token_windows
-from dashskip.decisions import AtMost, Decider, FixedStates
-from dashskip.engine import Engine
-from dashskip.generation import generate
-from dashskip.speculative import DraftLength, generate_lossless
-from dashskip.states import State
+from dashskip.measure.calibration import calibrate
+from dashskip.runtime.engine import Engine
+from dashskip.runtime.generation import DraftLength, generate, generate_lossless
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- lossless:begin -->", "<!-- lossless:end -->"

@@ -12,13 +12,14 @@ import argparse
 import json
 import time
 
+from dashskip.methods.baselines import QUANT_METHODS, sensitivity_for, static_mixed, static_similarity
+
 from dashskip.api import bundled_policy, from_pretrained
-from dashskip.baselines import QUANT_METHODS, sensitivity_for, static_mixed, static_similarity
-from dashskip.calibration import Calibration
 from dashskip.data import load_text
 from dashskip.errors import DashskipError
-from dashskip.evaluation import perplexity, perplexity_windows
-from dashskip.policy import DashPolicy
+from dashskip.eval.evaluation import perplexity, perplexity_windows
+from dashskip.measure.calibration import Calibration
+from dashskip.methods.dash.policy import DashPolicy
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ from torch.nn import functional as F
 
 from dashskip import kernels
 from dashskip.api import from_pretrained
-from dashskip.decisions import FixedStates
-from dashskip.states import State, StatefulLinear
+from dashskip.core.decisions import FixedStates
+from dashskip.core.states import State, StatefulLinear
 
 
 def median_ms(fn, repeats: int) -> float:

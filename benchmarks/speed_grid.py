@@ -20,11 +20,11 @@ import torch
 
 from dashskip import kernels
 from dashskip.api import from_pretrained
-from dashskip.bench import run_bench
+from dashskip.core.decisions import BatchMajority
 from dashskip.data import load_text
-from dashskip.decisions import BatchMajority
 from dashskip.errors import DashskipError
-from dashskip.evaluation import perplexity, perplexity_windows
+from dashskip.eval.bench import run_bench
+from dashskip.eval.evaluation import perplexity, perplexity_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL = "smollm2-135m"

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dashskip.tasks import PRIMARY, _choice_correct, mean_and_se
+from dashskip.eval.tasks import PRIMARY, _choice_correct, mean_and_se
 
 
 def scores(folder: Path, task: str) -> list[float]:

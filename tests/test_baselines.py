@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from dashskip import Backbone, Engine
-from dashskip.baselines import QUANT_METHODS, Sensitivity, layer_sensitivity, static_mixed
+from dashskip.core.costs import CostTable
 from dashskip.errors import DashskipError
-from dashskip.profiling import CostTable
+from dashskip.methods.quantized import QUANT_METHODS, Sensitivity, _mean_nll, layer_sensitivity, static_mixed
 from tests.conftest import tiny_model
 
 COSTS = CostTable(decode={0: 0.17, 1: 0.36, 2: 0.45, 4: 1.0}, prefill={0: 0.07, 1: 0.72, 2: 0.6, 4: 1.0})
@@ -46,8 +46,7 @@ def test_unreachable_ratio_names_the_reachable_maximum():
 
 
 def test_layer_sensitivity_is_the_nll_change_of_one_layer_alone():
-    from dashskip.baselines import _mean_nll
-    from dashskip.decisions import FixedStates
+    from dashskip.core.decisions import FixedStates
 
     engine = Engine(Backbone(tiny_model("llama")))
     windows = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))

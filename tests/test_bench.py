@@ -7,20 +7,20 @@ import pytest
 import torch
 
 from dashskip import Backbone, Engine
-from dashskip.bench import TimedDecider, bytes_per_step, check_bench_args, head_bytes, layer_bytes
-from dashskip.decisions import BatchMajority, Decider, StepInfo, TokenStates
+from dashskip.core.decisions import BatchMajority, Decider, StepInfo, TokenStates
+from dashskip.core.states import spec
 from dashskip.errors import DashskipError
-from dashskip.states import GEMM_ROWS, RowStates, StatefulLinear
+from dashskip.eval.bench import TimedDecider, bytes_per_step, check_bench_args, head_bytes, layer_bytes
 from tests.conftest import tiny_model
 
 
 def test_weight_bytes_count_each_state_once_per_layer_and_step():
     bb = Backbone(tiny_model("llama"))
     per = layer_bytes(bb)
-    full_layer = sum(p.numel() * 4 for n, p in bb.layers[1].named_parameters() if "proj" in n)
+    full_layer = sum(p.numel() * 4 for n, p in bb.hf_layers[1].named_parameters() if "proj" in n)
     assert per[4][1] == full_layer
     k_v = sum(
-        p.numel() * 4 for n, p in bb.layers[1].named_parameters() if n.endswith(("k_proj.weight", "v_proj.weight"))
+        p.numel() * 4 for n, p in bb.hf_layers[1].named_parameters() if n.endswith(("k_proj.weight", "v_proj.weight"))
     )
     assert per[0][1] == k_v  # a skipped layer still projects K/V
     assert per[2][1] < full_layer / 3 and per[1][1] < per[2][1]
@@ -66,11 +66,12 @@ def test_batch_majority_runs_uniform_layers_in_the_engine():
 @pytest.mark.parametrize("state", [1, 2])
 def test_gemm_path_of_quantized_states_matches_the_kernel_path(state):
     torch.manual_seed(0)
-    lin = StatefulLinear(torch.nn.Linear(128, 96).requires_grad_(False), RowStates(), keeps_kv=False)
-    x = torch.randn(GEMM_ROWS[state] + 3, 128)
-    rows = torch.cat([lin.run(state, x[i : i + 1]) for i in range(x.shape[0])])  # one row at a time: the kernel
-    batched = lin.run(state, x)  # dequantized bf16 weights, one GEMM
-    assert float((batched - rows).norm() / rows.norm()) < 5e-3
+    handler = spec(state).handler
+    form = handler.quantize([torch.randn(96, 128)])
+    x = torch.randn(67, 128)
+    kernel = handler.run("torch", handler.prepare("torch", form), x, 96)  # torch's weight-only kernel
+    batched = handler.run("gemm", handler.prepare("gemm", form), x, 96)  # dequantized bf16 weights, one GEMM
+    assert float((batched - kernel).norm() / kernel.norm()) < 5e-3
 
 
 def test_head_precisions_stay_close_to_the_full_head_and_bad_names_are_refused():

@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from dashskip.calibration import Calibration, calibrate
 from dashskip.data import load_text, token_windows
 from dashskip.errors import DashskipError
-from dashskip.loading import fingerprint
+from dashskip.measure.calibration import Calibration, calibrate
+from dashskip.models.loading import fingerprint
 
 
 def test_scales_and_cosines_match_hand_computed_values(model):
@@ -68,7 +68,7 @@ def test_token_windows_refuse_too_little_data():
 
 
 def test_windows_start_with_bos_where_the_tokenizer_does():
-    from dashskip.evaluation import perplexity_windows
+    from dashskip.eval.evaluation import perplexity_windows
 
     class Tok:
         bos_token_id = 1

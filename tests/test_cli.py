@@ -102,5 +102,14 @@ def test_lossless_generate_prints_the_full_models_text_with_draft_statistics():
 def test_lossless_errors_are_one_line():
     out = run("generate", "hi", "--lossless", "--draft", "int2")
     assert out.returncode == 2 and "unknown drafter 'int2'" in out.stderr and "Traceback" not in out.stderr
-    out = run("generate", "hi", "--lossless")
-    assert out.returncode == 2 and "set a speedup > 1" in out.stderr
+    out = run("generate", "hi", "--lossless", "--draft", "dash")  # the error speaks the command line's spelling
+    assert out.returncode == 2 and "--speedup 2.0" in out.stderr and "--draft int8" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_bare_lossless_drafts_with_int8_and_gives_the_full_models_text():
+    full = run("generate", "The capital of France is", "--max-new-tokens", "6", "--json")
+    out = run("generate", "The capital of France is", "--max-new-tokens", "6", "--lossless", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["text"] == json.loads(full.stdout)["text"] and data["stats"]["lossless"]["rounds"] >= 1

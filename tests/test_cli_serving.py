@@ -14,10 +14,10 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from dashskip.api import DashModel
-from dashskip.chat import chat_input_ids
 from dashskip.cli import _read_turn, app
-from dashskip.loading import resolve
-from dashskip.server import listen
+from dashskip.models.chat import chat_input_ids
+from dashskip.models.loading import resolve
+from dashskip.serve.server import listen
 from tests.test_server import tiny_smol
 
 COMMAND = [sys.executable, "-c", "from dashskip.cli import main; main()"]

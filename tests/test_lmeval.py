@@ -30,8 +30,8 @@ from transformers import AutoTokenizer
 from dashskip.api import DashModel, from_pretrained
 from dashskip.data import hellaswag_query
 from dashskip.errors import DashskipError
-from dashskip.lmeval import LOCAL_TASKS, DashskipLM, local_tasks
-from dashskip.loading import resolve
+from dashskip.eval.lmeval import LOCAL_TASKS, DashskipLM, local_tasks
+from dashskip.models.loading import resolve
 from tests.test_server import tiny_policy, tiny_smol
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -238,12 +238,12 @@ def test_simple_evaluate_runs_a_local_task(tokenizer, task_manager):
 
 
 def test_command_line_runs_a_local_task(tmp_path, tokenizer):
-    """`python -m dashskip.lmeval` is the command users type: lm-eval's CLI, local tasks included by default."""
+    """`python -m dashskip.eval.lmeval` is the command users type: lm-eval's CLI, local tasks included by default."""
     folder = tmp_path / "model"
     tiny_smol(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     command = [
-        sys.executable, "-m", "dashskip.lmeval", "--model", "dashskip", "--model_args", f"pretrained={folder}",
+        sys.executable, "-m", "dashskip.eval.lmeval", "--model", "dashskip", "--model_args", f"pretrained={folder}",
         "--tasks", "dashskip_rte", "--limit", "2", "--device", "cpu", "--output_path", str(tmp_path / "out"),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE})
@@ -258,7 +258,7 @@ def test_command_line_runs_a_local_task(tmp_path, tokenizer):
 def test_lm_eval_and_run_task_agree_on_arc_easy(tmp_path, task_manager):
     """The same 20 ARC-Easy items, SmolLM2 in full, through lm-eval's local task and through our own `run_task`:
     the prompts are built independently (stock templates vs tasks.py), so equal scores mean equal prompts."""
-    from dashskip.tasks import TaskSettings, run_task
+    from dashskip.eval.tasks import TaskSettings, run_task
 
     dm = from_pretrained("smollm2-135m")
     lm = DashskipLM(dm, batch_size=4)

@@ -6,7 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from dashskip import Backbone
 from dashskip.errors import DashskipError
-from dashskip.loading import ALIASES, cache_dir, fingerprint, load_model, resolve
+from dashskip.models.loading import ALIASES, cache_dir, fingerprint, load_model, resolve
 from tests.conftest import tiny_model
 
 

@@ -7,8 +7,7 @@ import torch
 
 from dashskip import Backbone, Engine, FixedStates, TokenStates
 from dashskip.errors import DashskipError
-from dashskip.generation import generate, warp_logits
-from dashskip.speculative import DraftLength, generate_lossless
+from dashskip.runtime.generation import DraftLength, generate, generate_lossless, warp_logits
 from tests.conftest import tiny_model
 
 # A draft path that disagrees often with the full model (layers 1-4 skipped), and one per token.
@@ -75,7 +74,7 @@ def test_speculative_acceptance_samples_the_full_models_distribution():
     """Chi-square: draft ~ q, accept with min(1, p/q), else resample from max(0, p - q): the kept token ~ p.
 
     p and q are the tiny model's full and draft-path next-token laws (temperature 1.3, top-p 0.95)."""
-    from dashskip.speculative import _accept
+    from dashskip.runtime.generation import _accept
 
     engine = Engine(Backbone(tiny_model("llama", seed=3)))
     ids = torch.tensor([[5, 17, 33, 2, 41]])
@@ -109,7 +108,9 @@ def test_sampled_lossless_generation_runs_and_is_reproducible():
 
     def run(seed: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
-        out, stats = generate_lossless(engine, ids, SKIP_MOST, 20, do_sample=True, temperature=0.8, generator=gen)
+        out, stats = generate_lossless(
+            engine, ids, SKIP_MOST, max_new_tokens=20, do_sample=True, temperature=0.8, generator=gen
+        )
         assert stats.rounds >= 1
         return out.sequences
 
@@ -126,7 +127,7 @@ def test_lossless_refuses_batches_and_needs_a_draft_path():
     from dashskip.api import DashModel
 
     with pytest.raises(DashskipError, match="set a speedup > 1"):
-        DashModel(model).generate(torch.ones(1, 3, dtype=torch.long), lossless=True)
+        DashModel(model).generate(torch.ones(1, 3, dtype=torch.long), lossless=True, draft="dash")
 
 
 @pytest.mark.parametrize("draft", ["int8", "int4"])

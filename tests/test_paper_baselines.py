@@ -7,30 +7,37 @@ transformers layers' own modules.
 import pytest
 import torch
 
-from dashskip import Backbone, Engine, baselines
+from dashskip import Backbone, Engine
 from dashskip.api import DashModel
-from dashskip.baselines import (
-    METHODS,
+from dashskip.core.costs import CostTable
+from dashskip.core.decisions import (
+    AtMost,
+    BatchMajority,
+    Decider,
+    FixedStates,
+    StepInfo,
+    SublayerSkip,
+    TokenStates,
+    Traits,
+)
+from dashskip.errors import DashskipError
+from dashskip.eval.bench import TimedDecider
+from dashskip.measure.calibration import Calibration
+from dashskip.methods import METHODS, MethodOptions, build_decider, exits, quantized
+from dashskip.methods import context as method_context
+from dashskip.methods.dash.policy import PolicyDecider
+from dashskip.methods.exits import EarlyExit, FixedExit, exit_threshold
+from dashskip.methods.skipping import (
     AdaSkip,
-    EarlyExit,
-    FixedExit,
     RandomSkip,
     SkipDecode,
     adaskip,
     attention_share,
-    build_decider,
-    exit_threshold,
     random_skip,
     skip_decode,
 )
-from dashskip.bench import TimedDecider
-from dashskip.calibration import Calibration
-from dashskip.decisions import AtMost, BatchMajority, Decider, FixedStates, StepInfo, SublayerSkip, TokenStates
-from dashskip.engine import _FullFor
-from dashskip.errors import DashskipError
-from dashskip.loading import fingerprint
-from dashskip.policy import PolicyDecider
-from dashskip.profiling import CostTable
+from dashskip.models.loading import fingerprint
+from dashskip.runtime.engine import _FullFor
 from tests.conftest import tiny_model
 from tests.test_policy import make_policy
 
@@ -201,7 +208,7 @@ def test_only_exit_style_deciders_may_skip_the_last_layer_and_wrappers_keep_the_
             return 0
 
     class ExitAll(SkipAll):
-        may_skip_last = True
+        traits = Traits(may_skip_last=True)
 
     plain = engine.step(ids, engine.new_session(2, 6), SkipAll()).states[0, 0].tolist()
     exiting = engine.step(ids, engine.new_session(2, 6), ExitAll()).states[0, 0].tolist()
@@ -209,7 +216,8 @@ def test_only_exit_style_deciders_may_skip_the_last_layer_and_wrappers_keep_the_
     inner = EarlyExit(bb, 0.5)
     wrappers = (BatchMajority(inner), TimedDecider(inner), _FullFor(inner, torch.zeros(2, 6, dtype=torch.bool)))
     for wrapper in (*wrappers, AtMost(inner, 2)):
-        assert wrapper.may_skip_last and wrapper.skip_scales is inner.skip_scales and wrapper.sublayers is None
+        traits = wrapper.traits
+        assert traits.may_skip_last and traits.skip_scales is inner.traits.skip_scales and not traits.sublayers
 
 
 def test_at_most_runs_the_wrapped_choices_no_more_precise_than_its_state():
@@ -231,7 +239,7 @@ def test_a_decider_brings_its_own_skip_scales():
     bb = Backbone(tiny_model("llama"))
     engine, ids = Engine(bb, scales=torch.full((6,), 3.0)), windows(2, 6)
     own = FixedStates([4, 4, 0, 4, 4, 4])
-    own.skip_scales = torch.full((6,), 0.5)
+    own.traits = Traits(skip_scales=torch.full((6,), 0.5))
     inputs = {}
 
     class Record(Decider):
@@ -240,7 +248,7 @@ def test_a_decider_brings_its_own_skip_scales():
             return own(layer, hidden, previous)
 
     record = Record()
-    record.skip_scales = own.skip_scales
+    record.traits = own.traits
     engine.step(ids, engine.new_session(2, 6), record)
     torch.testing.assert_close(inputs[3], 0.5 * inputs[2])
 
@@ -263,16 +271,16 @@ def synthetic_calibration(n: int = 30) -> Calibration:
 def test_adaskip_hits_the_target_skipping_the_least_important_sublayers(speedup):
     cal, share = synthetic_calibration(), [0.25] * 30
     decider = adaskip(cal, COSTS, speedup, share)
-    skipped = [(i, "attn") for i, p in decider.sublayers.items() if p.attn is not None]
-    skipped += [(i, "mlp") for i, p in decider.sublayers.items() if p.mlp is not None]
+    skipped = [(i, "attn") for i, p in decider.traits.sublayers.items() if p.attn is not None]
+    skipped += [(i, "mlp") for i, p in decider.traits.sublayers.items() if p.mlp is not None]
     cost = 30 - sum(0.25 if kind == "attn" else 0.75 for _, kind in skipped)
-    assert decider.plan_ratio == pytest.approx(30 / cost)
-    assert abs(decider.plan_ratio - speedup) <= 0.03 * speedup
+    assert decider.traits.plan_ratio == pytest.approx(30 / cost)
+    assert abs(decider.traits.plan_ratio - speedup) <= 0.03 * speedup
     importance = {(i, "attn"): 1 - cal.attn_cosine[i] for i in range(1, 29)}
     importance |= {(i, "mlp"): 1 - cal.mlp_cosine[i] for i in range(1, 29)}
     kept = [key for key in importance if key not in skipped]
     assert max(importance[k] for k in skipped) <= min(importance[k] for k in kept)
-    for i, plan in decider.sublayers.items():
+    for i, plan in decider.traits.sublayers.items():
         assert 0 < i < 29
         assert plan.attn in (None, cal.attn_scale[i]) and plan.mlp in (None, cal.mlp_scale[i])
 
@@ -290,7 +298,7 @@ def test_attention_share_is_the_attention_weight_bytes_share():
 
 class RecordingPlan(Decider):
     def __init__(self, plan):
-        self.sublayers, self.inputs = plan, {}
+        self.traits, self.inputs = Traits(sublayers=plan), {}
 
     def __call__(self, layer, hidden, previous):
         self.inputs[layer] = hidden.clone()
@@ -301,12 +309,12 @@ def mid_residual_of_full_layer(engine: Engine, i: int, x: torch.Tensor) -> torch
     """The residual stream between attention and MLP when transformers' layer i runs in full on x (a fresh
     prefill)."""
     bb, seen = engine.backbone, {}
-    hook = bb.mid_residual_module(i).register_forward_pre_hook(lambda module, args: seen.update(mid=args[0]))
+    layer = bb.hf_layers[i]
+    mid_residual = getattr(layer, bb.family.mid_residual)
+    hook = mid_residual.register_forward_pre_hook(lambda module, args: seen.update(mid=args[0]))
     positions = torch.arange(x.shape[1]).expand(x.shape[:2])
-    session = engine.new_session(*x.shape[:2])
-    session.cache.begin_step(x.shape[1])
     try:
-        bb.layers[i](x, position_embeddings=bb.rope(x, positions)[bb.layer_types[i]], cache=session.cache)
+        layer(x, position_embeddings=bb.rope(x, positions)[bb.layer_types[i]])
     finally:
         hook.remove()
     return seen["mid"]
@@ -320,7 +328,7 @@ def test_skipped_sublayers_equal_the_hand_computation_from_the_layer_modules(fam
     session = engine.new_session(2, 12)
     engine.step(ids, session, decider)
     x, out = decider.inputs[2], decider.inputs[3]
-    layer = bb.layers[2]
+    layer = bb.hf_layers[2]
     mid = 0.9 * x
     if family == "gemma3_text":  # norms around the MLP on both sides
         expected = mid + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(mid)))
@@ -362,13 +370,16 @@ class ByteTokenizer:
 @pytest.fixture
 def dm(monkeypatch, tmp_path):
     monkeypatch.setenv("DASHSKIP_CACHE", str(tmp_path))
-    real = baselines._validation_windows  # the real text and tokenizer path, with fewer windows for speed
-    monkeypatch.setattr(
-        baselines, "_validation_windows", lambda dm, data_dir, num, length, seed: real(dm, data_dir, 4, 32, seed)
-    )
+    real = method_context.validation_windows  # the real text and tokenizer path, with fewer windows for speed
+    for module in (method_context, quantized, exits):
+        monkeypatch.setattr(module, "validation_windows", lambda ctx, num, length, seed: real(ctx, 4, 32, seed))
     model = DashModel(tiny_model("llama"), ByteTokenizer())
     model.costs = COSTS
     return model
+
+
+def built(dm: DashModel, method: str, speedup: float, **options) -> Decider:
+    return build_decider(dm.method_context(), method, speedup, MethodOptions(**options))
 
 
 # Speedups each method reaches within 3% on 6 layers (4 inner) and COSTS: the grid is coarse there.
@@ -389,40 +400,40 @@ REACHABLE = {
 def test_the_registry_builds_every_method(dm, tmp_path):
     ids = windows(2, 16)
     for method in METHODS:
-        if method == "dash":
+        if method in ("dash", "rl-adapter"):  # tested with a policy / with adapters (test_rl_adapter.py)
             continue
-        decider = build_decider(dm, method, REACHABLE[method], seed=3)
+        decider = built(dm, method, REACHABLE[method], seed=3)
         result = dm.engine.step(ids, dm.engine.new_session(2, 16), decider)
         assert torch.isfinite(result.hidden).all(), method
         if method in ("static", "skipdecode", "random"):  # the cached calibration's skip scales
             cached = Calibration.load(tmp_path / "calibration" / f"{dm.fingerprint}.json")
-            assert decider.skip_scales.tolist() == pytest.approx(cached.scales), method
-    assert isinstance(build_decider(dm, "early-exit", 1.5), EarlyExit)
-    assert isinstance(build_decider(dm, "adaskip", 1.5), AdaSkip)
-    assert isinstance(build_decider(dm, "skipdecode", 1.5), SkipDecode)
-    assert isinstance(build_decider(dm, "random", 1.5), RandomSkip)
+            assert decider.traits.skip_scales.tolist() == pytest.approx(cached.scales), method
+    assert isinstance(built(dm, "early-exit", 1.5), EarlyExit)
+    assert isinstance(built(dm, "adaskip", 1.5), AdaSkip)
+    assert isinstance(built(dm, "skipdecode", 1.5), SkipDecode)
+    assert isinstance(built(dm, "random", 1.5), RandomSkip)
     assert list((tmp_path / "early-exit").iterdir())  # the threshold is cached
 
 
 def test_the_registry_takes_an_explicit_calibration_and_checks_it(dm):
     cal = synthetic_calibration(6)
     cal.fingerprint = dm.fingerprint
-    assert build_decider(dm, "static", 1.4, calibration=cal).skip_scales.tolist() == pytest.approx(cal.scales)
+    assert built(dm, "static", 1.4, calibration=cal).traits.skip_scales.tolist() == pytest.approx(cal.scales)
     cal.fingerprint = "another model"
     with pytest.raises(DashskipError, match="calibration was computed on another model"):
-        build_decider(dm, "static", 1.4, calibration=cal)
+        built(dm, "static", 1.4, calibration=cal)
 
 
 def test_the_registry_errors_clearly(dm):
     with pytest.raises(DashskipError, match=r"unknown method 'shortgpt'; use one of full, dash, static, int8.*random"):
-        build_decider(dm, "shortgpt", 1.5)
+        built(dm, "shortgpt", 1.5)
     with pytest.raises(DashskipError, match="method 'dash' needs a trained policy"):
-        build_decider(dm, "dash", 1.5)
+        built(dm, "dash", 1.5)
     with pytest.raises(DashskipError, match="speedup must be >= 1.0"):
-        build_decider(dm, "random", 0.5)
+        built(dm, "random", 0.5)
 
 
 def test_the_registry_builds_dash_from_the_models_policy():
     model = tiny_model("llama")
     dm = DashModel(model, policy=make_policy(fingerprint=fingerprint(model)))
-    assert isinstance(build_decider(dm, "dash", 1.5, mode="sync"), PolicyDecider)
+    assert isinstance(built(dm, "dash", 1.5, mode="sync"), PolicyDecider)

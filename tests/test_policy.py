@@ -4,8 +4,10 @@ import torch
 from dashskip import Backbone, Engine
 from dashskip.api import DashModel
 from dashskip.errors import DashskipError
-from dashskip.policy import STATE_VALUES, DashPolicy, PolicyConfig, PolicyDecider, ScoringModel
+from dashskip.methods.dash.policy import DashPolicy, PolicyConfig, PolicyDecider, ScoringModel
 from tests.conftest import tiny_model
+
+STATE_VALUES = torch.tensor([0, 1, 2, 4])  # the built-in states' codes, which are also their levels
 
 
 def make_policy(mode="async", layers=6, hidden=64, fingerprint="fp"):
@@ -56,7 +58,7 @@ def test_async_decides_next_layer_from_scaled_input_and_sync_from_real_input():
 @pytest.mark.parametrize("sizes", [(256, 64), (96, 20)])  # the defaults; widths that are not multiples of 64
 @pytest.mark.parametrize("shape", [(3, 7), (2, 5), (1, 1)])  # torch's ops; the compiled call (few rows; one)
 def test_folded_greedy_scorer_chooses_what_the_scoring_model_chooses(shape, sizes):
-    from dashskip.policy import GreedyScorer
+    from dashskip.methods.dash.policy import GreedyScorer
 
     torch.manual_seed(0)
     model = ScoringModel(PolicyConfig(64, 6, hidden1=sizes[0], hidden2=sizes[1], full_prior=0.0))
@@ -87,10 +89,10 @@ def test_states_left_out_of_a_policy_are_never_chosen():
     assert not scores.argmax(-1).eq(1).any()  # index 1 = INT4
     probs = torch.softmax(scores, -1)
     assert float(probs[..., 1].max()) == 0.0
-    from dashskip.policy import GreedyScorer
+    from dashskip.methods.dash.policy import GreedyScorer
 
     assert not GreedyScorer(model, torch.zeros(4))(h, 1, 4).eq(1).any()
-    with pytest.raises(DashskipError, match="include 4"):
+    with pytest.raises(DashskipError, match="include full"):
         PolicyConfig(64, 6, allowed=(0, 2))
 
 
@@ -140,7 +142,7 @@ def test_policy_file_round_trip_and_checks(tmp_path):
 
 
 def test_policy_from_another_version_is_refused(tmp_path, monkeypatch):
-    import dashskip.policy as pol
+    import dashskip.methods.dash.policy as pol
 
     monkeypatch.setattr(pol, "POLICY_VERSION", 0)
     make_policy().save(tmp_path / "old.safetensors")
@@ -153,7 +155,7 @@ def test_policy_on_another_model_and_bad_speedups_are_refused():
     model = tiny_model("llama")
     with pytest.raises(DashskipError, match="another model"):
         DashModel(model, policy=make_policy(fingerprint="not-this-one"))
-    from dashskip.loading import fingerprint
+    from dashskip.models.loading import fingerprint
 
     dm = DashModel(model, policy=make_policy(fingerprint=fingerprint(model)), speedup=1.5)
     assert dm.speedup == 1.5

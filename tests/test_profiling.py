@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from dashskip import Backbone, Engine
+from dashskip.core.costs import CostTable
 from dashskip.errors import DashskipError
-from dashskip.profiling import CostTable, profile, state_errors
+from dashskip.measure.profiling import profile, state_errors
 
 
 def test_compute_ratio_by_hand():

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 import dashskip
+from dashskip.core.decisions import FixedStates
 from dashskip.data import load_text, token_windows
-from dashskip.decisions import FixedStates
-from dashskip.generation import generate
-from dashskip.speculative import generate_lossless
+from dashskip.runtime.generation import generate, generate_lossless
 
 pytestmark = pytest.mark.real
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dashskip
-from dashskip.loading import load_model
+from dashskip.models.loading import load_model
 
 pytestmark = pytest.mark.real
 
@@ -51,7 +51,7 @@ def test_shipped_policy_holds_its_operating_point_on_held_out_text():
     """
     from dashskip.api import from_pretrained
     from dashskip.data import load_text
-    from dashskip.evaluation import perplexity
+    from dashskip.eval.evaluation import perplexity
 
     dm = from_pretrained("smollm2-135m", speedup=1.67)
     ids = dm.tokenizer(load_text("wikitext2-valid"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]

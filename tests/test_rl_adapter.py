@@ -7,10 +7,10 @@ import torch
 from torch.nn import functional as F
 
 from dashskip import Backbone, DashModel, Engine, FixedStates
-from dashskip.decisions import BatchMajority, Decider
+from dashskip.core.costs import CostTable
+from dashskip.core.decisions import BatchMajority, Decider
 from dashskip.errors import DashskipError
-from dashskip.profiling import CostTable
-from dashskip.rl_adapter import (
+from dashskip.methods.rl_adapter import (
     AdapterBank,
     AdapterConfig,
     AdapterEngine,
@@ -213,7 +213,7 @@ def test_stage_two_training_lowers_the_pretraining_loss_on_a_fixed_batch(tmp_pat
 
 
 def test_a_crashed_run_resumes_to_the_uninterrupted_state(tmp_path, monkeypatch):
-    import dashskip.rl_adapter as rl
+    import dashskip.methods.rl_adapter as rl
 
     cfg = RLAdapterConfig(**SMALL)
     whole = train_rl_adapter(tiny_model("llama"), windows(), cfg, tmp_path / "whole", progress=False)

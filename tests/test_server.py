@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from dashskip.api import DashModel
-from dashskip.chat import chat_input_ids
-from dashskip.loading import fingerprint, resolve
-from dashskip.policy import DashPolicy, PolicyConfig, ScoringModel
-from dashskip.server import APIError, Job, ServerLimits, Service, Worker, create_app, listen, make_server
+from dashskip.methods.dash.policy import DashPolicy, PolicyConfig, ScoringModel
+from dashskip.models.chat import chat_input_ids
+from dashskip.models.loading import fingerprint, resolve
+from dashskip.serve.server import APIError, Job, ServerLimits, Service, Worker, create_app, listen, make_server
 from tests.conftest import COMMON, spread_weights
 
 NAME = "tiny"

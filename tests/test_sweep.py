@@ -9,8 +9,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from dashskip.errors import DashskipError
-from dashskip.loading import resolve
-from dashskip.sweep import Cell, Sweep, SweepSpec, markdown_table, parse_limits
+from dashskip.eval.sweep import Cell, Sweep, SweepSpec, markdown_table, parse_limits
+from dashskip.models.loading import resolve
 from tests.test_server import tiny_policy, tiny_smol
 
 

@@ -11,9 +11,8 @@ from transformers import AutoTokenizer
 
 from dashskip.api import DashModel
 from dashskip.data import ChoiceItem, SummaryItem, load_choice_questions, load_summaries, load_text
-from dashskip.evaluation import perplexity, perplexity_windows
-from dashskip.loading import resolve
-from dashskip.tasks import (
+from dashskip.eval.evaluation import perplexity, perplexity_windows
+from dashskip.eval.tasks import (
     ExampleCache,
     TaskSettings,
     choice_logliks,
@@ -24,7 +23,8 @@ from dashskip.tasks import (
     run_task,
     summary_prompt,
 )
-from dashskip.tasks import _choice_metrics as choice_metrics
+from dashskip.eval.tasks import _choice_metrics as choice_metrics
+from dashskip.models.loading import resolve
 from tests.test_server import tiny_smol
 
 
@@ -145,7 +145,7 @@ def test_a_cached_run_resumes_without_recomputing(dm, tokenizer, tmp_path, monke
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("dashskip.tasks.choice_logliks", counting)
+    monkeypatch.setattr("dashskip.eval.tasks.choice_logliks", counting)
     second = run_task(dm.engine, tokenizer, "arc-easy", settings=TaskSettings(limit=4), cache=cache, progress=False)
     assert len(calls) == 1  # only the torn example ran again
     assert second.metrics["acc"].value == first.metrics["acc"].value
@@ -182,8 +182,8 @@ def test_unknown_task_is_refused(dm, tokenizer):
 
 
 def test_adaskip_ratio_comes_from_its_sublayer_plan(dm, tokenizer):
-    from dashskip.baselines import AdaSkip
-    from dashskip.decisions import SublayerSkip
+    from dashskip.core.decisions import SublayerSkip
+    from dashskip.methods.skipping import AdaSkip
 
     plan = AdaSkip({2: SublayerSkip(attn=1.0, mlp=None), 3: SublayerSkip(attn=None, mlp=1.0)}, plan_ratio=1.23)
     result = run_task(

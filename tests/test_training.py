@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from dashskip import Backbone, Engine
+from dashskip.core.costs import CostTable
 from dashskip.errors import DashskipError
-from dashskip.policy import DashPolicy
-from dashskip.profiling import CostTable
-from dashskip.training import (
+from dashskip.methods.dash.policy import DashPolicy
+from dashskip.methods.dash.training import (
     TrainConfig,
     classification_reward,
     decision_rewards,
@@ -138,7 +138,7 @@ def test_training_refuses_bad_settings_and_foreign_checkpoints(tmp_path):
 
 
 def test_choice_scoring_picks_the_most_likely_continuation_by_hand():
-    from dashskip.training import ChoiceQuestion, choice_batch, choice_correct
+    from dashskip.methods.dash.training import ChoiceQuestion, choice_batch, choice_correct
 
     questions = [ChoiceQuestion([5, 6], [[7], [8, 9]], answer=1), ChoiceQuestion([5], [[7], [8]], answer=0)]
     ids, attention, continuation, owner = choice_batch(questions)
@@ -153,7 +153,7 @@ def test_choice_scoring_picks_the_most_likely_continuation_by_hand():
 
 
 def test_classification_reward_training_on_multiple_choice(tmp_path):
-    from dashskip.training import ChoiceQuestion
+    from dashskip.methods.dash.training import ChoiceQuestion
 
     engine = Engine(Backbone(tiny_model("llama")), scales=torch.full((6,), 1.05))
     gen = torch.Generator().manual_seed(0)

@@ -5,8 +5,8 @@ import sys
 import torch
 
 from dashskip import Backbone, Engine
-from dashskip.profiling import CostTable
-from dashskip.training import TrainConfig, train
+from dashskip.core.costs import CostTable
+from dashskip.methods.dash.training import TrainConfig, train
 from tests.conftest import tiny_model
 
 if __name__ == "__main__":

@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from dashskip.backbone import Backbone
-from dashskip.calibration import Calibration
-from dashskip.decisions import AtMost, Decider, FixedStates
-from dashskip.engine import Engine
+from dashskip.core.costs import CostTable
+from dashskip.core.decisions import AtMost, Decider, inner_layers
+from dashskip.core.states import State
 from dashskip.errors import DashskipError
-from dashskip.generation import GenerateOutput, generate
-from dashskip.loading import fingerprint, load_model
-from dashskip.policy import DashPolicy
-from dashskip.profiling import CostTable, default_profile_path
-from dashskip.speculative import DraftLength, SpeculativeStats, generate_lossless
-from dashskip.states import State
+from dashskip.measure.calibration import Calibration
+from dashskip.measure.profiling import default_profile_path
+from dashskip.methods.context import MethodContext
+from dashskip.methods.dash.policy import DashPolicy
+from dashskip.models.backbone import Backbone
+from dashskip.models.loading import fingerprint, load_model
+from dashskip.runtime.engine import Engine, Session
+from dashskip.runtime.generation import (
+    DraftLength,
+    GenerateOutput,
+    GenerationConfig,
+    SpeculativeStats,
+    generate,
+    generate_lossless,
+)
 
 # Lossless drafters besides DASH: every inner layer in one quantized state.
 QUANTIZED_DRAFTS = {"int8": int(State.INT8), "int4": int(State.INT4)}
@@ -30,8 +40,20 @@ def bundled_policy(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+@dataclass
+class DashOutput(CausalLMOutputWithPast):
+    """transformers' causal-LM output plus what dashskip ran: the states of every token at every layer and the
+    compute ratio. `past_key_values` is the engine's `Session`: pass it back to continue the sequence."""
+
+    states: torch.Tensor | None = None  # (batch, tokens, layers)
+    compute_ratio: float | None = None
+
+
 class DashModel:
-    """A transformers causal LM run by the dashskip engine; `generate` feels like transformers'."""
+    """A transformers causal LM run by the dashskip engine; `generate` and `__call__` feel like transformers'.
+
+    The transformers model is read, never changed: it computes exactly what it computed before.
+    """
 
     def __init__(
         self,
@@ -65,21 +87,24 @@ class DashModel:
             kv_rule = trained_rule
         self.engine = Engine(self.backbone, scales, kv_rule or "project")
         self.costs = self._cost_table()
-        self.decider: Decider = Decider()
         self.speedup = 1.0
+        self.decider: Decider = Decider()
         self.set_speedup(speedup)
         self.last_output: GenerateOutput | None = None
         self.last_speculative: SpeculativeStats | None = None
 
     def _cost_table(self) -> CostTable:
         if self.policy is not None:  # the table its operating points were calibrated with
-            table = {int(k): float(v) for k, v in self.policy.meta["cost_table"].items()}
-            return CostTable(table, table, bool(self.policy.meta.get("cost_table_measured")), self.fingerprint)
+            meta = self.policy.meta
+            table = {int(k): float(v) for k, v in meta["cost_table"].items()}
+            return CostTable(table, table, bool(meta.get("cost_table_measured")), self.fingerprint,
+                             meta.get("cost_table_machine", ""))  # fmt: skip
         profile = default_profile_path(self.fingerprint, str(self.engine.kv_rule))
         return CostTable.load(profile, self.fingerprint) if profile.exists() else CostTable.default()
 
-    def set_speedup(self, speedup: float) -> None:
-        """Move to another operating point (compute ratio); 1.0 runs every layer in full."""
+    def decider_for(self, speedup: float, mode: str | None = None) -> Decider:
+        """A new decider at an operating point (compute ratio); 1.0 runs every layer in full. Each request gets its
+        own: a decider keeps the state of the sequences it decides for."""
         if not speedup >= 1.0:
             raise DashskipError(f"speedup must be >= 1.0 (1.0 = every layer in full), got {speedup}")
         if speedup > 1.0 and self.policy is None:
@@ -87,12 +112,63 @@ class DashModel:
                 f"speedup {speedup} needs a trained policy and none is loaded; pass policy=FILE "
                 "(train one with `dashskip train`), or use speedup=1.0"
             )
-        self.decider = self.policy.decider(speedup, self.mode) if speedup > 1.0 else Decider()
+        return self.policy.decider(speedup, mode or self.mode) if speedup > 1.0 else Decider()
+
+    def set_speedup(self, speedup: float) -> None:
+        """Move the model's default operating point (what `generate` and `__call__` run without `speedup=`)."""
+        self.decider = self.decider_for(speedup)
         self.speedup = float(speedup)
 
     @property
     def config(self) -> Any:
         return self.model.config
+
+    def method_context(self, data_dir: str | Path | None = None, progress: bool = True) -> MethodContext:
+        """The model as `dashskip.methods.build` takes it."""
+        return MethodContext(self.engine, self.tokenizer, self.model, self.fingerprint, self.costs, self.policy,
+                             data_dir, progress)  # fmt: skip
+
+    def _pick(self, speedup: float | None, decider: Decider | None) -> Decider:
+        if decider is not None:
+            return decider
+        return self.decider if speedup is None else self.decider_for(speedup)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Session | None = None,
+        use_cache: bool = True,
+        speedup: float | None = None,
+        decider: Decider | None = None,
+        **_: Any,
+    ) -> DashOutput:
+        """A forward pass as transformers' causal LMs have it: logits for every position, each token with its own
+        states. `past_key_values` (a `Session` from an earlier call) continues a sequence; `attention_mask`
+        covers the new tokens (left padding)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            raise DashskipError("input_ids must be a (batch, tokens) tensor of token ids")
+        session = past_key_values if past_key_values is not None else self.engine.new_session(*input_ids.shape)
+        if not isinstance(session, Session):
+            raise DashskipError("past_key_values must be the Session an earlier call of this model returned")
+        result = self.engine.step(input_ids, session, self._pick(speedup, decider), attention_mask)
+        logits = self.backbone.logits(result.hidden)
+        ratio = self.costs.compute_ratio(result.states, "prefill" if input_ids.shape[1] > 1 else "decode")
+        return DashOutput(logits=logits, past_key_values=session if use_cache else None, states=result.states,
+                          compute_ratio=ratio)  # fmt: skip
+
+    forward = __call__
+
+    def generation_config(self, **settings: Any) -> GenerationConfig:
+        """The model's generation config (its EOS and pad ids) with `settings` applied."""
+        gen = getattr(self.model, "generation_config", None)
+        defaults = {
+            "eos_token_id": getattr(gen, "eos_token_id", None),
+            "pad_token_id": getattr(gen, "pad_token_id", None),
+        }
+        given = {k: v for k, v in settings.items() if v is not None or k not in defaults}
+        return GenerationConfig.build(None, {**defaults, **given})
 
     def generate(
         self,
@@ -107,75 +183,57 @@ class DashModel:
         streamer: Any = None,
         return_dict_in_generate: bool = False,
         generator: torch.Generator | None = None,
+        speedup: float | None = None,
+        decider: Decider | None = None,
         lossless: bool = False,
         draft_tokens: int = 4,
         adaptive_draft: bool = True,
-        draft: str = "dash",
+        draft: str | None = None,
     ) -> torch.Tensor | GenerateOutput:
         """Like transformers' `generate`; `return_dict_in_generate=True` adds per-token states and the compute ratio.
 
-        `lossless=True`: a cheap path of the model drafts up to `draft_tokens` tokens, the full model verifies
-        them; the output is the full model's (token-identical when greedy). Batch 1; statistics of the drafting
-        land in `last_speculative`. `draft`: "dash" (the DASH path at the current speedup, its full-precision
-        choices run in INT8), "int8" or "int4" (every inner layer in that state; on CPUs INT8 drafting is the
-        fastest, docs/benchmarks.md).
+        `speedup` runs this call at another operating point (the model's default stays); `decider` runs it with
+        any decision function. `lossless=True`: a cheap path of the model drafts up to `draft_tokens` tokens, the
+        full model verifies them; the output is the full model's (token-identical when greedy). Batch 1;
+        statistics of the drafting land in `last_speculative`. `draft`: "dash" (the DASH path at the operating
+        point, its full-precision choices run in INT8), "int8" or "int4" (every inner layer in that state; on CPUs
+        INT8 drafting is the fastest, docs/benchmarks.md); default: dash where a DASH path runs, else int8.
         """
-        gen_cfg = getattr(self.model, "generation_config", None)
-        if eos_token_id is None and gen_cfg is not None:
-            eos_token_id = gen_cfg.eos_token_id
-        if pad_token_id is None and gen_cfg is not None:
-            pad_token_id = gen_cfg.pad_token_id
         if not isinstance(input_ids, torch.Tensor):
             raise DashskipError(
                 "input_ids must be a torch tensor of token ids (use the tokenizer with return_tensors='pt')"
             )
+        config = self.generation_config(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        )  # fmt: skip
+        chosen = self._pick(speedup, decider)
         if lossless:
-            return self._generate_lossless(
-                input_ids, max_new_tokens, do_sample, temperature, top_p, eos_token_id, streamer,
-                return_dict_in_generate, generator, DraftLength(draft_tokens, adaptive_draft), draft,
+            out, stats = generate_lossless(
+                self.engine, input_ids, self._drafter(draft, chosen), config, streamer=streamer, generator=generator,
+                length=DraftLength(draft_tokens, adaptive_draft),
             )  # fmt: skip
-        out = generate(
-            self.engine,
-            input_ids,
-            attention_mask,
-            self.decider,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            streamer=streamer,
-            costs=self.costs,
-            generator=generator,
-        )
+            self.last_speculative = stats
+        else:
+            out = generate(self.engine, input_ids, attention_mask, chosen, config, streamer=streamer,
+                           costs=self.costs, generator=generator)  # fmt: skip
         self.last_output = out
         return out if return_dict_in_generate else out.sequences
 
-    def _generate_lossless(
-        self, input_ids, max_new_tokens, do_sample, temperature, top_p, eos_token_id, streamer, as_dict, generator,
-        length: DraftLength, draft: str,
-    ) -> torch.Tensor | GenerateOutput:  # fmt: skip
-        out, stats = generate_lossless(
-            self.engine, input_ids, self._drafter(draft), max_new_tokens, do_sample, temperature, top_p,
-            eos_token_id, streamer, generator, length,
-        )  # fmt: skip
-        self.last_output, self.last_speculative = out, stats
-        return out if as_dict else out.sequences
-
-    def _drafter(self, draft: str) -> Decider:
+    def _drafter(self, draft: str | None, decider: Decider) -> Decider:
         """The decider lossless mode drafts with."""
+        has_dash = type(decider) is not Decider
+        draft = draft or ("dash" if has_dash else "int8")
         if draft in QUANTIZED_DRAFTS:
-            n = self.backbone.num_layers
-            return FixedStates([int(State.FULL)] + [QUANTIZED_DRAFTS[draft]] * (n - 2) + [int(State.FULL)])
+            return inner_layers(self.backbone.num_layers, QUANTIZED_DRAFTS[draft])
         if draft != "dash":
             raise DashskipError(f"unknown drafter '{draft}'; choose dash, {', '.join(QUANTIZED_DRAFTS)}")
-        if self.speedup <= 1.0:
+        if not has_dash:
             raise DashskipError(
                 "lossless mode with draft='dash' drafts with the DASH path; set a speedup > 1 (e.g. speedup=2.0) "
                 "to have one, or draft with 'int8'"
             )
-        return AtMost(self.decider, int(State.INT8))  # drafts are verified: full precision buys them little
+        return AtMost(decider, int(State.INT8))  # drafts are verified: full precision buys them little
 
 
 def _policy(policy: str | Path | DashPolicy | None, name: str, speedup: float) -> DashPolicy | None:
@@ -219,7 +277,7 @@ def from_pretrained(
 def apply(
     model: Any, policy: str | Path | DashPolicy | None = None, speedup: float = 1.0, tokenizer: Any = None
 ) -> DashModel:
-    """Wrap a transformers model you already hold (its linears gain INT8/INT4 copies in place)."""
+    """Wrap a transformers model you already hold; the model itself is not changed."""
     model.eval()
     chosen = DashPolicy.load(policy) if policy is not None and not isinstance(policy, DashPolicy) else policy
     return DashModel(model, tokenizer, chosen, speedup)

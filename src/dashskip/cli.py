@@ -1,4 +1,5 @@
-"""The `dashskip` command line: one entry point, a subcommand per job."""
+"""The `dashskip` command line: one entry point, a subcommand per job. Commands parse and print; the work is done by
+the library functions they call, so everything here is also a Python call away."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import click
 import torch
 import typer
 
 from dashskip.api import from_pretrained
 from dashskip.errors import DashskipError
-from dashskip.loading import ALIASES, DEFAULT_MODEL
-from dashskip.policy import PolicyDecider
+from dashskip.eval.tasks import TASKS
+from dashskip.methods import METHODS
+from dashskip.models.loading import ALIASES, DEFAULT_MODEL
 
 app = typer.Typer(
     help="DASH layer skipping for Hugging Face decoder LLMs. Run `dashskip COMMAND --help` for examples.",
@@ -25,6 +26,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
+METHOD_HELP = "; ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=f"alias ({', '.join(ALIASES)}), model folder or hub id")]
 
 
@@ -48,12 +50,12 @@ def generate(
     ] = False,
     draft_tokens: Annotated[int, typer.Option(help="lossless: most tokens drafted per round")] = 4,
     draft: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="lossless drafter: dash (the DASH path at --speedup, its full layers in INT8), int8 or int4 "
-            "(every inner layer; int8 is the fastest on CPUs)"
+            "(every inner layer; int8 is the fastest on CPUs); default: dash with --speedup above 1, else int8"
         ),
-    ] = "dash",
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="print one JSON object: text and per-token statistics")
     ] = False,
@@ -68,6 +70,9 @@ def generate(
     """
     if not prompt.strip():
         raise DashskipError("empty prompt: give some text to continue")
+    if lossless and draft == "dash" and speedup <= 1.0:
+        raise DashskipError("--draft dash drafts with the DASH path: add --speedup 2.0 (any value above 1), or use "
+                            "--draft int8")  # fmt: skip
     t0 = time.perf_counter()
     dm = from_pretrained(model, speedup=speedup, policy=policy, calibration=calibration, kv_rule=kv_rule, mode=mode)
     load_s = time.perf_counter() - t0
@@ -105,12 +110,12 @@ def generate(
         stats = out.stats()
         stats.update(
             speedup=speedup,
-            mode=dm.decider.mode if isinstance(dm.decider, PolicyDecider) else None,
+            mode=getattr(dm.decider, "mode", None),
             new_tokens=int(new.numel()),
             seconds=round(seconds, 3),
             load_seconds=round(load_s, 2),
             tokens_per_second=round(new.numel() / seconds, 2),
-            cost_table_measured=dm.costs.measured,
+            cost_table=dm.costs.provenance(),
             **({"lossless": dm.last_speculative.as_dict()} if lossless else {}),
         )
         print(
@@ -141,9 +146,9 @@ def calibrate(
 
     Example: dashskip calibrate --model smollm2-135m --data wikitext2 --samples 128 --out calib.json --plot calib.png
     """
-    from dashskip.calibration import calibrate as run_calibration
     from dashskip.data import load_text, token_windows
-    from dashskip.loading import fingerprint, load_model
+    from dashskip.measure.calibration import calibrate as run_calibration
+    from dashskip.models.loading import fingerprint, load_model
 
     hf, tok = load_model(model)
     windows = token_windows(tok, load_text(data, data_dir), samples, seq_len, seed)
@@ -187,9 +192,11 @@ def profile(
 
     Example: dashskip profile --model smollm2-135m --repeats 5 --calibration calib.json
     """
+    from dashskip.core.kernels import CHOICE, host_description
+    from dashskip.core.states import registered
     from dashskip.data import load_text, token_windows
-    from dashskip.profiling import default_profile_path, state_errors
-    from dashskip.profiling import profile as run_profile
+    from dashskip.measure.profiling import default_profile_path, state_errors
+    from dashskip.measure.profiling import profile as run_profile
 
     dm = from_pretrained(model, calibration=calibration, kv_rule=kv_rule)
     try:
@@ -203,37 +210,25 @@ def profile(
     path = out or default_profile_path(dm.fingerprint, str(dm.engine.kv_rule))
     table.save(path)
     if as_json:
-        print(json.dumps({"out": str(path), "decode": table.decode, "prefill": table.prefill, "errors": table.errors}))
+        kernels = [{"key": k, "kernel": c, "ms": ms} for k, c, ms in CHOICE.table()]
+        print(json.dumps({"out": str(path), "decode": table.decode, "prefill": table.prefill, "errors": table.errors,
+                          "kernels": kernels}))  # fmt: skip
         return
     typer.echo("state  decode-cost  prefill-cost  decode-ms/layer  prefill-ms/layer  output-error  update-error")
-    for name, s in (("skip", 0), ("int4", 1), ("int8", 2), ("full", 4)):
+    for state in registered():
+        s = state.code
         dms = statistics.mean(table.layer_ms["decode"][str(s)])
         pms = statistics.mean(table.layer_ms["prefill"][str(s)])
         err = table.errors.get("output", {}).get(str(s))
         upd = table.errors.get("update", {}).get(str(s))
         errs = f"{statistics.mean(err):12.4f}  {statistics.mean(upd):12.4f}" if err else f"{0:12.4f}  {0:12.4f}"
-        typer.echo(f"{name:5s}  {table.decode[s]:11.3f}  {table.prefill[s]:12.3f}  {dms:15.3f}  {pms:16.2f}  {errs}")
+        typer.echo(
+            f"{state.name:5s}  {table.decode[s]:11.3f}  {table.prefill[s]:12.3f}  {dms:15.3f}  {pms:16.2f}  {errs}"
+        )
     typer.echo(f"wrote {path} (errors: mean over layers 1..L-2, relative to the full layer's output / update)")
-
-
-TRAIN_SPLIT = {"wikitext2": "wikitext2-valid"}  # train on validation text; test stays clean for evaluation
-
-
-def _cost_table(dm, progress: bool = True):
-    """The measured cost table of this model on this machine; measured now (quick) if there is none yet."""
-    from dashskip.profiling import CostTable, default_profile_path
-    from dashskip.profiling import profile as run_profile
-
-    path = default_profile_path(dm.fingerprint, str(dm.engine.kv_rule))
-    if path.exists():
-        return CostTable.load(path, dm.fingerprint)
-    typer.echo(
-        "no cost table for this model on this machine yet; measuring one (dashskip profile does it fully)", err=True
-    )
-    n = dm.backbone.num_layers
-    table = run_profile(dm.engine, dm.fingerprint, repeats=3, layers=list(range(1, n - 1, 3)), progress=progress)
-    table.save(path)
-    return table
+    typer.echo(f"\nkernels chosen on this host ({host_description()}), measured at first use (ms per call):")
+    for key, kernel, ms in CHOICE.table():
+        typer.echo(f"  {key:48s} {kernel:8s} " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(ms.items())))
 
 
 @app.command()
@@ -259,8 +254,10 @@ def train(
         str, typer.Option(help="efficiency reward: 'bits' (4 - s, METHOD.md) or 'measured' (this machine's costs)")
     ] = "bits",
     states: Annotated[
-        str, typer.Option(help="states the policy may choose, e.g. 0,2,4 to leave INT4 out (4 = full is required)")
-    ] = "0,1,2,4",
+        str | None,
+        typer.Option(help="states the policy may choose, by name or code, e.g. skip,int8,full or 0,2,4 to leave "
+                     "INT4 out (full is required); default: all four"),
+    ] = None,
     ratio_target: Annotated[
         float, typer.Option(help="compute ratio the sampled paths are held at (0: fixed beta)")
     ] = 1.5,
@@ -278,39 +275,8 @@ def train(
 
     Example: dashskip train --model smollm2-135m --data wikitext2 --speedup 1.33 --speedup 1.67 --speedup 2.0
     """
-    from dashskip.api import DashModel
-    from dashskip.calibration import Calibration
-    from dashskip.calibration import calibrate as run_calibration
-    from dashskip.data import CHOICE_TASKS, leading_bos, load_choice_questions, load_text, token_windows
-    from dashskip.loading import fingerprint, load_model
-    from dashskip.training import DEFAULT_TARGETS, ChoiceQuestion, TrainConfig
-    from dashskip.training import train as run_training
+    from dashskip.methods.dash.training import DEFAULT_TARGETS, TrainConfig, train_job
 
-    hf, tok = load_model(model)
-    fp = fingerprint(hf)
-    choice = data in CHOICE_TASKS
-    text = None if choice else load_text(TRAIN_SPLIT.get(data, data), data_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if calibration is None:
-        calibration = out / "calibration.json"
-        if not calibration.exists():
-            windows = token_windows(tok, text or load_text("wikitext2-valid", data_dir), 64, 256, seed)
-            run_calibration(hf, windows, fp, meta={"model": model, "data": data}).save(calibration)
-    cal = Calibration.load(calibration)
-    dm = DashModel(hf, tok, calibration=cal, kv_rule=kv_rule)
-    costs = _cost_table(dm)
-    if choice:
-        prefix = [] if leading_bos(tok) is None else [leading_bos(tok)]
-        corpus = [
-            ChoiceQuestion(
-                prefix + tok(p, add_special_tokens=False)["input_ids"],
-                [tok(c, add_special_tokens=False)["input_ids"] for c in cs],
-                answer,
-            )
-            for p, cs, answer in load_choice_questions(data, data_dir)
-        ]
-    else:
-        corpus = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch_size,
@@ -318,7 +284,7 @@ def train(
         lr=lr,
         beta=beta,
         efficiency=efficiency,
-        policy={} if states == "0,1,2,4" else {"allowed": _parse_states(states)},
+        policy={} if states is None else {"allowed": _parse_states(states)},
         ratio_target=ratio_target or None,
         eps=eps,
         tau0=tau0,
@@ -329,37 +295,67 @@ def train(
         mode=mode,
         heldout_windows=heldout_windows,
         heldout_len=heldout_len,
-        bos_token_id=leading_bos(tok),
         targets=tuple(sorted(set(speedup or DEFAULT_TARGETS))),
     )
-    t0 = time.perf_counter()
-    policy = run_training(dm.engine, corpus, costs, cfg, out, {"fingerprint": fp, "model": model, "data": data})
-    policy.meta["train_seconds"] = round(time.perf_counter() - t0, 1)
-    policy.save(out / "policy.safetensors")
+    policy = train_job(model, out, cfg, data, data_dir, calibration)
     typer.echo(
         f"wrote {out / 'policy.safetensors'}; operating points (held-out compute ratio): "
         f"{policy.meta['operating_point_ratios']}"
     )
 
 
-def _parse_states(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise DashskipError(f"--states takes comma-separated states among 0, 1, 2, 4; got '{text}'") from None
+@app.command("train-rl-adapter")
+def train_rl_adapter(
+    model: ModelOpt = DEFAULT_MODEL,
+    out: Annotated[Path, typer.Option(help="run folder: checkpoint, train_log.jsonl, rl_adapter.safetensors")] = Path(
+        "rl-adapter-run"
+    ),
+    data: Annotated[str, typer.Option(help="training text: a named corpus or a text file")] = "wikitext2-valid",
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding the shared data sets")] = None,
+    windows: Annotated[int, typer.Option(help="training windows drawn from the first 90% of the text")] = 1000,
+    seq_len: int = 128,
+    heldout_windows: Annotated[int, typer.Option(help="windows from the last 10% for the thresholds")] = 8,
+    heldout_len: int = 256,
+    init_steps: int = 50,
+    pretrain_steps: int = 150,
+    rl_steps: int = 300,
+    batch_size: int = 4,
+    bottleneck: int = 64,
+    skip_prob: float = 0.3,
+    lam: Annotated[float, typer.Option(help="reward lost per inner layer run")] = 0.02,
+    kv_rule: Annotated[str, typer.Option(help="project (as DASH) or copy (the paper's)")] = "project",
+    speedup: Annotated[list[float] | None, typer.Option(help="operating point(s), repeatable")] = None,
+    seed: int = 0,
+) -> None:
+    """Train the RL-adapter baseline (docs/rl_adapter.md); the same command again resumes from its checkpoint.
+
+    Example: dashskip train-rl-adapter --model smollm2-135m --out runs/rl-adapter
+    """
+    from dashskip.methods.rl_adapter import RLAdapterConfig, run_rl_adapter
+
+    defaults = RLAdapterConfig()
+    cfg = RLAdapterConfig(
+        bottleneck=bottleneck, batch_size=batch_size, seed=seed, kv_rule=kv_rule, init_steps=init_steps,
+        pretrain_steps=pretrain_steps, skip_prob=skip_prob, rl_steps=rl_steps, lam=lam,
+        heldout_windows=heldout_windows, targets=tuple(sorted(set(speedup or defaults.targets))),
+    )  # fmt: skip
+    adapter = run_rl_adapter(model, out, cfg, data, data_dir, windows, seq_len, heldout_len)
+    typer.echo(
+        f"wrote {out / 'rl_adapter.safetensors'}; operating points (held-out compute ratio): "
+        f"{adapter.meta['operating_point_ratios']}"
+    )
+
+
+def _parse_states(text: str) -> tuple[str, ...]:
+    from dashskip.core.states import parse, spec
+
+    return tuple(spec(parse(part)).name for part in _csv(text, "states"))
 
 
 @app.command("eval")
 def evaluate(
     model: ModelOpt = DEFAULT_MODEL,
-    method: Annotated[
-        str,
-        typer.Option(
-            help="full, dash, static (ShortGPT-style similarity skipping), a quantization-only baseline: int8, "
-            "int4, mixed (static INT4/INT8 per layer), mixed-skip (plus static skipping), or early-exit, "
-            "skipdecode, adaskip, random (the DASH paper's baselines); docs/cli.md says what each is"
-        ),
-    ] = "dash",
+    method: Annotated[str, typer.Option(help=f"one of: {METHOD_HELP}")] = "dash",
     speedup: float = 1.67,
     policy: Annotated[Path | None, typer.Option(help="policy file (default: the one shipped for the alias)")] = None,
     calibration: Annotated[
@@ -369,8 +365,7 @@ def evaluate(
     task: Annotated[
         str,
         typer.Option(
-            help="perplexity (the default, on --data) or arc-easy, arc-challenge, hellaswag, mmlu, sst2, rte, xsum, "
-            "cnn-dailymail"
+            help=f"perplexity (the default, on --data) or one of {', '.join(t for t in TASKS if t != 'wikitext2')}"
         ),
     ] = "perplexity",
     data: Annotated[str, typer.Option(help="perplexity text: wikitext2 (test split) or a file")] = "wikitext2",
@@ -388,56 +383,25 @@ def evaluate(
 
     A task: dashskip eval --method int8 --speedup 2.0 --task arc-easy --limit 200
     """
-    from dashskip.api import from_pretrained
-    from dashskip.baselines import EarlyExit, build_decider, check_method
-    from dashskip.calibration import Calibration
-    from dashskip.data import load_text
-    from dashskip.evaluation import perplexity, perplexity_windows
+    from dashskip.eval.run import evaluate as run_eval
 
-    check_method(method)
-    cal = Calibration.load(calibration) if calibration is not None else None
-    dash = method == "dash"
-    dm = from_pretrained(model, speedup=speedup if dash else 1.0, policy=policy if dash else None, mode=decisions)
-    if not dash:  # DASH keeps the table its operating points were calibrated with
-        dm.costs = _cost_table(dm)
-    decider = build_decider(dm, method, speedup, data_dir=data_dir, mode=decisions, calibration=cal)
-    if task != "perplexity":
-        _eval_task(dm, decider, task, limit, data_dir, cache, as_json, {"model": model, "method": method})
-        return
-    windows = perplexity_windows(dm.tokenizer, load_text(data, data_dir), context, limit)
-    result = perplexity(dm.engine, windows, decider, dm.costs)
-    row = {
-        "model": model,
-        "method": method,
-        "requested_speedup": speedup if method != "full" else 1.0,
-        "mode": decisions or (dm.policy.config.mode if dash else None),
-        **result.as_dict(),
-    }
-    if isinstance(decider, EarlyExit):  # LM-head evaluations the layer-count compute ratio leaves out
-        row["exit_checks_per_token"] = round(decider.checks_per_token, 3)
+    if method == "rl-adapter":
+        raise DashskipError("evaluate the rl-adapter method with `dashskip sweep --methods rl-adapter --rl-adapter F`")
+    row = run_eval(model, method, speedup, task, policy, calibration, decisions, data, data_dir, context, limit, cache)
     if as_json:
         print(json.dumps(row))
         return
-    typer.echo(
-        f"{method} @ {row['requested_speedup']}x: ppl {result.ppl:.3f} ± {result.ppl_se:.3f} (SE, "
-        f"{result.windows} windows x {context} tokens), compute ratio {result.compute_ratio:.3f}"
-    )
-
-
-def _eval_task(dm, decider, task: str, limit, data_dir, cache, as_json: bool, row: dict) -> None:
-    from dashskip.tasks import TaskSettings, run_task
-
-    result = run_task(dm.engine, dm.tokenizer, task, decider, dm.costs, TaskSettings(limit=limit), data_dir, cache)
-    data = {**row, **result.as_dict()}
-    if as_json:
-        print(json.dumps(data))
+    if task == "perplexity":
+        typer.echo(
+            f"{method} @ {row['requested_speedup']}x: ppl {row['ppl']:.3f} ± {row['ppl_se']:.3f} (SE, "
+            f"{row['windows']} windows x {context} tokens), compute ratio {row['compute_ratio']:.3f}"
+        )
         return
     scores = ", ".join(
-        f"{name} {m.value:.4f} ± {m.se:.4f}" for name, m in result.metrics.items() if name != "nll"
+        f"{name} {m['value']:.4f} ± {m['se']:.4f}" for name, m in row["metrics"].items() if name != "nll"
     )  # fmt: skip
     typer.echo(
-        f"{row['method']} on {task}: {scores} (SE, {result.examples} examples), compute ratio "
-        f"{result.compute_ratio:.3f}"
+        f"{method} on {task}: {scores} (SE, {row['examples']} examples), compute ratio {row['compute_ratio']:.3f}"
     )
 
 
@@ -460,14 +424,11 @@ def sweep(
     model: ModelOpt = DEFAULT_MODEL,
     methods: Annotated[
         str,
-        typer.Option(
-            help="comma-separated: dash, static, int8, int4, mixed, mixed-skip, early-exit, "
-            "skipdecode, adaskip, random, rl-adapter (the full model is always run)"
-        ),
+        typer.Option(help=f"comma-separated, the full model is always run: {METHOD_HELP}"),
     ] = "dash,static,int8,mixed,early-exit,skipdecode,adaskip,random",
     speedups: Annotated[str, typer.Option(help="requested compute ratios")] = "1.33,1.67,2.0",
     tasks: Annotated[
-        str, typer.Option(help="wikitext2, arc-easy, arc-challenge, hellaswag, mmlu, sst2, rte, xsum, cnn-dailymail")
+        str, typer.Option(help=f"comma-separated: {', '.join(TASKS)}")
     ] = "wikitext2,arc-easy,hellaswag,mmlu,xsum",
     limit: Annotated[
         str | None, typer.Option(help="examples per task: N for all, or task=N pairs (defaults: wikitext2=40, ...)")
@@ -482,7 +443,7 @@ def sweep(
         list[str] | None, typer.Option(help="extra DASH policy as LABEL=FILE, repeatable (the ablation's rows)")
     ] = None,
     rl_adapter: Annotated[
-        Path | None, typer.Option(help="adapters of the rl-adapter method (python -m dashskip.rl_adapter)")
+        Path | None, typer.Option(help="adapters of the rl-adapter method (dashskip train-rl-adapter)")
     ] = None,
     mode: Annotated[str | None, typer.Option(help="DASH decision mode: async or sync")] = None,
     match: Annotated[
@@ -499,7 +460,7 @@ def sweep(
     Example: dashskip sweep --model smollm2-135m --methods dash,static,int8 --speedups 1.33,1.67,2.0 \\
     --tasks wikitext2,arc-easy --limit wikitext2=40,arc-easy=200 --out sweep-smollm2
     """
-    from dashskip.sweep import Sweep, SweepSpec, parse_limits
+    from dashskip.eval.sweep import Sweep, SweepSpec, parse_limits
 
     variants = {}
     for item in variant or []:
@@ -549,8 +510,8 @@ def bench(
 
     Example: dashskip bench --model smollm2-135m --method dash --speedup 2.0 --batch 1 --new-tokens 32
     """
-    from dashskip.bench import run_bench
-    from dashskip.profiling import atomic_write_text
+    from dashskip.core.files import atomic_write_text
+    from dashskip.eval.bench import run_bench
 
     result = run_bench(
         model, method, speedup, batch, prompt_len, new_tokens, repeats, mode, majority, head, policy, data_dir
@@ -568,7 +529,8 @@ def models() -> None:
     Example: dashskip models
     """
     for alias in ALIASES.values():
-        typer.echo(f"{alias.name:14s} {alias.description}  (install: {alias.install})")
+        status = "installed" if alias.installed() else f"not installed: {alias.install}"
+        typer.echo(f"{alias.name:14s} {alias.description}  [{status}]")
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -594,15 +556,15 @@ def serve(
     -d '{"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8}'
     """
     from dashskip.api import bundled_policy
-    from dashskip.server import ServerLimits, create_app, default_served_name, listen, make_server
+    from dashskip.serve.server import ServerLimits, create_app, default_served_name, listen, make_server
 
+    if host not in LOOPBACK:
+        typer.echo(f"note: listening on {host} exposes the server beyond this machine; it has no auth", err=True)
     sock = listen(host, port)  # a busy port fails before the model loads
     # with the shipped policy loaded, requests can move the operating point even when the default is 1.0
     dm = from_pretrained(model, speedup=speedup, policy=policy or bundled_policy(model), mode=mode)
     name = served_model_name or default_served_name(model)
     server = make_server(create_app(dm, name, ServerLimits(max_tokens=max_tokens)), sock)
-    if host not in LOOPBACK:
-        typer.echo(f"note: listening on {host} exposes the server beyond this machine; it has no auth", err=True)
     typer.echo(f"serving '{name}' at http://{host}:{server.port}/v1 (OpenAI-compatible); Ctrl-C stops", err=True)
     server.run()
 
@@ -636,7 +598,7 @@ def chat(
     """
     from transformers import TextStreamer
 
-    from dashskip.chat import chat_input_ids
+    from dashskip.models.chat import chat_input_ids
 
     dm = from_pretrained(model, speedup=speedup, policy=policy, mode=mode)
     tok = dm.tokenizer
@@ -664,15 +626,31 @@ def chat(
 
 
 def main() -> None:
+    """Every mistake is one line on stderr and exit code 2: the library's own errors and the command line's
+    (unknown commands and options, bad values, missing arguments)."""
     try:
         app(standalone_mode=False)
     except DashskipError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # typer's click: usage errors, bad parameters, no command
+        sys.exit(_usage_error(exc))
+
+
+def _usage_error(exc: typer.TyperException) -> int:
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    if type(exc).__name__ == "NoArgsIsHelpError" or not message.strip():
+        commands = ", ".join(sorted(c.name or c.callback.__name__ for c in app.registered_commands))
+        message = f"no command given; choose one of {commands} (`dashskip --help` says what each does)"
+    command = " ".join(sys.argv[1:2]) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
+    hint = f"`dashskip {command} --help`" if command and command in _command_names() else "`dashskip --help`"
+    typer.echo(f"error: {' '.join(message.split())}; see {hint}", err=True)
+    return 2
+
+
+def _command_names() -> set[str]:
+    return {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}

@@ -1,0 +1,206 @@
+"""The pluggable decision function: which state each token runs each layer in.
+
+The engine asks a `Decider` once per layer with the hidden state entering that layer; for the first and last
+layer the answer is ignored (they always run in full; an exit-style method may skip the last), but the call
+lets an asynchronous policy look ahead. It may answer one state for the whole step (an `int`: the fast path, no
+per-row grouping) or a (batch, tokens) tensor of states. DASH's learned policy, the baselines and the fixed
+schedules below all implement this. A decider holds the state of the sequences it decides for (a policy's
+pending decision, a controller's running cost): one instance per request, never shared between requests.
+
+`Traits` let a method change how the engine runs the states, each off by default: its own skip scales, a static
+plan of skipped attention / MLP sublayers (AdaSkip), permission to skip the last layer (early exit). A wrapper
+(`Wrapper`) changes which states run, not how: it reads its traits from the decider it wraps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from dashskip.core.context import StateChoice
+from dashskip.core.states import State, check_state, parse, registered, spec
+from dashskip.errors import DashskipError
+
+
+@dataclass(frozen=True)
+class SublayerSkip:
+    """A layer whose attention and/or MLP every token of every step skips (None: that sublayer runs).
+
+    A skipped sublayer's residual-stream output is its input times the scale: `mid = attn * x`, `out = mlp * mid`.
+    """
+
+    attn: float | None = None
+    mlp: float | None = None
+
+
+@dataclass(frozen=True)
+class Traits:
+    """How a method runs its states, where it differs from the engine's defaults."""
+
+    skip_scales: torch.Tensor | None = None  # scales it was calibrated with; None: the engine's own
+    sublayers: dict[int, SublayerSkip] = field(default_factory=dict)  # layers with statically skipped sublayers
+    may_skip_last: bool = False  # only exit-style methods may skip the last layer (METHOD.md)
+    plan_ratio: float | None = None  # a sublayer plan's compute ratio, which the (all full) states cannot show
+
+    def same_as(self, other: Traits) -> bool:
+        scales_equal = (self.skip_scales is None and other.skip_scales is None) or (
+            self.skip_scales is not None
+            and other.skip_scales is not None
+            and torch.equal(self.skip_scales, other.skip_scales)
+        )
+        return scales_equal and (self.sublayers, self.may_skip_last, self.plan_ratio) == (
+            other.sublayers,
+            other.may_skip_last,
+            other.plan_ratio,
+        )
+
+
+@dataclass
+class StepInfo:
+    """What a decider may know about the step being run."""
+
+    positions: torch.Tensor  # (batch, tokens) position ids
+    prefill: bool
+    num_layers: int
+
+    def rows(self, index: slice) -> StepInfo:
+        return replace(self, positions=self.positions[index])
+
+
+class Decider:
+    """Base class: every layer in full."""
+
+    traits: Traits = Traits()
+
+    def begin(self, step: StepInfo) -> None:
+        """Called before the first layer of every step."""
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        return int(State.FULL)
+
+    def end(self, states: torch.Tensor) -> None:
+        """Called after every step with the states that ran, (batch, tokens, layers) (a controller's feedback)."""
+
+
+class Wrapper(Decider):
+    """A decider that changes the answers of another; traits, `begin` and `end` pass through to it."""
+
+    def __init__(self, decider: Decider) -> None:
+        self.decider = decider
+
+    @property
+    def traits(self) -> Traits:  # type: ignore[override]
+        return self.decider.traits
+
+    def begin(self, step: StepInfo) -> None:
+        self.decider.begin(step)
+
+    def end(self, states: torch.Tensor) -> None:
+        self.decider.end(states)
+
+
+class FixedStates(Decider):
+    """One state per layer for every token (static skipping, uniform quantization, ...); codes or names."""
+
+    def __init__(self, states: Sequence[int | str]) -> None:
+        self.states = [parse(s) for s in states]
+        if len(self.states) >= 2 and (spec(self.states[0]).skips or spec(self.states[-1]).skips):
+            raise DashskipError("the first and the last layer always run in full (state 4); remove state 0 from them")
+
+    def begin(self, step: StepInfo) -> None:
+        if len(self.states) != step.num_layers:
+            raise DashskipError(f"{len(self.states)} states given for a model with {step.num_layers} layers")
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        return self.states[layer]
+
+
+def inner_layers(num_layers: int, state: int | str) -> FixedStates:
+    """`state` on every layer but the first and the last, which run in full."""
+    return FixedStates([int(State.FULL)] + [parse(state)] * (num_layers - 2) + [int(State.FULL)])
+
+
+class TokenStates(Decider):
+    """States from a function of (layer, positions) -> (batch, tokens) tensor; used to test mixed steps."""
+
+    def __init__(self, fn: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+        self.positions: torch.Tensor | None = None
+
+    def begin(self, step: StepInfo) -> None:
+        self.positions = step.positions
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        return self.fn(layer, self.positions)
+
+
+class AtMost(Wrapper):
+    """Runs the wrapped method's choices at no more than `state`'s bits: where it chose a more precise state,
+    `state` runs. For drafting, whose tokens the full model verifies anyway, INT8 in place of full precision
+    halves a layer's cost and rarely changes the argmax."""
+
+    def __init__(self, decider: Decider, state: int) -> None:
+        super().__init__(decider)
+        self.state = check_state(state)
+        self.bits = spec(state).bits
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        answer = self.decider(layer, hidden, previous)
+        if isinstance(answer, torch.Tensor):
+            above = torch.zeros_like(answer, dtype=torch.bool)
+            for s in registered():
+                if s.bits > self.bits:
+                    above |= answer == s.code
+            return torch.where(above, self.state, answer)
+        return self.state if spec(answer).bits > self.bits else answer
+
+
+class BatchMajority(Wrapper):
+    """Batch-majority voting (the RL-adapter paper): per layer and position, every row runs the state most rows
+    chose, so a batch never splits into state groups; ties go to the more precise state."""
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        answer = self.decider(layer, hidden, previous)
+        if not isinstance(answer, torch.Tensor):
+            return answer
+        order = [s.code for s in reversed(registered())]  # most precise first
+        votes = torch.stack([(answer == s).sum(0) for s in order])  # (states, tokens)
+        winner = torch.tensor(order)[votes.argmax(0)]  # argmax takes the first maximum: the most precise
+        return winner[None].expand_as(answer)
+
+
+class PerRow(Decider):
+    """One decider per row of the batch (each request its own method and operating point) in one step.
+
+    Each row's decider sees only its row; their answers are stacked. Rows must agree on their traits (how states
+    run), since a step runs one set of skip scales and sublayer plans.
+    """
+
+    def __init__(self, deciders: Sequence[Decider]) -> None:
+        self.deciders = list(deciders)
+        first = self.deciders[0].traits
+        if any(not d.traits.same_as(first) for d in self.deciders[1:]):
+            raise DashskipError("rows of one step must run their states the same way (same skip scales and plans)")
+        self.traits = first
+
+    def begin(self, step: StepInfo) -> None:
+        if step.positions.shape[0] != len(self.deciders):
+            raise DashskipError(f"{len(self.deciders)} deciders for a batch of {step.positions.shape[0]} rows")
+        for r, d in enumerate(self.deciders):
+            d.begin(step.rows(slice(r, r + 1)))
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        answers = []
+        for r, d in enumerate(self.deciders):
+            prev = previous[r : r + 1] if isinstance(previous, torch.Tensor) else previous
+            answers.append(d(layer, hidden[r : r + 1], prev))
+        if all(not isinstance(a, torch.Tensor) for a in answers) and len(set(answers)) == 1:
+            return answers[0]
+        tokens = hidden.shape[1]
+        return torch.cat([torch.as_tensor(a).expand(1, tokens) for a in answers])
+
+    def end(self, states: torch.Tensor) -> None:
+        for r, d in enumerate(self.deciders):
+            d.end(states[r : r + 1])

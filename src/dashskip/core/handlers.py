@@ -1,0 +1,192 @@
+"""How each execution state packs a linear and runs it: one handler per scheme (gpt-fast's quantization handlers).
+
+A handler turns the fp32 weight(s) of a projection into its form once (`quantize`), lists the kernels that can
+run a call (`kernels`: torch's op always, dashskip's compiled ones where they apply), lays the form out for a
+kernel (`prepare`, made once per kernel actually chosen) and runs it (`run`). Which kernel runs is measured per
+host (`kernels.CHOICE`), never assumed. Several weights that read the same input (q/k/v, gate/up) are one
+projection: their outputs side by side from one product.
+
+The weight-only INT8/INT4 kernels of torch compute on bf16 activations; dashskip's INT8 kernel keeps that
+arithmetic (bf16 activations, fp32 sums, bf16 outputs), so a row's result does not depend on which ran it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from dashskip.core import kernels as K
+from dashskip.errors import DashskipError
+
+INT4_GROUP_SIZE = 64  # not 32: SmolLM2's Q4_1 GGUF uses 32-blocks, and group 32 would reproduce it exactly
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel INT8: returns (int8 weight (N, K), bf16 scales (N,))."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+    return q.contiguous(), scales.to(torch.bfloat16)
+
+
+def int4_codes(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, ...]:
+    """Asymmetric grouped INT4: codes (N, K) in 0..15, scales and minima (N, K/g); w ~ code * scale + minimum."""
+    w = weight.detach().float().contiguous()
+    n, k = w.shape
+    if k % group_size:
+        raise DashskipError(f"INT4 needs in_features divisible by the group size {group_size}; got {k}")
+    groups = w.reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((hi - lo) / 15.0).clamp(min=1e-8)
+    codes = torch.round((groups - lo[..., None]) / scales[..., None]).clamp(0, 15).reshape(n, k)
+    return codes.to(torch.uint8), scales, lo
+
+
+def _cat(weights: list[torch.Tensor]) -> torch.Tensor:
+    return weights[0].detach() if len(weights) == 1 else torch.cat([w.detach() for w in weights])
+
+
+def _bf16_gemm(x: torch.Tensor, weight_bf16: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.to(torch.bfloat16), weight_bf16).to(x.dtype)
+
+
+class Handler:
+    """Base: a scheme with only torch's op. Subclasses define the form and the extra kernels."""
+
+    name = "base"
+
+    def quantize(self, weights: list[torch.Tensor]) -> Any:
+        raise NotImplementedError
+
+    def kernels(self, x: torch.Tensor) -> list[str]:
+        return ["torch"]
+
+    def prepare(self, kernel: str, form: Any) -> Any:
+        return form
+
+    def run(self, kernel: str, prepared: Any, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        """x (rows, in) -> (rows, out_features); `prepared` as `prepare(kernel, ...)` made it."""
+        raise NotImplementedError
+
+    def nbytes(self, form: Any) -> int:
+        """Bytes of weights one product reads."""
+        tensors = form if isinstance(form, tuple | list) else (form,)
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class FullPrecision(Handler):
+    """The weights as they are: torch's `F.linear`, or dashskip's packed fp32 kernel for few rows."""
+
+    name = "full"
+
+    def quantize(self, weights: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return tuple(weights)  # references to the model's own weights: no copy, never modified
+
+    def kernels(self, x: torch.Tensor) -> list[str]:
+        return ["torch", "packed"] if K.compiled_rows(x) else ["torch"]
+
+    def prepare(self, kernel: str, form: tuple[torch.Tensor, ...]) -> Any:
+        return K.extension().pack(_cat(list(form))) if kernel == "packed" else form
+
+    def run(self, kernel: str, prepared: Any, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        if kernel == "packed":
+            return K.extension().linear(x, prepared, out_features)
+        if len(prepared) == 1:
+            return F.linear(x, prepared[0])
+        return torch.cat([F.linear(x, w) for w in prepared], dim=-1)
+
+
+@dataclass
+class Int8Form:
+    weight: torch.Tensor  # (N, K) int8
+    scales: torch.Tensor  # (N,) bf16
+
+
+class Int8WeightOnly(Handler):
+    """Symmetric per-channel INT8 weights. Kernels: torch's weight-only kernel, dashskip's packed one (few rows,
+    AVX-512), or a bf16 GEMM on the weight dequantized for the call (prefill)."""
+
+    name = "int8"
+
+    def quantize(self, weights: list[torch.Tensor]) -> Int8Form:
+        return Int8Form(*quantize_int8(_cat(weights)))
+
+    def kernels(self, x: torch.Tensor) -> list[str]:
+        if K.needs_grad(x):
+            return ["gemm"]
+        names = ["torch", "gemm"]
+        if K.compiled_rows(x) and K.extension().has_int8():
+            names.append("packed")
+        return names
+
+    def prepare(self, kernel: str, form: Int8Form) -> Any:
+        if kernel == "packed":
+            return tuple(K.extension().pack_int8(form.weight, form.scales))
+        return form
+
+    def run(self, kernel: str, prepared: Any, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        if kernel == "packed":
+            return K.extension().linear_int8(x, *prepared, out_features)
+        if kernel == "gemm":
+            return _bf16_gemm(x, prepared.weight.to(torch.bfloat16) * prepared.scales[:, None])
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), prepared.weight, prepared.scales).to(x.dtype)
+
+    def nbytes(self, form: Int8Form) -> int:
+        return super().nbytes((form.weight, form.scales))
+
+
+@dataclass
+class Int4Form:
+    codes: torch.Tensor  # (N, K) uint8 in 0..15
+    scales: torch.Tensor  # (N, K / group)
+    minima: torch.Tensor  # (N, K / group)
+
+
+class Int4WeightOnly(Handler):
+    """Asymmetric INT4 weights in groups of 64 along the input. Kernels: torch's weight-only INT4 kernel, or a bf16
+    GEMM on the weight dequantized for the call (prefill)."""
+
+    name = "int4"
+
+    def quantize(self, weights: list[torch.Tensor]) -> Int4Form:
+        return Int4Form(*int4_codes(_cat(weights)))
+
+    def kernels(self, x: torch.Tensor) -> list[str]:
+        return ["gemm"] if K.needs_grad(x) else ["torch", "gemm"]
+
+    def prepare(self, kernel: str, form: Int4Form) -> Any:
+        if kernel == "torch":
+            packed = torch._convert_weight_to_int4pack_for_cpu(form.codes.to(torch.int32), 1)
+            zeros = form.minima + form.scales * 8.0  # the kernel computes (code - 8) * scale + zero
+            scales_zeros = torch.stack([form.scales, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            return packed, scales_zeros
+        return form
+
+    def run(self, kernel: str, prepared: Any, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        if kernel == "torch":
+            packed, scales_zeros = prepared
+            return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, INT4_GROUP_SIZE, scales_zeros).to(
+                x.dtype
+            )
+        n = prepared.codes.shape[0]
+        codes = prepared.codes.view(n, -1, INT4_GROUP_SIZE).float()  # bf16 arithmetic is slow on CPUs
+        weight = torch.addcmul(prepared.minima[..., None], codes, prepared.scales[..., None]).view(n, -1)
+        return _bf16_gemm(x, weight.to(torch.bfloat16))
+
+    def nbytes(self, form: Int4Form) -> int:
+        return form.codes.numel() // 2 + 2 * 2 * form.scales.numel()  # packed nibbles, bf16 scales and zeros
+
+
+class BF16WeightOnly(Handler):
+    """bf16 weights and activations, fp32 out (the LM head's `bf16` precision; a template for a bf16 state)."""
+
+    name = "bf16"
+
+    def quantize(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        return _cat(weights).to(torch.bfloat16)
+
+    def run(self, kernel: str, prepared: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        return _bf16_gemm(x, prepared)

@@ -1,0 +1,246 @@
+"""dashskip's compiled CPU kernels, and the measured choice between them and torch's ops.
+
+The extension (`csrc/`) holds products for few rows on weights packed once (decode, lossless verification, small
+batches: BLAS's fp32 GEMM repacks the weight on every call for more than one row), the flat layers' small ops
+and the DASH policy's folded decision. Whether a packed kernel beats torch's op depends on the host: on one Xeon
+the fp32 kernel ran at 2x torch's speed, on another at 0.4x. So no speed choice is hard-coded: for each
+(scheme, weight shape, row count) the handler's candidate kernels are timed here at first use, the fastest is
+kept, and the choices are stored beside the cost tables under a fingerprint of the host (CPU model and flags,
+threads, torch version). `dashskip profile` prints them.
+
+`DASHSKIP_SMALL_GEMM` overrides the choice: `0` runs torch's ops only (and does not build the extension), `1`
+runs dashskip's kernels wherever they apply without measuring. The extension is compiled on first use with
+torch's C++ extension builder (a C++ compiler and ninja) into the dashskip cache, announced with one line;
+where it cannot run (no AVX/FMA, not x86-64 Linux, no compiler, a GPU tensor, autograd) torch's ops run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from dashskip.core.files import atomic_write_text, cache_dir
+
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("small_gemm.cpp", "layer_ops.cpp")]
+SMALL_ROWS = 16  # the packed kernels' range; past it BLAS's blocked GEMM reuses rows across cache levels
+CHOICE_VERSION = 1
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return frozenset()
+    return frozenset(line.split(":", 1)[1].split())
+
+
+@functools.cache
+def _cpu_model() -> str:
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _cpu_supports() -> str | None:
+    """None if this CPU can run the kernels, else why not."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"it is built for x86-64 Linux, this is {platform.system()} {platform.machine()}"
+    flags = _cpu_flags()
+    if not flags:
+        return "the CPU's features could not be read from /proc/cpuinfo"
+    missing = {"avx", "fma"} - flags
+    return f"the CPU lacks {', '.join(sorted(missing))}" if missing else None
+
+
+def mode() -> str:
+    """'off' (torch's ops only), 'on' (dashskip's kernels where they apply) or 'measured' (the default)."""
+    value = os.environ.get("DASHSKIP_SMALL_GEMM", "")
+    return {"0": "off", "1": "on"}.get(value, "measured")
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """The compiled kernels, or None (with one warning saying why) where they cannot be used."""
+    if mode() == "off":
+        return None
+    reason = _cpu_supports()
+    if reason is None:
+        from torch.utils.cpp_extension import load
+
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()).hexdigest()
+        build = cache_dir() / "kernels" / f"small_gemm-{digest[:12]}"
+        build.mkdir(parents=True, exist_ok=True)
+        if not any(build.glob("*.so")):
+            print("dashskip: building its CPU kernels, once for this machine (about a minute)...", file=sys.stderr)
+        try:
+            return load("dashskip_small_gemm", [str(p) for p in SOURCES], extra_cflags=["-O3", "-mavx", "-mfma"],
+                        build_directory=str(build), verbose=False)  # fmt: skip
+        except (OSError, RuntimeError, ImportError) as err:  # no compiler or ninja, a failed build
+            errors = [line for line in str(err).splitlines() if "error" in line.lower()] or [type(err).__name__]
+            reason = f"it did not build ({errors[-1].strip()[:300]})"
+    warnings.warn(
+        f"dashskip's compiled CPU kernels are off because {reason}; decoding uses torch's ops (slower for "
+        "1-16 rows, same results up to rounding). Set DASHSKIP_SMALL_GEMM=0 to silence this.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return None
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def compiled_rows(x: torch.Tensor) -> bool:
+    """Whether `x` may go to a compiled kernel at all: few fp32 CPU rows, no autograd, the extension built."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (
+        0 < rows <= SMALL_ROWS
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not needs_grad(x)
+        and extension() is not None
+    )
+
+
+def row_bucket(rows: int) -> int:
+    """Row counts that share a kernel choice: 1, 2, 4, 8, 16 exactly up to the packed range, then powers of 4."""
+    if rows <= SMALL_ROWS:
+        return 1 << max(rows - 1, 0).bit_length()
+    bucket = 64
+    while bucket < rows and bucket < 4096:
+        bucket *= 4
+    return bucket
+
+
+def host_fingerprint() -> str:
+    """What a measured kernel choice holds for: CPU model and flags, threads, torch version."""
+    text = "|".join([_cpu_model(), " ".join(sorted(_cpu_flags())), f"threads{torch.get_num_threads()}",
+                     torch.__version__])  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def host_description() -> str:
+    return f"{_cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+Timer = Callable[[str], float]  # kernel name -> seconds of one call on representative data
+
+
+class KernelChoice:
+    """The fastest kernel per (scheme, weight shape, row bucket) on this host: measured once, kept on disk."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.loaded_for: str | None = None
+        self.choices: dict[str, dict] = {}
+        self.memo: dict[tuple, str] = {}  # the hot path: no lock, no hashing of the host
+
+    @staticmethod
+    def path(host: str) -> Path:
+        return cache_dir() / "kernels" / f"choices-{host}.json"
+
+    def _load(self, host: str) -> None:
+        if self.loaded_for == host:
+            return
+        self.loaded_for, self.choices = host, {}
+        try:
+            data = json.loads(self.path(host).read_text())
+            if data.get("version") == CHOICE_VERSION:
+                self.choices = dict(data.get("choices", {}))
+        except (OSError, ValueError):
+            pass
+
+    def pick(self, scheme: str, shape: tuple[int, int], rows: int, kernels: list[str], timer: Timer) -> str:
+        """The kernel to run; `timer` measures a candidate when this (scheme, shape, rows) is new here."""
+        if len(kernels) == 1:
+            return kernels[0]
+        fast = (scheme, shape, row_bucket(rows), tuple(kernels), torch.get_num_threads())
+        hit = self.memo.get(fast)
+        if hit is None:
+            hit = self.memo[fast] = self._pick(scheme, shape, rows, kernels, timer)
+        return hit
+
+    def _pick(self, scheme: str, shape: tuple[int, int], rows: int, kernels: list[str], timer: Timer) -> str:
+        if mode() == "on":
+            return next((k for k in kernels if k != "torch"), kernels[0])
+        key = f"{scheme}|{shape[0]}x{shape[1]}|rows{row_bucket(rows)}|{'/'.join(sorted(kernels))}"
+        host = host_fingerprint()
+        with self.lock:
+            self._load(host)
+            known = self.choices.get(key)
+            if known is not None and known["kernel"] in kernels:
+                return known["kernel"]
+            times = measure(kernels, timer)
+            best = min(times, key=times.get)
+            self.choices[key] = {"kernel": best, "ms": {k: round(v * 1e3, 4) for k, v in times.items()}}
+            self._save(host)
+            return best
+
+    def _save(self, host: str) -> None:
+        data = {"version": CHOICE_VERSION, "host": host_description(), "choices": self.choices}
+        with contextlib.suppress(OSError):  # a read-only cache still runs, measuring again next time
+            atomic_write_text(self.path(host), json.dumps(data, indent=1, sort_keys=True))
+
+    def forget(self) -> None:
+        """Drop the choices in memory (tests; a changed DASHSKIP_SMALL_GEMM)."""
+        with self.lock:
+            self.memo.clear()
+            self.loaded_for, self.choices = None, {}
+
+    def table(self) -> list[tuple[str, str, dict]]:
+        """(key, chosen kernel, ms per candidate) of every choice made on this host."""
+        with self.lock:
+            self._load(host_fingerprint())
+            return [(k, v["kernel"], v["ms"]) for k, v in sorted(self.choices.items())]
+
+
+CHOICE = KernelChoice()
+FLUSH_BYTES = 64 << 20  # more than the last-level caches seen: a decode step streams every weight from memory
+
+
+@functools.cache
+def _flush_buffer() -> torch.Tensor:
+    with torch.inference_mode(False):  # a plain tensor, whatever mode the first measurement ran in
+        return torch.ones(FLUSH_BYTES // 4)
+
+
+def measure(kernels: list[str], timer: Timer, rounds: int = 5) -> dict[str, float]:
+    """Median seconds per kernel, interleaved over rounds, each call with cold caches as in a decode step. A kernel
+    that fails on this shape (torch's INT8 kernel wants widths it supports) is never chosen."""
+    flush = _flush_buffer()
+    samples: dict[str, list[float]] = {}
+    for k in kernels:
+        try:
+            timer(k)  # first call: packing, allocation
+            samples[k] = []
+        except RuntimeError:
+            continue
+    for _ in range(rounds):
+        for k in samples:
+            flush.sum()  # reads more than the caches hold: the candidate starts cold
+            samples[k].append(timer(k))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def time_call(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

@@ -1,0 +1,309 @@
+"""The DASH scoring model, its decision function, and the policy file.
+
+G(h, l_i, l_{i+1}, s_i)[s] = MLP([h ; E(l_i) ; E(l_{i+1})])[s] - alpha * |s - s_i|   (METHOD.md eq. 8-10)
+
+One output per state the policy was built with (by name: skip, int4, int8, full; any registered state can be
+one), s being the state's level (its bits / 4, METHOD.md's 0/1/2/4). At inference the decision is greedy
+(eq. 18) on G - bias * c(s): the per-state cost bias is what turns one trained
+policy into any operating point (1.33x, 1.67x, 2.0x, ...); its value per target
+is found on held-out text after training and stored in the policy file.
+
+Asynchronous mode (eq. 19-20) decides layer i+1 from scale_i * h_i, the input of
+layer i, at the moment layer i starts; synchronous mode decides layer i+1 from
+its real input h_{i+1}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dashskip.core.context import StateChoice
+from dashskip.core.decisions import Decider, StepInfo
+from dashskip.core.files import load_artifact, load_weights, save_artifact
+from dashskip.core.kernels import compiled_rows, extension
+from dashskip.core.states import State, by_name, code_lookup, parse, spec
+from dashskip.errors import DashskipError
+
+RMS_EPS = 1e-6
+POLICY_FORMAT = "dashskip-policy"
+POLICY_VERSION = 2
+BUILTIN_STATES = ("skip", "int4", "int8", "full")  # version 1 files: outputs for codes 0, 1, 2, 4 in this order
+
+
+@dataclass
+class PolicyConfig:
+    """Sizes of the scoring model. Defaults: d_l = 16, d1 = 256, d2 = 64 (608 -> 256 -> 64 -> 4 on SmolLM2)."""
+
+    hidden_size: int
+    num_layers: int
+    layer_dim: int = 16
+    hidden1: int = 256
+    hidden2: int = 64
+    change_penalty: float = 0.05  # alpha in eq. 8: penalty per unit of |s - s_i|
+    mode: str = "async"  # or "sync"
+    full_prior: float = 3.0  # initial score advantage of the full state (P(full) ~ 0.87 at temperature 1)
+    # The scoring model's outputs, by state name; the file stores the names, so codes never leak into it.
+    states: tuple[str, ...] = BUILTIN_STATES
+    # States the policy may choose (names or codes); the others are masked out of its scores, in training and
+    # inference alike.
+    allowed: tuple[str | int, ...] = BUILTIN_STATES
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("async", "sync"):
+            raise DashskipError(f"decision mode must be 'async' or 'sync', got '{self.mode}'")
+        self.states = tuple(spec(parse(s)).name for s in self.states)
+        allowed = {spec(parse(s)).name for s in self.allowed}
+        if not allowed <= set(self.states) or "full" not in allowed:
+            raise DashskipError(
+                f"allowed states must be among {', '.join(self.states)} and include full; got {sorted(allowed)}"
+            )
+        self.allowed = tuple(n for n in self.states if n in allowed)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """Output index k <-> state code codes[k]."""
+        return torch.tensor([by_name(n).code for n in self.states])
+
+    @property
+    def levels(self) -> torch.Tensor:
+        """Each output's state level s (bits / 4): what the change penalty |s - s_i| measures."""
+        return torch.tensor([by_name(n).level for n in self.states])
+
+    def level_of(self, codes: torch.Tensor) -> torch.Tensor:
+        return code_lookup({by_name(n).code: by_name(n).level for n in self.states})[codes.long()]
+
+    def index_of(self, codes: torch.Tensor) -> torch.Tensor:
+        """State codes -> output indices."""
+        return code_lookup({by_name(n).code: float(k) for k, n in enumerate(self.states)}).long()[codes.long()]
+
+    def state_mask(self) -> torch.Tensor:
+        """0 for allowed states, a large negative score for the others (one per output index)."""
+        return torch.tensor([0.0 if n in self.allowed else -1e9 for n in self.states])
+
+
+class ScoringModel(nn.Module):
+    """MLP over the (RMS-normalised) hidden state and two layer-position embeddings; one score per state."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_embedding = nn.Embedding(config.num_layers, config.layer_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.hidden_size + 2 * config.layer_dim, config.hidden1),
+            nn.GELU(),
+            nn.Linear(config.hidden1, config.hidden2),
+            nn.GELU(),
+            nn.Linear(config.hidden2, len(config.states)),
+        )
+        with torch.no_grad():  # start close to the full model: sampling from a uniform policy is all noise
+            self.mlp[-1].bias.copy_(torch.tensor([config.full_prior if n == "full" else 0.0 for n in config.states]))
+
+    def forward(self, hidden: torch.Tensor, current: int, nxt: int, previous: torch.Tensor) -> torch.Tensor:
+        """Scores (..., states) for the state of layer `nxt`, deciding from layer `current` in state `previous`."""
+        # Hidden-state norms differ by orders of magnitude across layers; the decision should not.
+        h = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=RMS_EPS)
+        shape = h.shape[:-1]
+        pos = self.layer_embedding(torch.tensor([current, nxt])).reshape(-1)
+        x = torch.cat([h, pos.expand(*shape, pos.numel())], dim=-1)
+        change = (self.config.levels - self.config.level_of(previous)[..., None]).abs()
+        return self.mlp(x) - self.config.change_penalty * change + self.config.state_mask()
+
+
+class GreedyScorer:
+    """The scoring model folded for inference: what can be computed once is computed once.
+
+    The layer embeddings only shift the first layer's bias, the change penalty and cost bias only shift the
+    last one, and the RMS normalisation commutes with the first product (so it is a division after it, and the
+    async scale `scale_i`, which it cancels, need not be applied). Per decision there remain three small
+    products, a norm and two GELUs: at batch 1 their cost is per-op overhead, so few rows with one previous
+    state run them as one compiled call (`csrc/layer_ops.cpp`, ~10x cheaper), the rest as torch ops.
+    """
+
+    def __init__(self, model: ScoringModel, cost_bias: torch.Tensor) -> None:
+        cfg, first, middle, last = model.config, model.mlp[0], model.mlp[2], model.mlp[4]
+        with torch.no_grad():
+            d = cfg.hidden_size
+            emb = model.layer_embedding.weight
+            pairs = torch.cat([emb[:-1], emb[1:]], dim=1)  # row i: (E(i), E(i+1))
+            # rms(h) = ||h|| / sqrt(d): fold sqrt(d) into the weight, divide by ||h|| after the product
+            self.w1 = (first.weight[:, :d].t() * d**0.5).contiguous()
+            self.b1 = list((first.bias + pairs @ first.weight[:, d:].t()).unbind(0))  # per layer, (hidden1,)
+            self.w2, self.b2 = middle.weight.t().contiguous(), middle.bias.clone()
+            self.w3 = last.weight.t().contiguous()
+            levels = cfg.levels
+            change = (levels[None, :] - levels[:, None]).abs()  # (previous index, state)
+            b3 = last.bias - cfg.change_penalty * change - cost_bias + cfg.state_mask()  # (states, states)
+            self.b3_table = b3
+            self.b3 = dict(zip(cfg.codes.tolist(), b3.unbind(0), strict=True))
+        self.dim = d
+        self.config = cfg
+        self.codes = cfg.codes
+        self.code_list = self.codes.tolist()
+
+    def __call__(self, hidden: torch.Tensor, current: int, previous: StateChoice) -> StateChoice:
+        """Chosen states for layer current+1, an int for one row (the engine's uniform fast path) or a tensor of
+        the hidden state's leading shape; `hidden` unscaled or scaled alike."""
+        flat = hidden.reshape(-1, self.dim)
+        if not isinstance(previous, torch.Tensor) and compiled_rows(flat):  # few rows: one compiled call
+            index = extension().decide(flat.contiguous(), self.w1, self.b1[current], self.w2, self.b2, self.w3,
+                                       self.b3[previous], RMS_EPS)  # fmt: skip
+            return self.states(index, hidden.shape[:-1])
+        flat = flat.float()
+        norm = torch.linalg.vector_norm(flat, dim=-1, keepdim=True).clamp_(min=RMS_EPS)
+        x = F.gelu(torch.addcdiv(self.b1[current], flat @ self.w1, norm))
+        x = F.gelu(torch.addmm(self.b2, x, self.w2))
+        if isinstance(previous, torch.Tensor):
+            scores = x @ self.w3 + self.b3_table[self.config.index_of(previous.reshape(-1))]
+        else:
+            scores = torch.addmm(self.b3[previous], x, self.w3)
+        return self.states(scores.argmax(-1), hidden.shape[:-1])
+
+    def states(self, index: list[int] | torch.Tensor, shape: torch.Size) -> StateChoice:
+        """Output indices as states: a plain int for one row keeps the engine on its uniform fast path."""
+        if len(index) == 1:
+            return self.code_list[int(index[0])]
+        return self.codes[torch.as_tensor(index)].reshape(shape)
+
+
+@dataclass
+class Record:
+    """One recorded decision batch, to recompute log-probabilities with gradients during training."""
+
+    hidden: torch.Tensor
+    current: int
+    nxt: int
+    previous: torch.Tensor
+    index: torch.Tensor  # chosen output index, (batch, tokens)
+
+
+class PolicyDecider(Decider):
+    """Decides states with a scoring model: greedy (inference) or sampled at a temperature (training)."""
+
+    def __init__(
+        self,
+        model: ScoringModel,
+        scales: torch.Tensor,
+        costs: torch.Tensor,
+        bias: float = 0.0,
+        mode: str | None = None,
+        temperature: float | None = None,
+        generator: torch.Generator | None = None,
+        record: bool = False,
+    ) -> None:
+        self.model = model
+        self.scales = scales
+        self.cost_bias = bias * costs  # (states,), subtracted from the scores
+        self.mode = mode or model.config.mode
+        self.temperature = temperature
+        self.generator = generator
+        self.record = record
+        self.records: list[Record] = []
+        self.pending: StateChoice | None = None
+        self.last = model.config.num_layers - 1
+        self.greedy = GreedyScorer(model, self.cost_bias) if temperature is None and not record else None
+
+    def begin(self, step: StepInfo) -> None:
+        self.pending = None
+
+    @torch.no_grad()
+    def choose(self, hidden: torch.Tensor, current: int, nxt: int, previous: StateChoice) -> StateChoice:
+        if self.greedy is not None:
+            return self.greedy(hidden, current, previous)
+        prev = previous if isinstance(previous, torch.Tensor) else torch.full(hidden.shape[:-1], previous)
+        scores = self.model(hidden, current, nxt, prev) - self.cost_bias
+        if self.temperature is None:
+            index = scores.argmax(-1)
+        else:
+            probs = F.softmax(scores / self.temperature, dim=-1).reshape(-1, scores.shape[-1])
+            index = torch.multinomial(probs, 1, generator=self.generator).reshape(scores.shape[:-1])
+        if self.record:
+            self.records.append(Record(hidden.detach().clone(), current, nxt, prev.clone(), index))
+        return self.model.config.codes[index]
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        if self.mode == "sync":
+            if layer in (0, self.last):
+                return int(State.FULL)
+            return self.choose(hidden, layer - 1, layer, previous)
+        current = self.pending if self.pending is not None else int(State.FULL)
+        self.pending = None
+        if layer + 1 < self.last:  # decide layer+1 now, from the scaled input of this layer
+            scaled = hidden if self.greedy is not None else hidden * self.scales[layer]  # the scorer cancels it
+            self.pending = self.choose(scaled, layer, layer + 1, current)
+        return current
+
+
+@dataclass
+class DashPolicy:
+    """A trained scoring model plus everything needed to use it safely on its model."""
+
+    model: ScoringModel
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> PolicyConfig:
+        return self.model.config
+
+    def check(self, fingerprint: str) -> None:
+        if self.meta.get("fingerprint") != fingerprint:
+            raise DashskipError(
+                f"policy was trained on another model (fingerprint {self.meta.get('fingerprint')}, this model "
+                f"{fingerprint}); train one for this model with `dashskip train`"
+            )
+
+    def scales(self) -> torch.Tensor:
+        return torch.tensor(self.meta["scales"], dtype=torch.float32)
+
+    def costs(self) -> torch.Tensor:
+        """The cost of each output's state in the table the operating points were calibrated with."""
+        table = self.meta["cost_table"]
+        return torch.tensor([float(table[str(c)]) for c in self.config.codes.tolist()])
+
+    def max_speedup(self) -> float:
+        curve = self.meta.get("ratio_curve") or []
+        return max((r for _, r in curve), default=1.0)
+
+    def bias_for(self, speedup: float) -> float:
+        """Cost bias that delivers `speedup` (compute ratio), interpolated on the held-out ratio curve."""
+        if not speedup >= 1.0:
+            raise DashskipError(f"speedup must be >= 1.0 (1.0 = every layer in full), got {speedup}")
+        points = self.meta.get("operating_points", {})
+        if f"{speedup:.2f}" in points:
+            return float(points[f"{speedup:.2f}"])
+        curve = sorted(self.meta.get("ratio_curve") or [], key=lambda p: p[1])
+        if not curve or speedup > curve[-1][1] + 1e-9:
+            raise DashskipError(
+                f"speedup {speedup} is above the range this policy was calibrated for (up to "
+                f"{self.max_speedup():.2f}); ask for less, or re-run `dashskip train` with a higher --speedup"
+            )
+        if speedup <= curve[0][1]:
+            return float(curve[0][0])
+        for (b0, r0), (b1, r1) in zip(curve, curve[1:], strict=False):
+            if r0 <= speedup <= r1:
+                t = 0.0 if r1 == r0 else (speedup - r0) / (r1 - r0)
+                return float(b0 + t * (b1 - b0))
+        return float(curve[-1][0])
+
+    def decider(self, speedup: float, mode: str | None = None) -> PolicyDecider:
+        return PolicyDecider(self.model, self.scales(), self.costs(), self.bias_for(speedup), mode=mode)
+
+    def save(self, path: str | Path) -> None:
+        meta = {**self.meta, "format": POLICY_FORMAT, "version": POLICY_VERSION, "policy_config": asdict(self.config)}
+        save_artifact(path, self.model, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> DashPolicy:
+        remedy = "train one with `dashskip train` (or re-copy the file)"
+        tensors, meta = load_artifact(path, "policy", POLICY_FORMAT, (1, POLICY_VERSION), remedy)
+        config = meta.pop("policy_config")
+        if meta.get("version") == 1 and "allowed" in config:  # outputs for codes 0, 1, 2, 4; allowed by code
+            config["allowed"] = [spec(int(c)).name for c in config["allowed"]]
+        model = ScoringModel(PolicyConfig(**config))
+        load_weights(model, tensors, "policy", path)
+        return cls(model, meta)

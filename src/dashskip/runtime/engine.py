@@ -1,0 +1,235 @@
+"""The layer-wise engine: prefill and cached decode with a state per token and layer.
+
+Flat and explicit, in the style of gpt-fast: embed, then for each layer ask the decider, run the layer in the
+states it chose (`models.layer.DecoderLayer`; a skipped row's output is `scale_i * x`, its K/V by the engine's
+rule), then norm and head. One step = one call of `step()`. Everything a step needs travels with it (a
+`StepContext`, a `Rows` per layer): the engine holds no per-step state, so its callers may interleave steps of
+different sessions and deciders freely.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from dashskip.core.cache import KVCache, KVRule
+from dashskip.core.context import Rows, StateChoice, StepContext
+from dashskip.core.decisions import Decider, StepInfo, Wrapper
+from dashskip.core.states import State, check_state, check_state_tensor
+from dashskip.errors import DashskipError
+from dashskip.models.backbone import Backbone
+
+
+def build_mask(
+    key_valid: torch.Tensor | None, start: int, end: int, window: int | None, batch: int
+) -> torch.Tensor | None:
+    """Boolean (batch, 1, tokens, keys) mask for sdpa, or None where sdpa's own causal path gives the same result."""
+    tokens = end - start
+    fits_window = window is None or end <= window
+    if key_valid is None and fits_window and (tokens == 1 or start == 0):
+        return None
+    q = torch.arange(start, end)[:, None]
+    k = torch.arange(end)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    allowed = allowed[None].expand(batch, tokens, end)
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :end].bool()
+        # A left-padding query sees no key at all; let it see everything rather than produce NaN.
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    return allowed[:, None]
+
+
+def key_begins(key_valid: torch.Tensor | None, end: int) -> torch.Tensor | None:
+    """Each row's first real key slot if every row's real keys are one run up to `end` (left padding), else None;
+    an empty tensor when there is no padding at all."""
+    if key_valid is None:
+        return torch.empty(0, dtype=torch.long)
+    valid = key_valid[:, :end]
+    begins = (~valid).long().cumprod(-1).sum(-1)  # leading padding per row
+    if not bool((valid.sum(-1) == end - begins).all()):
+        return None
+    return begins.contiguous()
+
+
+class _FullFor(Wrapper):
+    """`decider`, except that the given (batch, tokens) rows run every layer in full."""
+
+    def __init__(self, decider: Decider, rows: torch.Tensor) -> None:
+        super().__init__(decider)
+        self.rows = rows
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        answer = self.decider(layer, hidden, previous)
+        return torch.where(self.rows, int(State.FULL), torch.as_tensor(answer).expand(self.rows.shape))
+
+
+@dataclass
+class StepResult:
+    hidden: torch.Tensor  # (batch, tokens, hidden), after the last layer (before norm)
+    states: torch.Tensor  # (batch, tokens, layers) int8 states actually run
+
+
+@dataclass
+class Session:
+    """A KV cache plus the padding mask of everything it holds."""
+
+    cache: KVCache
+    key_valid: torch.Tensor | None = None  # (batch, length) bool; None = no padding anywhere
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (rejected drafts); the kept ones are not recomputed."""
+        self.cache.truncate(length)
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid[:, :length]
+
+    def positions(self, tokens: int) -> torch.Tensor:
+        """Position ids of the next `tokens` tokens of every row: real tokens before them, padding not counted."""
+        start, batch = self.cache.length, self.cache.batch
+        if self.key_valid is None:
+            return torch.arange(start, start + tokens).expand(batch, tokens)
+        return (self.key_valid.long().cumsum(-1) - 1)[:, start : start + tokens].clamp(min=0)
+
+    def extend_valid(self, attention_mask: torch.Tensor | None, tokens: int) -> None:
+        """Record which of the step's `tokens` new tokens are real (`attention_mask`, None: all)."""
+        batch, length = self.cache.batch, self.cache.length
+        valid = None if attention_mask is None else attention_mask.bool()
+        if self.key_valid is None and (valid is None or bool(valid.all())):
+            return
+        if self.key_valid is None:
+            self.key_valid = torch.ones(batch, length, dtype=torch.bool)
+        step_valid = valid if valid is not None else torch.ones(batch, tokens, dtype=torch.bool)
+        self.key_valid = torch.cat([self.key_valid[:, :length], step_valid], dim=1)
+
+
+class Engine:
+    """Runs a `Backbone` token by token and layer by layer with per-token execution states."""
+
+    def __init__(
+        self, backbone: Backbone, scales: torch.Tensor | None = None, kv_rule: str | KVRule = "project"
+    ) -> None:
+        self.backbone = backbone
+        n = backbone.num_layers
+        self.scales = torch.ones(n) if scales is None else torch.as_tensor(scales, dtype=torch.float32)
+        if self.scales.shape != (n,):
+            raise DashskipError(f"{self.scales.numel()} skip scales given for a model with {n} layers")
+        self.kv_rule = KVRule.parse(kv_rule)
+        self._warned_nonfinite = False
+
+    def new_session(self, batch: int, capacity: int = 256) -> Session:
+        cfg = self.backbone.config
+        cache = KVCache(
+            self.backbone.num_layers,
+            batch,
+            cfg.num_key_value_heads,
+            self.backbone.layers[0].head_dim,
+            self.backbone.dtype,
+            self.backbone.device,
+            capacity,
+        )
+        return Session(cache)
+
+    def context(self, session: Session, x: torch.Tensor, positions: torch.Tensor) -> StepContext:
+        """Rope, masks and padding of a step whose K/V `session.cache.begin_step` placed."""
+        bb, cache = self.backbone, session.cache
+        masks = {w: build_mask(session.key_valid, cache.start, cache.end, w, x.shape[0]) for w in set(bb.windows)}
+        return StepContext(positions, bb.rope(x, positions), masks, cache, self.kv_rule,
+                           key_begins(session.key_valid, cache.end))  # fmt: skip
+
+    @staticmethod
+    def _normalize(choice: StateChoice, batch: int, tokens: int) -> StateChoice:
+        if isinstance(choice, torch.Tensor):
+            if choice.shape != (batch, tokens):
+                raise DashskipError(
+                    f"decider returned states of shape {tuple(choice.shape)}, expected {(batch, tokens)}"
+                )
+            check_state_tensor(choice)
+            first = choice.reshape(-1)[0]
+            if bool((choice == first).all()):
+                return int(first)
+            return choice
+        return check_state(choice)
+
+    def _warn_nonfinite(self, states: torch.Tensor) -> None:
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            layers = sorted({int(i) for i in torch.nonzero(states != State.FULL)[:, -1]})
+            warnings.warn(
+                f"non-finite hidden state after a skipped/quantized path (layers {layers}); those tokens were rerun "
+                "in full (warned once per engine)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def run_layer(self, i: int, rows: Rows, x: torch.Tensor, step: StepContext, scale: torch.Tensor, plan=None):
+        """Layer i for every token of the step, each in its state (a subclass may add to a layer's output)."""
+        bb = self.backbone
+        layer_type, window = bb.layer_types[i], bb.windows[i]
+        return bb.layers[i](rows, x, step, step.ropes[layer_type], step.masks[window], scale, plan)
+
+    def _layers(
+        self, x: torch.Tensor, decider: Decider, info: StepInfo, step: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        bb = self.backbone
+        batch, tokens = x.shape[:2]
+        traits = decider.traits
+        decider.begin(info)
+        states = torch.full((batch, tokens, bb.num_layers), int(State.FULL), dtype=torch.int8)
+        previous: StateChoice = int(State.FULL)
+        forced_full = {0} if traits.may_skip_last else {0, bb.num_layers - 1}
+        scales = self.scales if traits.skip_scales is None else traits.skip_scales
+        plan = traits.sublayers
+        for i in range(bb.num_layers):
+            # Every layer is shown to the decider (an asynchronous policy decides layer i+1 while layer i runs),
+            # but the first layer always runs in full whatever it answers, and so does the last unless the decider
+            # exits early; a planned layer runs its kept sublayers in full.
+            answer = decider(i, x, previous)
+            choice = int(State.FULL) if i in forced_full or i in plan else self._normalize(answer, batch, tokens)
+            x = self.run_layer(i, Rows.of(choice), x, step, scales[i], plan.get(i))
+            states[:, :, i] = choice if isinstance(choice, int) else choice.to(torch.int8)
+            previous = choice
+        return x, states
+
+    @torch.no_grad()
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        session: Session,
+        decider: Decider | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> StepResult:
+        """Run `input_ids` (batch, tokens) through every layer, appending their K/V to the session.
+
+        `attention_mask` (batch, tokens), 1 for real tokens, 0 for padding, covers only the new tokens.
+        """
+        bb, cache = self.backbone, session.cache
+        batch, tokens = input_ids.shape
+        if tokens == 0:
+            raise DashskipError("empty input: give at least one token")
+        if batch != cache.batch:
+            raise DashskipError(f"a batch of {batch} rows for a session of {cache.batch}")
+        session.extend_valid(attention_mask, tokens)
+        decider = decider or Decider()
+        positions = session.positions(tokens)
+        cache.begin_step(tokens)
+        x = bb.embed(input_ids)
+        step = self.context(session, x, positions)
+        info = StepInfo(positions=positions, prefill=cache.start == 0, num_layers=bb.num_layers)
+        hidden, states = self._layers(x, decider, info, step)
+        # One check per step, not per layer: a skipped or quantized path that blew up is rare, and rerunning
+        # the affected tokens in full (overwriting this step's K/V) is cheaper than checking 30 layers per token.
+        bad = ~torch.isfinite(hidden).all(-1)
+        if bool(bad.any()):
+            self._warn_nonfinite(states[bad])
+            hidden, states = self._layers(x, _FullFor(decider, bad), info, step)
+        cache.end_step()
+        decider.end(states)
+        return StepResult(hidden, states)
+

@@ -1,0 +1,202 @@
+"""The engine's decoder layer (models/layer.py) and its compiled ops: equal to the transformers layer (and to
+torch's own ops) up to float rounding, for every family, in every state, for decode, verification-sized and
+prefill steps, compiled or not."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dashskip import Backbone
+from dashskip.core import kernels
+from dashskip.core.cache import KVCache, KVRule
+from dashskip.core.context import Rows, StepContext
+from dashskip.core.handlers import int4_codes, quantize_int8
+from dashskip.core.states import State
+from dashskip.runtime.engine import build_mask
+from tests.conftest import FAMILIES, tiny_model
+
+# fp32 agrees to rounding; the quantized states round activations to bf16 (and torch's kernels their outputs),
+# where one rounding step is ~4e-3 relative.
+TOLERANCE = {State.FULL: 1e-5, State.INT8: 2e-2, State.INT4: 2e-2}
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if kernels._cpu_supports() is not None:
+        pytest.skip(f"kernels not for this CPU: {kernels._cpu_supports()}")
+    return kernels.extension()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+class Dequantized(nn.Module):
+    """A linear with the weight a quantized state computes with, on bf16-rounded activations: the reference."""
+
+    def __init__(self, linear: nn.Linear, state: int) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        if state == State.INT8:
+            q, scales = quantize_int8(w)
+            w = q.float() * scales.float()[:, None]
+        elif state == State.INT4:
+            codes, scales, lo = int4_codes(w)
+            w = (codes.view(w.shape[0], -1, 64).float() * scales[..., None] + lo[..., None]).view_as(w)
+        self.weight, self.bias, self.state = w, linear.bias, state
+
+    def forward(self, x):
+        if self.state == State.FULL:
+            return F.linear(x, self.weight, self.bias)
+        out = (x.bfloat16().float() @ self.weight.T).bfloat16().float()
+        return out if self.bias is None else out + self.bias
+
+
+def in_state(layer: nn.Module, state: int) -> nn.Module:
+    """A copy of a transformers layer whose linears compute as `state` does."""
+    layer = copy.deepcopy(layer)
+    for parent in list(layer.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, Dequantized(child, state))
+    return layer
+
+
+class ReferenceCache:
+    """What transformers' attention needs of a cache: `update` returns the prefix plus the new K/V."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, layer: int) -> None:
+        self.keys, self.values, self.layer, self.new = keys, values, layer, None
+
+    def update(self, key, value, layer_idx, **_):
+        assert layer_idx == self.layer
+        self.new = key, value
+        return torch.cat([self.keys, key], 2), torch.cat([self.values, value], 2)
+
+
+def filled_cache(bb: Backbone, prefix: int) -> KVCache:
+    cfg = bb.config
+    cache = KVCache(bb.num_layers, 1, cfg.num_key_value_heads, cfg.head_dim, torch.float32, torch.device("cpu"), 64)
+    gen = torch.Generator().manual_seed(5)
+    for store in (cache.keys, cache.values):
+        for t in store:
+            t[:, :, :prefix] = torch.randn(t[:, :, :prefix].shape, generator=gen)
+    cache.length = prefix
+    return cache
+
+
+def step_context(bb: Backbone, cache: KVCache, x: torch.Tensor, prefix: int, compiled: bool) -> StepContext:
+    tokens = x.shape[1]
+    positions = torch.arange(prefix, prefix + tokens)[None]
+    cache.begin_step(tokens)
+    masks = {w: build_mask(None, prefix, prefix + tokens, w, 1) for w in set(bb.windows)}
+    # key_begins None: the compiled attention does not apply, torch's ops with the mask run
+    begins = torch.empty(0, dtype=torch.long) if compiled else None
+    return StepContext(positions, bb.rope(x, positions), masks, cache, KVRule.PROJECT, begins)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("state", [State.FULL, State.INT8, State.INT4])
+@pytest.mark.parametrize("prefix, tokens", [(9, 1), (9, 5), (0, 7), (3, 20)])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_layer_equals_the_transformers_layer(ops, family, state, prefix, tokens, compiled):
+    """Same output and same K/V in the cache as the transformers layer with the same weights and state."""
+    bb = Backbone(tiny_model(family))
+    x = torch.randn(1, tokens, bb.config.hidden_size, generator=torch.Generator().manual_seed(tokens)) * 2
+    ours = filled_cache(bb, prefix)
+    step = step_context(bb, ours, x, prefix, compiled)
+    for i in (1, 4):
+        rope, mask = step.ropes[bb.layer_types[i]], step.masks[bb.windows[i]]
+        reference = ReferenceCache(ours.keys[i][:, :, :prefix], ours.values[i][:, :, :prefix], i)
+        want = in_state(bb.hf_layers[i], state)(x, attention_mask=mask, position_embeddings=rope, cache=reference)
+        got = bb.layers[i](Rows(int(state)), x, step, rope, mask, torch.tensor(1.0))
+        assert rel_err(got, want) < TOLERANCE[state]
+        end = prefix + tokens
+        for a, b in ((ours.keys[i], reference.new[0]), (ours.values[i], reference.new[1])):
+            assert rel_err(a[:, :, prefix:end], b) < TOLERANCE[state]
+
+
+def test_every_family_gets_the_engines_layers():
+    for family in FAMILIES:
+        bb = Backbone(tiny_model(family))
+        assert len(bb.layers) == bb.num_layers == 6
+
+
+@pytest.mark.parametrize("state", [State.FULL, State.INT8, State.INT4])
+def test_fused_projections_give_their_parts_outputs_side_by_side(state):
+    from dashskip.core.linear import Linear
+
+    bb = Backbone(tiny_model("qwen2"))  # qwen2's q/k/v have biases: the fused bias is exercised too
+    attn, mlp = bb.hf_layers[2].self_attn, bb.hf_layers[2].mlp
+    layer = bb.layers[2]
+    pairs = ((layer.qkv, (attn.q_proj, attn.k_proj, attn.v_proj)), (layer.gate_up, (mlp.gate_proj, mlp.up_proj)))
+    for fused, parts in pairs:
+        for rows in (1, 3, 70):  # 70: past every compiled kernel's range
+            x = torch.randn(1, rows, bb.config.hidden_size)
+            want = torch.cat([Linear([p.weight], [p.bias])(int(state), x) for p in parts], dim=-1)
+            torch.testing.assert_close(fused(int(state), x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_compiled_rms_norm_equals_torch(ops, rows):
+    x, weight = torch.randn(1, rows, 576) * 3, torch.randn(576)
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), F.rms_norm(x, (576,), weight, 1e-5))
+
+
+@pytest.mark.parametrize("start, tokens", [(0, 1), (0, 6), (11, 1), (11, 5)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_compiled_attention_equals_sdpa_with_the_causal_mask(ops, start, tokens, padded):
+    """Query t at slot start + t sees keys begin..start + t; 6 query heads share 2 key/value heads; with
+    `padded`, each row's keys before its own first slot are left padding."""
+    gen = torch.Generator().manual_seed(start + tokens)
+    q = torch.randn(2, 6, tokens, 16, generator=gen)
+    keys, values = (torch.randn(2, 2, 32, 16, generator=gen) for _ in range(2))
+    end = start + tokens
+    begins = torch.tensor([0, min(3, start)]) if padded else torch.empty(0, dtype=torch.long)
+    allowed = (torch.arange(end)[None, :] <= torch.arange(start, end)[:, None])[None].expand(2, tokens, end).clone()
+    if padded:
+        allowed &= torch.arange(end)[None, None, :] >= begins[:, None, None]
+    want = F.scaled_dot_product_attention(
+        q, keys[:, :, :end], values[:, :, :end], attn_mask=allowed[:, None], scale=0.3, enable_gqa=True
+    )
+    got = ops.causal_attention(q, keys, values, start, 0.3, begins)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, tokens, 6 * 16), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_rope_and_cache_write_rotate_like_transformers(ops):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    heads, kv, dh, tokens, start = 4, 2, 16, 3, 5
+    qkv = torch.randn(1, tokens, (heads + 2 * kv) * dh)
+    angle = torch.randn(1, tokens, dh // 2).repeat(1, 1, 2)
+    cos, sin = angle.cos(), angle.sin()
+    keys, values = torch.zeros(1, kv, 16, dh), torch.zeros(1, kv, 16, dh)
+    q = ops.rope_and_cache(qkv, cos, sin, keys, values, heads, start)
+    split = qkv.view(1, tokens, heads + 2 * kv, dh).transpose(1, 2)
+    want_q, want_k = apply_rotary_pos_emb(split[:, :heads], split[:, heads : heads + kv], cos, sin)
+    torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(keys[:, :, start : start + tokens], want_k)
+    torch.testing.assert_close(values[:, :, start : start + tokens], split[:, heads + kv :])
+    assert not keys[:, :, :start].any() and not keys[:, :, start + tokens :].any()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tokens", [1, 5, 20])  # 20: past the compiled ops' range, torch's ops
+def test_skipped_tokens_kv_equals_the_layers_own_projection(ops, family, tokens):
+    """The 'project' rule: the K/V the transformers layer itself would store for the token's input."""
+    bb = Backbone(tiny_model(family))
+    x = torch.randn(1, tokens, bb.config.hidden_size) * 2
+    cache = filled_cache(bb, 4)
+    step = step_context(bb, cache, x, 4, compiled=True)
+    rope = step.ropes[bb.layer_types[3]]
+    out = bb.layers[3].skip(x, step, rope, torch.tensor(1.5))
+    torch.testing.assert_close(out, 1.5 * x)
+    reference = ReferenceCache(cache.keys[3][:, :, :4], cache.values[3][:, :, :4], 3)
+    bb.hf_layers[3](x, attention_mask=step.masks[bb.windows[3]], position_embeddings=rope, cache=reference)
+    torch.testing.assert_close(cache.keys[3][:, :, 4 : 4 + tokens], reference.new[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.values[3][:, :, 4 : 4 + tokens], reference.new[1], rtol=1e-5, atol=1e-5)
