@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from dashskip.methods.baselines import FixedExit
 
 from dashskip.api import from_pretrained
 from dashskip.core.decisions import AtMost, Decider, FixedStates
 from dashskip.core.states import State
 from dashskip.data import load_text, token_windows
 from dashskip.measure.calibration import calibrate
+from dashskip.methods.exits import FixedExit
 from dashskip.runtime.engine import Engine
 from dashskip.runtime.generation import DraftLength, generate, generate_lossless
 
@@ -54,7 +54,12 @@ def decode(engine: Engine, config: Config, ids: torch.Tensor, new_tokens: int):
         out, stats = generate(engine, ids, max_new_tokens=new_tokens), None
     else:
         out, stats = generate_lossless(
-            engine, ids, config.draft, new_tokens, length=config.length(), draft_engine=config.draft_engine
+            engine,
+            ids,
+            config.draft,
+            max_new_tokens=new_tokens,
+            length=config.length(),
+            draft_engine=config.draft_engine,
         )
     return time.perf_counter() - t0, out.sequences, stats
 

@@ -12,14 +12,14 @@ import argparse
 import json
 import time
 
-from dashskip.methods.baselines import QUANT_METHODS, sensitivity_for, static_mixed, static_similarity
-
 from dashskip.api import bundled_policy, from_pretrained
 from dashskip.data import load_text
 from dashskip.errors import DashskipError
 from dashskip.eval.evaluation import perplexity, perplexity_windows
 from dashskip.measure.calibration import Calibration
+from dashskip.methods import MethodOptions, build_decider
 from dashskip.methods.dash.policy import DashPolicy
+from dashskip.methods.quantized import QUANT_METHODS
 
 
 def main() -> None:
@@ -37,7 +37,10 @@ def main() -> None:
         help="add async rows whose request is corrected once so the *measured* ratio meets the target",
     )
     args = parser.parse_args()
-    policy = DashPolicy.load(args.policy or bundled_policy(args.model))
+    policy_file = args.policy or bundled_policy(args.model)
+    if policy_file is None:
+        parser.error(f"no trained policy ships for '{args.model}'; pass --policy FILE")
+    policy = DashPolicy.load(policy_file)
     dm = from_pretrained(args.model, policy=policy)
     windows = perplexity_windows(dm.tokenizer, load_text("wikitext2"), args.context, args.limit)
     calibration = Calibration.load(args.calibration)
@@ -51,13 +54,16 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
 
+    # The baselines come from the methods registry: "static" is static similarity skipping with the given
+    # calibration, the QUANT_METHODS names are static mixed precision from the model's (cached) sensitivity table.
+    ctx = dm.method_context(progress=False)
+    options = MethodOptions(calibration=calibration)
     record("full", 1.0, None)
-    sensitivity = sensitivity_for(dm)
     for target in [float(s) for s in args.speedups.split(",")]:
-        record("static-similarity", target, static_similarity(calibration, dm.costs, target))
-        for name, allowed in QUANT_METHODS.items():
+        record("static-similarity", target, build_decider(ctx, "static", target, options))
+        for name in QUANT_METHODS:
             try:
-                record(name, target, static_mixed(sensitivity, dm.costs, target, allowed))
+                record(name, target, build_decider(ctx, name, target, options))
             except DashskipError as exc:  # beyond what the method can reach: say so in the table
                 rows.append({"method": name, "target": target, "unreachable": str(exc)})
         for mode in ("async", "sync"):

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from dashskip import kernels
 from dashskip.api import from_pretrained
+from dashskip.core import kernels
 from dashskip.core.decisions import BatchMajority
 from dashskip.data import load_text
 from dashskip.errors import DashskipError

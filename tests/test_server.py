@@ -21,22 +21,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dashskip.api import DashModel
 from dashskip.methods.dash.policy import DashPolicy, PolicyConfig, ScoringModel
 from dashskip.models.chat import chat_input_ids
-from dashskip.models.loading import fingerprint, resolve
-from dashskip.serve.server import APIError, Job, ServerLimits, Service, Worker, create_app, listen, make_server
+from dashskip.models.loading import fingerprint
+from dashskip.serve.scheduler import BatchLimits, Busy, Job, Scheduler
+from dashskip.serve.server import Security, ServerLimits, Service, create_app, listen, make_server
 from tests.conftest import COMMON, spread_weights
 
 NAME = "tiny"
 MAX_TOKENS = 1000
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
 
 
 def tiny_smol(tokenizer, seed: int = 0):
@@ -61,9 +57,11 @@ def tiny_policy(model) -> DashPolicy:
 
 
 @contextmanager
-def running(model: DashModel, limits: ServerLimits) -> Iterator[tuple[str, Service]]:
+def running(
+    model: DashModel, limits: ServerLimits, security: Security | None = None
+) -> Iterator[tuple[str, Service]]:
     """A real uvicorn server on a free loopback port, in a background thread."""
-    app = create_app(model, NAME, limits)
+    app = create_app(model, NAME, limits, security)
     server = make_server(app, listen("127.0.0.1", 0), log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -186,19 +184,14 @@ def test_speedup_moves_the_operating_point_per_request(client):
         assert info.value.body["param"] == "speedup"
 
 
-def test_lossless_requests_give_the_full_models_tokens_and_need_a_draft_path(client):
-    with pytest.raises(openai.BadRequestError, match="lossless mode drafts with the DASH path") as info:
-        client.chat.completions.create(
-            model=NAME, messages=[{"role": "user", "content": "hi"}], extra_body={"lossless": True}
-        )
-    assert info.value.status_code == 400 and info.value.body["param"] == "lossless"
+def test_lossless_requests_give_the_full_models_tokens(client):
     full = client.completions.create(model=NAME, prompt="Once upon", max_tokens=10, temperature=0)
-    lossless = client.completions.create(
-        model=NAME, prompt="Once upon", max_tokens=10, temperature=0, extra_body={"lossless": True, "speedup": 2.5}
-    )
-    assert lossless.choices[0].text == full.choices[0].text
-    stats = lossless.model_extra["dashskip"]["lossless"]
-    assert stats["rounds"] >= 1 and 0 <= stats["acceptance_rate"] <= 1
+    for extra in ({"lossless": True, "speedup": 2.5}, {"lossless": True}):  # DASH drafts; INT8 drafts
+        lossless = client.completions.create(model=NAME, prompt="Once upon", max_tokens=10, temperature=0,
+                                             extra_body=extra)  # fmt: skip
+        assert lossless.choices[0].text == full.choices[0].text
+        stats = lossless.model_extra["dashskip"]["lossless"]
+        assert stats["rounds"] >= 1 and 0 <= stats["acceptance_rate"] <= 1
 
 
 def test_sampling_is_reproducible_with_a_seed(client):
@@ -307,19 +300,23 @@ def test_a_client_giving_up_on_a_plain_request_stops_its_generation(url):
     assert_cancelled_early(url, before)
 
 
-def test_a_full_queue_answers_429(tokenizer):
-    worker = Worker(DashModel(tiny_smol(tokenizer), tokenizer), max_queue=1)
+def job(tokens: int, prompt: int = 3, **kw) -> Job:
+    return Job([5] * prompt, max_new_tokens=tokens, temperature=0.0, top_p=1.0, seed=None, speedup=1.0, **kw)
 
-    async def fill() -> None:
-        first = worker.submit(Job([1, 2, 3], max_new_tokens=2, temperature=0.0, top_p=1.0, seed=None, speedup=1.0))
-        with pytest.raises(APIError) as info:
-            worker.check_room()
-        assert info.value.status == 429 and "server busy" in info.value.message
-        assert (await first).tokens and not worker.jobs
-        worker.check_room()
 
-    asyncio.run(fill())
-    worker.close()
+def test_a_full_queue_answers_429_with_retry_after(tokenizer):
+    scheduler = Scheduler(DashModel(tiny_smol(tokenizer), tokenizer), [2], BatchLimits(max_queue=1))
+    try:
+        first = scheduler.submit(job(3000))
+        with pytest.raises(Busy, match="server busy: 1 requests queued") as info:
+            scheduler.submit(job(2))
+        assert info.value.status == 429 and info.value.retry_after >= 1
+        first_job = scheduler.waiting[0] if scheduler.waiting else (scheduler.prefilling + scheduler.batch)[0].job
+        first_job.cancel.set()
+        assert first.result(60) is None and scheduler.jobs == 0
+        assert scheduler.submit(job(2)).result(60).tokens  # room again
+    finally:
+        scheduler.close()
 
 
 def test_fifty_concurrent_streams_are_all_answered_correctly(url, tokenizer, reference):

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from dashskip.api import DashModel
 from dashskip.data import ChoiceItem, SummaryItem, load_choice_questions, load_summaries, load_text
@@ -24,13 +23,7 @@ from dashskip.eval.tasks import (
     summary_prompt,
 )
 from dashskip.eval.tasks import _choice_metrics as choice_metrics
-from dashskip.models.loading import resolve
 from tests.test_server import tiny_smol
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
 
 
 @pytest.fixture(scope="module")

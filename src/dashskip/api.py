@@ -64,6 +64,7 @@ class DashModel:
         calibration: Calibration | None = None,
         kv_rule: str | None = None,
         mode: str | None = None,
+        control: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -71,6 +72,7 @@ class DashModel:
         self.fingerprint = fingerprint(model)
         self.policy = policy
         self.mode = mode
+        self.control = control  # DASH's rate control: each sequence steered to the ratio asked
         scales = None
         if calibration is not None:
             calibration.check(self.fingerprint)
@@ -112,7 +114,9 @@ class DashModel:
                 f"speedup {speedup} needs a trained policy and none is loaded; pass policy=FILE "
                 "(train one with `dashskip train`), or use speedup=1.0"
             )
-        return self.policy.decider(speedup, mode or self.mode) if speedup > 1.0 else Decider()
+        if speedup <= 1.0:
+            return Decider()
+        return self.policy.decider(speedup, mode or self.mode, control=self.control)
 
     def set_speedup(self, speedup: float) -> None:
         """Move the model's default operating point (what `generate` and `__call__` run without `speedup=`)."""
@@ -260,10 +264,13 @@ def from_pretrained(
     kv_rule: str | None = None,
     mode: str | None = None,
     dtype: torch.dtype = torch.float32,
+    control: bool = True,
 ) -> DashModel:
     """Load a model (alias, folder or hub id) and wrap it in the dashskip engine.
 
-    `speedup` > 1 needs a policy: the file given, or the default shipped for an embedded alias.
+    `speedup` > 1 needs a policy: the file given, or the default shipped for an embedded alias. `control` (on by
+    default) steers every generated sequence to the compute ratio asked; off runs the policy's calibrated bias as it
+    is (the paper's fixed operating point, which moves with the text).
     """
     if not speedup >= 1.0:
         raise DashskipError(f"speedup must be >= 1.0 (1.0 = every layer in full), got {speedup}")
@@ -271,7 +278,7 @@ def from_pretrained(
     model, tokenizer = load_model(name_or_path, dtype=dtype)
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration.load(calibration)
-    return DashModel(model, tokenizer, chosen, speedup, calibration, kv_rule, mode)
+    return DashModel(model, tokenizer, chosen, speedup, calibration, kv_rule, mode, control)
 
 
 def apply(

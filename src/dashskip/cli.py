@@ -21,13 +21,23 @@ from dashskip.models.loading import ALIASES, DEFAULT_MODEL
 
 app = typer.Typer(
     help="DASH layer skipping for Hugging Face decoder LLMs. Run `dashskip COMMAND --help` for examples.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: no box drawing, no type labels on flags
 )
 
 METHOD_HELP = "; ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=f"alias ({', '.join(ALIASES)}), model folder or hub id")]
+ControlOpt = Annotated[
+    str,
+    typer.Option(help="rate control: on steers each sequence to --speedup; off keeps the policy's calibrated bias"),
+]
+
+
+def _control(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise DashskipError(f"--control takes on or off, got '{value}'")
+    return value == "on"
 
 
 @app.command()
@@ -38,6 +48,7 @@ def generate(
     speedup: Annotated[float, typer.Option(help="operating point; 1.0 = every layer in full")] = 1.0,
     policy: Annotated[Path | None, typer.Option(help="policy file (default: the one shipped for the alias)")] = None,
     mode: Annotated[str | None, typer.Option(help="decision mode: async (default of the policy) or sync")] = None,
+    control: ControlOpt = "on",
     calibration: Annotated[Path | None, typer.Option(help="calibration file (skip scales, without a policy)")] = None,
     kv_rule: Annotated[str | None, typer.Option(help="K/V of skipped tokens: copy or project")] = None,
     chat: Annotated[bool, typer.Option(help="wrap the prompt in the tokenizer's chat template")] = False,
@@ -74,7 +85,8 @@ def generate(
         raise DashskipError("--draft dash drafts with the DASH path: add --speedup 2.0 (any value above 1), or use "
                             "--draft int8")  # fmt: skip
     t0 = time.perf_counter()
-    dm = from_pretrained(model, speedup=speedup, policy=policy, calibration=calibration, kv_rule=kv_rule, mode=mode)
+    dm = from_pretrained(model, speedup=speedup, policy=policy, calibration=calibration, kv_rule=kv_rule, mode=mode,
+                         control=_control(control))  # fmt: skip
     load_s = time.perf_counter() - t0
     tok = dm.tokenizer
     if chat:
@@ -322,7 +334,7 @@ def train_rl_adapter(
     batch_size: int = 4,
     bottleneck: int = 64,
     skip_prob: float = 0.3,
-    lam: Annotated[float, typer.Option(help="reward lost per inner layer run")] = 0.02,
+    lam: Annotated[float, typer.Option(help="reward lost per inner layer run")] = 0.05,
     kv_rule: Annotated[str, typer.Option(help="project (as DASH) or copy (the paper's)")] = "project",
     speedup: Annotated[list[float] | None, typer.Option(help="operating point(s), repeatable")] = None,
     seed: int = 0,
@@ -499,6 +511,7 @@ def bench(
     new_tokens: Annotated[int, typer.Option(help="tokens generated per row")] = 32,
     repeats: Annotated[int, typer.Option(help="timed repetitions; medians are reported")] = 5,
     mode: Annotated[str | None, typer.Option(help="dash decision mode: async or sync (default: the policy's)")] = None,
+    control: ControlOpt = "on",
     majority: Annotated[bool, typer.Option(help="batch-majority voting instead of per-row states")] = False,
     head: Annotated[str, typer.Option(help="LM head precision in the engine: full, bf16 or int8")] = "full",
     policy: Annotated[Path | None, typer.Option(help="policy file (default: the one shipped for the alias)")] = None,
@@ -514,7 +527,8 @@ def bench(
     from dashskip.eval.bench import run_bench
 
     result = run_bench(
-        model, method, speedup, batch, prompt_len, new_tokens, repeats, mode, majority, head, policy, data_dir
+        model, method, speedup, batch, prompt_len, new_tokens, repeats, mode, majority, head, policy, data_dir,
+        control=_control(control),
     )
     data = result.to_dict()
     if out is not None:
@@ -533,18 +547,35 @@ def models() -> None:
         typer.echo(f"{alias.name:14s} {alias.description}  [{status}]")
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 @app.command()
 def serve(
     model: ModelOpt = DEFAULT_MODEL,
     policy: Annotated[Path | None, typer.Option(help="policy file (default: the one shipped for the alias)")] = None,
     speedup: Annotated[float, typer.Option(help="default operating point; a request may ask for another")] = 1.0,
     mode: Annotated[str | None, typer.Option(help="decision mode: async (default of the policy) or sync")] = None,
+    control: ControlOpt = "on",
     host: Annotated[str, typer.Option(help="address to listen on; 127.0.0.1 keeps the server local")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free port)")] = 8000,
     max_tokens: Annotated[int, typer.Option(min=1, help="most new tokens one request may ask for")] = 512,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1, help="most prompt tokens one request may send")] = 4096,
+    max_batch: Annotated[int, typer.Option(min=1, help="requests decoded together in one step")] = 16,
+    max_queue: Annotated[int, typer.Option(min=1, help="requests waiting or running; more get 429")] = 256,
+    max_queued_tokens: Annotated[
+        int, typer.Option(min=1, help="prompt + new tokens of all requests waiting or running; more get 429")
+    ] = 65536,
+    max_queue_seconds: Annotated[
+        float, typer.Option(min=0.1, help="a request not started after this long gets 503 with Retry-After")
+    ] = 60.0,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="DASHSKIP_API_KEY", help="require `Authorization: Bearer KEY` on /v1/...")
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(help="Host header value to accept besides the bind address, repeatable; * accepts any"),
+    ] = None,
+    special_tokens_in_content: Annotated[
+        bool, typer.Option(help="let chat content spell special tokens (by default they are plain text)")
+    ] = False,
     served_model_name: Annotated[
         str | None, typer.Option(help="the `model` clients must send (default: the alias, or the folder's name)")
     ] = None,
@@ -556,15 +587,35 @@ def serve(
     -d '{"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8}'
     """
     from dashskip.api import bundled_policy
-    from dashskip.serve.server import ServerLimits, create_app, default_served_name, listen, make_server
+    from dashskip.serve.scheduler import BatchLimits
+    from dashskip.serve.server import (
+        LOOPBACK_HOSTS,
+        Security,
+        ServerLimits,
+        create_app,
+        default_served_name,
+        listen,
+        make_server,
+    )
 
-    if host not in LOOPBACK:
-        typer.echo(f"note: listening on {host} exposes the server beyond this machine; it has no auth", err=True)
+    hosts = None
+    if allowed_host:
+        hosts = ("*",) if "*" in allowed_host else (*LOOPBACK_HOSTS, host, *allowed_host)
+    elif host not in LOOPBACK_HOSTS:
+        hosts = ("*",)  # the names clients reach a public address by are not known here
+    if host not in LOOPBACK_HOSTS:
+        auth = "requests need the API key" if api_key else "it has no API key (--api-key)"
+        typer.echo(f"note: listening on {host} exposes the server beyond this machine; {auth}", err=True)
+    security = Security(hosts, api_key, special_tokens_in_content)
+    batch = BatchLimits(max_batch=max_batch, max_queue=max_queue, max_queued_tokens=max_queued_tokens,
+                        max_queue_seconds=max_queue_seconds)  # fmt: skip
+    limits = ServerLimits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, batch=batch)
     sock = listen(host, port)  # a busy port fails before the model loads
     # with the shipped policy loaded, requests can move the operating point even when the default is 1.0
-    dm = from_pretrained(model, speedup=speedup, policy=policy or bundled_policy(model), mode=mode)
+    dm = from_pretrained(model, speedup=speedup, policy=policy or bundled_policy(model), mode=mode,
+                         control=_control(control))  # fmt: skip
     name = served_model_name or default_served_name(model)
-    server = make_server(create_app(dm, name, ServerLimits(max_tokens=max_tokens)), sock)
+    server = make_server(create_app(dm, name, limits, security, bind=host), sock)
     typer.echo(f"serving '{name}' at http://{host}:{server.port}/v1 (OpenAI-compatible); Ctrl-C stops", err=True)
     server.run()
 
@@ -585,6 +636,7 @@ def chat(
     speedup: Annotated[float, typer.Option(help="operating point; 1.0 = every layer in full")] = 1.0,
     policy: Annotated[Path | None, typer.Option(help="policy file (default: the one shipped for the alias)")] = None,
     mode: Annotated[str | None, typer.Option(help="decision mode: async (default of the policy) or sync")] = None,
+    control: ControlOpt = "on",
     system: Annotated[str | None, typer.Option(help="a system message opening the conversation")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="most tokens per reply")] = 256,
     sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
@@ -600,7 +652,7 @@ def chat(
 
     from dashskip.models.chat import chat_input_ids
 
-    dm = from_pretrained(model, speedup=speedup, policy=policy, mode=mode)
+    dm = from_pretrained(model, speedup=speedup, policy=policy, mode=mode, control=_control(control))
     tok = dm.tokenizer
     messages = [{"role": "system", "content": system}] if system else []
     generator = torch.Generator().manual_seed(seed)
@@ -643,12 +695,12 @@ def main() -> None:
 
 def _usage_error(exc: typer.TyperException) -> int:
     message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-    if type(exc).__name__ == "NoArgsIsHelpError" or not message.strip():
-        commands = ", ".join(sorted(c.name or c.callback.__name__ for c in app.registered_commands))
-        message = f"no command given; choose one of {commands} (`dashskip --help` says what each does)"
+    if len(sys.argv) < 2 or not message.strip():
+        commands = ", ".join(sorted(_command_names()))
+        message = f"no command given; choose one of {commands}"
     command = " ".join(sys.argv[1:2]) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
     hint = f"`dashskip {command} --help`" if command and command in _command_names() else "`dashskip --help`"
-    typer.echo(f"error: {' '.join(message.split())}; see {hint}", err=True)
+    typer.echo(f"error: {' '.join(message.split()).rstrip('.')}; see {hint}", err=True)
     return 2
 
 

@@ -47,6 +47,14 @@ class KVCache:
         self.start = 0  # where the step in progress writes
         self.end = 0
 
+    @classmethod
+    def of(cls, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> KVCache:
+        """A cache around existing per-layer tensors, `length` positions filled."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values = keys, values
+        cache.length = cache.start = cache.end = length
+        return cache
+
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[2]
@@ -98,3 +106,33 @@ class KVCache:
     def filled(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every key/value up to the end of the step in progress."""
         return self.keys[layer_idx][:, :, : self.end], self.values[layer_idx][:, :, : self.end]
+
+    def rows(self, index: torch.Tensor, first: int = 0, room: int = 0) -> KVCache:
+        """A new cache of the rows `index`, positions from `first` on, with `room` free positions after them."""
+        take = slice(first, self.length)
+        grown = [
+            torch.cat([t[index, :, take], t.new_zeros(len(index), t.shape[1], room, t.shape[3])], dim=2)
+            for t in (*self.keys, *self.values)
+        ]
+        n = len(self.keys)
+        return KVCache.of(grown[:n], grown[n:], self.length - first)
+
+    def pad_left(self, count: int) -> KVCache:
+        """The same rows with `count` empty positions in front (left padding); positions shift by `count`."""
+        if count == 0:
+            return self
+        padded = [torch.cat([t.new_zeros(t.shape[0], t.shape[1], count, t.shape[3]), t], dim=2)
+                  for t in (*self.keys, *self.values)]  # fmt: skip
+        n = len(self.keys)
+        return KVCache.of(padded[:n], padded[n:], self.length + count)
+
+    @staticmethod
+    def stack(caches: list[KVCache]) -> KVCache:
+        """Rows of caches of one length side by side; capacity is the smallest of theirs."""
+        length = caches[0].length
+        if any(c.length != length for c in caches):
+            raise DashskipError("only caches of one length can be stacked; pad them first")
+        capacity = min(c.capacity for c in caches)
+        keys = [torch.cat([c.keys[i][:, :, :capacity] for c in caches]) for i in range(len(caches[0].keys))]
+        values = [torch.cat([c.values[i][:, :, :capacity] for c in caches]) for i in range(len(caches[0].values))]
+        return KVCache.of(keys, values, length)

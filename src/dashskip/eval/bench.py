@@ -186,12 +186,12 @@ def time_engine(name: str, dm, ids: torch.Tensor, decider: Decider | None, new_t
     )
 
 
-def method_decider(dm, method: str, speedup: float, mode: str | None, data_dir=None) -> Decider:
+def method_decider(dm, method: str, speedup: float, mode: str | None, data_dir=None, control: bool = True) -> Decider:
     """The registry's decider, except that int8 / int4 run every inner layer in that state (the kernels' speed,
     as docs/benchmarks.md measured it), not the sensitivity-chosen layers at `speedup`."""
     if method in ("int8", "int4"):
         return inner_layers(dm.backbone.num_layers, method)
-    return build_decider(dm.method_context(data_dir), method, speedup, MethodOptions(mode=mode))
+    return build_decider(dm.method_context(data_dir), method, speedup, MethodOptions(mode=mode, control=control))
 
 
 @dataclass
@@ -210,6 +210,8 @@ class BenchResult:
             "prefill_vs_engine_full": round(full.prefill_ms / method.prefill_ms, 3),
             "prefill_vs_transformers": round(hf.prefill_ms / method.prefill_ms, 3),
             "engine_full_vs_transformers_decode": round(hf.decode_ms_per_step / full.decode_ms_per_step, 3),
+            "requested": self.config["speedup"] if self.config["method"] not in ("int8", "int4") else None,
+            "delivered_compute_ratio": round(method.compute_ratio, 3),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -243,6 +245,11 @@ class BenchResult:
             "and packed panels "
             f"{self.quantized_extra_mb:.0f} MB)"
         )
+        if r["requested"] is not None:
+            lines.append(
+                f"requested {r['requested']:.2f}x: delivered compute ratio {r['delivered_compute_ratio']:.2f} (cost "
+                f"table), decode wall clock {r['decode_vs_engine_full']:.2f}x the engine's full path"
+            )
         return "\n".join(lines)
 
 
@@ -269,6 +276,7 @@ def run_bench(
     policy=None,
     data_dir=None,
     progress: bool = True,
+    control: bool = True,
 ) -> BenchResult:
     """Benchmark `method` on the model `name` against its full path and plain transformers `generate`."""
     from dashskip.api import from_pretrained
@@ -280,7 +288,7 @@ def run_bench(
     dm.backbone.set_head(head)
     reference = dm.model  # the engine reads the transformers model's weights and leaves the model as it was
     ids = token_windows(dm.tokenizer, load_text("wikitext2", data_dir), batch, prompt_len, seed=0)
-    decider = method_decider(dm, method, speedup, mode, data_dir)
+    decider = method_decider(dm, method, speedup, mode, data_dir, control)
     plan_ratio = decider.traits.plan_ratio  # a sublayer plan's ratio: the states cannot show it
     label = method if method in ("int8", "int4") else f"{method} {speedup:g}x"
     if method == "dash":
@@ -288,7 +296,7 @@ def run_bench(
     if majority:
         decider, label = BatchMajority(decider), f"{label}, batch-majority"
     config = dict(
-        model=name, method=method, speedup=speedup, mode=mode, majority=majority, batch=batch,
+        model=name, method=method, speedup=speedup, mode=mode, control=control, majority=majority, batch=batch,
         prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, head=head, threads=torch.get_num_threads(),
         small_row_kernel=kernels.extension() is not None,
     )  # fmt: skip

@@ -33,6 +33,7 @@ class MethodOptions:
     seed: int = 0  # RandomSkip's draws
     calibration: Calibration | None = None  # skip scales and similarities (default: the model's cached one)
     rl_adapter: str | Path | None = None  # trained adapters of the rl-adapter method
+    control: bool = True  # DASH: steer each generated sequence to the ratio asked (methods/dash/control.py)
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _dash(ctx: MethodContext, speedup: float, options: MethodOptions) -> Built:
             "method 'dash' needs a trained policy and this model has none; load one (policy=FILE, --policy FILE, "
             "or an alias that ships one)"
         )
-    return Built(ctx.policy.decider(speedup, options.mode))
+    return Built(ctx.policy.decider(speedup, options.mode, control=options.control))
 
 
 def _quantized(states: tuple[int, ...]) -> Builder:

@@ -90,6 +90,33 @@ class Session:
         if self.key_valid is not None:
             self.key_valid = self.key_valid[:, :length]
 
+    def valid(self) -> torch.Tensor:
+        """(batch, length) bool: which filled positions hold real tokens."""
+        if self.key_valid is None:
+            return torch.ones(self.cache.batch, self.cache.length, dtype=torch.bool)
+        return self.key_valid[:, : self.cache.length]
+
+    def keep(self, rows: list[int], room: int = 0) -> Session:
+        """A session of these rows only (others finished); positions that are padding in every kept row go."""
+        index = torch.tensor(rows, dtype=torch.long)
+        valid = self.valid()[index]
+        first = int((~valid).all(0).long().cumprod(0).sum())  # leading columns no kept row uses
+        valid = valid[:, first:]
+        return Session(self.cache.rows(index, first, room), None if bool(valid.all()) else valid)
+
+    @staticmethod
+    def join(sessions: list[Session], room: int = 0) -> Session:
+        """One batched session of several, each row's positions right-aligned (shorter ones left-padded): a
+        sequence that started later decodes in the same step as the others."""
+        length = max(s.length for s in sessions)
+        caches, valid = [], []
+        for s in sessions:
+            pad = length - s.length
+            caches.append(s.cache.rows(torch.arange(s.cache.batch), 0, room).pad_left(pad))
+            valid.append(torch.cat([torch.zeros(s.cache.batch, pad, dtype=torch.bool), s.valid()], dim=1))
+        mask = torch.cat(valid)
+        return Session(KVCache.stack(caches), None if bool(mask.all()) else mask)
+
     def positions(self, tokens: int) -> torch.Tensor:
         """Position ids of the next `tokens` tokens of every row: real tokens before them, padding not counted."""
         start, batch = self.cache.length, self.cache.batch

@@ -1,48 +1,71 @@
 """An OpenAI-compatible HTTP server for one `DashModel` (`dashskip serve`).
 
 The model is fixed when the server starts; requests may only name its served name, so a `model` field can never
-make the server open a path. Every generation runs on one worker thread: the engine and its stateful linears
-serve one forward pass at a time, so requests queue in arrival order instead of racing on shared weights. A
-streaming client that goes away sets its job's cancel flag, and the worker stops at the next token.
+make the server open a path. Generation runs on the scheduler's thread (`serve/scheduler.py`): concurrent
+requests decode together in one engine step, each at its own operating point, and prompts are prefilled in
+chunks between steps. A client that goes away sets its job's cancel flag and its row leaves the batch at the
+next token. Requests are checked before any work: JSON bodies only (a web page cannot post a "simple" request),
+the Host header against the bind address (DNS rebinding), an optional API key, valid Unicode in every string.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dashskip.api import DashModel
 from dashskip.errors import DashskipError
 from dashskip.models.chat import chat_input_ids
+from dashskip.serve.scheduler import BatchLimits, Busy, Finished, Job, Scheduler
 
 log = logging.getLogger("dashskip.serve.server")
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """What one request may ask for; each bound keeps a single client from monopolising the one worker."""
+    """What one request may ask for; each bound keeps a single client from monopolising the model."""
 
     max_tokens: int = 512  # new tokens per request
+    max_prompt_tokens: int = 4096  # prompt tokens per request
     max_body_bytes: int = 1 << 20  # request body size
-    max_queue: int = 256  # requests waiting or running; more get 429 instead of unbounded memory
+    batch: BatchLimits = field(default_factory=BatchLimits)  # rows per step, queue length and work, queue time
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class Security:
+    """Who may talk to the server. `allowed_hosts`: the Host header values accepted (None: the bind address and,
+    on loopback, the loopback names; "*" accepts any); `api_key`: required as `Authorization: Bearer KEY` on
+    /v1/...; `special_in_content`: chat content may spell special tokens (off: they are text)."""
+
+    allowed_hosts: tuple[str, ...] | None = None
+    api_key: str | None = None
+    special_in_content: bool = False
+
+    def hosts_for(self, bind: str) -> tuple[str, ...]:
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        return (*LOOPBACK_HOSTS, bind) if bind in LOOPBACK_HOSTS else (bind,)
 
 
 class APIError(Exception):
@@ -55,23 +78,38 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def check_lossless(lossless: bool, speedup: float) -> None:
-    """Lossless mode drafts with the DASH path, so it needs an operating point above 1."""
-    if lossless and speedup <= 1.0:
-        raise APIError(
-            400,
-            "lossless mode drafts with the DASH path; give a 'speedup' above 1 (e.g. 2.0) with it",
-            "lossless",
-            "invalid_value",
-        )
+def busy(exc: Busy) -> APIError:
+    kind = "server_busy" if exc.status == 429 else "server_overloaded"
+    return APIError(exc.status, str(exc), code="queue_full" if exc.status == 429 else "queue_timeout", kind=kind,
+                    headers={"Retry-After": str(exc.retry_after)})  # fmt: skip
+
+
+def find_lone_surrogate(data: Any, where: str = "") -> str | None:
+    """The path of the first string holding a lone UTF-16 surrogate (valid JSON escapes, but no text)."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        if isinstance(key, str) and find_lone_surrogate(key) is not None:
+            return where or "body"
+        found = find_lone_surrogate(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 # ---------------------------------------------------------------- requests
@@ -167,9 +205,20 @@ async def read_json(request: Request, limit: int) -> Any:
         if len(body) > limit:
             raise too_large
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError):  # bad JSON, bad UTF-8, NaN, 4300+ digit integers, deep nesting
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    where = find_lone_surrogate(data)
+    if where is not None:
+        param = where.split(".")[0]
+        raise APIError(
+            400,
+            f"invalid '{where}': the text holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape); "
+            "send valid Unicode",
+            param,
+            "invalid_value",
+        )
+    return data
 
 
 RequestT = TypeVar("RequestT", bound=_Generation)
@@ -187,55 +236,6 @@ def _parse(data: Any, schema: type[RequestT]) -> RequestT:
 # ---------------------------------------------------------------- the worker
 
 
-class Cancelled(Exception):
-    """Raised inside `generate` by the streamer when the client has gone, to stop generating at once."""
-
-
-@dataclass(eq=False)
-class Job:
-    ids: list[int]
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    speedup: float
-    lossless: bool = False
-    on_token: Callable[[int], None] | None = None  # called on the worker thread
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
-class Finished:
-    tokens: list[int]
-    finish_reason: str
-    dashskip: dict[str, Any]
-
-
-class TokenStream:
-    """The `streamer` given to `DashModel.generate`: passes each new token on and checks the cancel flag.
-
-    `generate` calls `put` once with the prompt before prefill, then once per token, all between engine steps,
-    so raising here stops cleanly (a job cancelled while queued does no work at all).
-    """
-
-    def __init__(self, job: Job, worker: Worker) -> None:
-        self.job, self.worker = job, worker
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.job.cancel.is_set():
-            raise Cancelled
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.worker.generated_tokens += 1
-        if self.job.on_token is not None:
-            self.job.on_token(int(value.reshape(-1)[0]))
-
-    def end(self) -> None:
-        """Nothing to flush: the answer is assembled from the tokens already passed on, or from `generate`'s result."""
-
-
 def eos_token_ids(model: DashModel) -> list[int]:
     """End-of-sequence ids of both the generation config and the tokenizer (chat models end turns with either)."""
     ids: set[int] = set()
@@ -245,75 +245,6 @@ def eos_token_ids(model: DashModel) -> list[int]:
     if model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
         ids.add(int(model.tokenizer.eos_token_id))
     return sorted(ids)
-
-
-class Worker:
-    """Runs every generation on one thread, in arrival order; counts what it did for `/health`."""
-
-    def __init__(self, model: DashModel, max_queue: int) -> None:
-        self.model = model
-        self.default_speedup = model.speedup
-        self.max_queue = max_queue
-        self.eos = eos_token_ids(model)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dashskip-generate")
-        self.jobs: set[Job] = set()
-        self.generated_tokens = 0
-        self.cancelled = 0
-
-    def check_room(self) -> None:
-        if len(self.jobs) >= self.max_queue:
-            raise APIError(
-                429,
-                f"server busy: {len(self.jobs)} requests queued; retry later",
-                code="queue_full",
-                kind="server_busy",
-            )
-
-    def submit(self, job: Job) -> asyncio.Future[Finished | None]:
-        """Queue a job; the future resolves to None if the job was cancelled."""
-        self.jobs.add(job)
-        future = asyncio.get_running_loop().run_in_executor(self.executor, self._generate, job)
-        future.add_done_callback(lambda _: self.jobs.discard(job))
-        return future
-
-    def close(self) -> None:
-        """Stop every job at its next token so shutdown does not wait for long generations."""
-        for job in list(self.jobs):
-            job.cancel.set()
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
-    def _generate(self, job: Job) -> Finished | None:
-        model = self.model
-        generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
-        try:
-            out = model.generate(
-                torch.tensor([job.ids]),
-                max_new_tokens=job.max_new_tokens,
-                do_sample=job.temperature > 0,
-                temperature=job.temperature or 1.0,
-                top_p=job.top_p,
-                eos_token_id=self.eos,
-                streamer=TokenStream(job, self),
-                return_dict_in_generate=True,
-                generator=generator,
-                speedup=job.speedup,
-                lossless=job.lossless,
-            )
-        except Cancelled:
-            self.cancelled += 1
-            return None
-        tokens = out.sequences[0, len(job.ids) :].tolist()
-        stats = out.stats()
-        return Finished(
-            tokens,
-            "stop" if tokens and tokens[-1] in self.eos else "length",
-            {
-                "speedup": job.speedup,
-                "compute_ratio": stats["compute_ratio"],
-                "state_fractions": stats["state_fractions"],
-                **({"lossless": model.last_speculative.as_dict()} if job.lossless and model.last_speculative else {}),
-            },
-        )
 
 
 # ---------------------------------------------------------------- responses
@@ -389,23 +320,32 @@ def _event(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a body can always be encoded, whatever text it quotes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return AsciiJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 # ---------------------------------------------------------------- the service
 
 
 class Service:
-    """Turns validated requests into jobs for the worker and jobs into OpenAI-shaped answers."""
+    """Turns validated requests into jobs for the scheduler and jobs into OpenAI-shaped answers."""
 
-    def __init__(self, model: DashModel, served_name: str, limits: ServerLimits) -> None:
+    def __init__(self, model: DashModel, served_name: str, limits: ServerLimits, security: Security) -> None:
         if model.tokenizer is None:
             raise DashskipError("the server needs the model's tokenizer; load the model with dashskip.from_pretrained")
         self.model = model
         self.name = served_name
         self.limits = limits
-        self.worker = Worker(model, limits.max_queue)
+        self.security = security
+        self.default_speedup = model.speedup
+        self.scheduler = Scheduler(model, eos_token_ids(model), limits.batch)
         self.context = getattr(model.config, "max_position_embeddings", None)
 
     def check_model(self, name: str) -> None:
@@ -446,7 +386,9 @@ class Service:
 
     def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
         try:
-            return chat_input_ids(self.model.tokenizer, [m.as_template_input() for m in messages])
+            return chat_input_ids(
+                self.model.tokenizer, [m.as_template_input() for m in messages], self.security.special_in_content
+            )
         except DashskipError as exc:
             raise APIError(400, str(exc), "messages", "invalid_value") from None
 
@@ -456,9 +398,16 @@ class Service:
             raise APIError(400, f"n={req.n} is not supported; send n separate requests", "n", "unsupported")
         if not ids:
             raise APIError(400, "the prompt is empty; give at least one token", "prompt", "invalid_value")
-        speedup = req.speedup if req.speedup is not None else self.worker.default_speedup
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens; this server takes at most {self.limits.max_prompt_tokens} "
+                "(set with `dashskip serve --max-prompt-tokens`); shorten it",
+                "prompt",
+                "prompt_too_long",
+            )
+        speedup = req.speedup if req.speedup is not None else self.default_speedup
         self.check_speedup(speedup)
-        check_lossless(req.lossless, speedup)
         limit = self.limits.max_tokens
         if asked is not None and asked > limit:
             raise APIError(
@@ -482,47 +431,76 @@ class Service:
                 )
         return Job(ids, max_new, req.temperature, req.top_p, req.seed, speedup, req.lossless)
 
+    def submit(self, job: Job) -> asyncio.Future:
+        try:
+            return asyncio.wrap_future(self.scheduler.submit(job))
+        except Busy as exc:
+            raise busy(exc) from None
+
     async def answer(self, request: Request, req: _Generation, job: Job, chat: bool) -> Response:
         reply = Reply(chat, self.name, len(job.ids))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        self.worker.check_room()
         if req.stream:
-            events = self._stream(reply, job, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        future = self.worker.submit(job)
+            return await self._stream(request, reply, job, include_usage)
+        future = self.submit(job)
         done = await self._unless_disconnected(request, future, job)
         if done is None:  # the client left; nobody reads this
             return Response(status_code=499)
         return JSONResponse(reply.whole(self.model.tokenizer.decode(done.tokens, skip_special_tokens=True), done))
 
-    async def _unless_disconnected(self, request: Request, future: asyncio.Future, job: Job) -> Finished | None:
-        """Wait for the job, or cancel it if the client disconnects first."""
+    async def _unless_disconnected(
+        self, request: Request, future: asyncio.Future, job: Job, until_started: bool = False
+    ) -> Finished | None:
+        """Wait for the job (or, `until_started`, for it to start), or cancel it if the client disconnects first."""
 
         async def disconnected() -> None:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
 
         watcher = asyncio.ensure_future(disconnected())
+        waits = {future, watcher}
+        if until_started:  # an asyncio event set from the scheduler's thread: no thread waits on a job never run
+            began = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            job.on_start = lambda: loop.call_soon_threadsafe(began.set)
+            if job.started.is_set():
+                began.set()
+            waits.add(asyncio.ensure_future(began.wait()))
         try:
-            await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            watcher.cancel()
-            if not future.done():  # the client left, or the server is stopping: nobody will read the answer
-                job.cancel.set()
+            for waiter in waits - {future}:
+                waiter.cancel()
+            if watcher.done() and not watcher.cancelled() and not future.done():
+                job.cancel.set()  # the client left: nobody will read the answer
+            elif not until_started and not future.done():
+                job.cancel.set()  # the server is stopping
+        if until_started and job.started.is_set() and not future.done():
+            return None
         return _result(future) if future.done() else None
 
-    async def _stream(self, reply: Reply, job: Job, include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events; being cancelled (the client left) sets the job's cancel flag.
-
-        The job is queued here, not before: a response that never starts streaming never starts a job.
-        """
-        detok = Detokenizer(self.model.tokenizer)
+    async def _stream(self, request: Request, reply: Reply, job: Job, include_usage: bool) -> Response:
+        """Queue the job and answer once it starts: a request refused in the queue gets its 429/503 as a status,
+        not inside a stream. Then server-sent events, always ending with [DONE]."""
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job.on_token = lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token)
+        future = self.submit(job)
+        future.add_done_callback(lambda _: tokens.put_nowait(None))  # after every token: both go through the loop
+        await self._unless_disconnected(request, future, job, until_started=True)
+        if job.cancel.is_set():
+            return Response(status_code=499)
+        if future.done() and not job.started.is_set():
+            _result(future)  # refused while queued: raises its APIError
+        events = self._events(reply, job, future, tokens, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _events(
+        self, reply: Reply, job: Job, future: asyncio.Future, tokens: asyncio.Queue, include_usage: bool
+    ) -> AsyncIterator[str]:
+        """The stream's events; being cancelled (the client left) sets the job's cancel flag."""
+        detok = Detokenizer(self.model.tokenizer)
         try:
-            future = self.worker.submit(job)
-            future.add_done_callback(lambda _: tokens.put_nowait(None))  # after every token: both go through the loop
             if reply.chat:
                 yield _event(reply.chunk(None, first=True))
             while (token := await tokens.get()) is not None:
@@ -531,15 +509,14 @@ class Service:
             try:
                 done = _result(future)
             except APIError as exc:
+                done = None
                 yield _event(exc.body())
-                return
-            if done is None:
-                return
-            if text := detok.flush():
-                yield _event(reply.chunk(text))
-            yield _event({**reply.chunk(None, done.finish_reason), "dashskip": done.dashskip})
-            if include_usage:
-                yield _event(reply.usage_chunk(done))
+            if done is not None:
+                if text := detok.flush():
+                    yield _event(reply.chunk(text))
+                yield _event({**reply.chunk(None, done.finish_reason), "dashskip": done.dashskip})
+                if include_usage:
+                    yield _event(reply.usage_chunk(done))
             yield _event("[DONE]")
         finally:
             job.cancel.set()
@@ -549,27 +526,87 @@ def _result(future: asyncio.Future) -> Finished | None:
     """The job's outcome; a failure inside generation becomes an OpenAI-style error instead of a dead connection."""
     try:
         return future.result()
+    except Busy as exc:
+        raise busy(exc) from None
     except DashskipError as exc:
         raise APIError(400, str(exc)) from None
     except Exception as exc:
         log.exception("generation failed")
-        raise APIError(500, f"generation failed: {exc}", kind="server_error") from None
+        raise APIError(500, f"generation failed: {type(exc).__name__}", kind="server_error") from None
 
 
 # ---------------------------------------------------------------- the app
 
 
-def create_app(model: DashModel, served_name: str, limits: ServerLimits | None = None) -> FastAPI:
-    """The FastAPI app serving `model` under `served_name`; `app.state.service` holds the worker and its counters."""
-    service = Service(model, served_name, limits or ServerLimits())
+def _host_name(value: str) -> str:
+    """'example.com:8000' -> 'example.com', '[::1]:8000' -> '::1'."""
+    return urlsplit(f"//{value}").hostname or ""
+
+
+def guard(service: Service, request: Request, bind: str) -> None:
+    """Refuse what no legitimate client sends: a foreign Host (DNS rebinding) or Origin, a missing API key, a
+    body that is not JSON (a web page's form or `text/plain` post)."""
+    allowed = service.security.hosts_for(bind)
+    if "*" not in allowed:
+        host = _host_name(request.headers.get("host", ""))
+        if host not in allowed:
+            raise APIError(
+                403, f"Host '{host}' is not served here; allow it with `dashskip serve --allowed-host {host}`",
+                code="host_not_allowed",
+            )  # fmt: skip
+        origin = request.headers.get("origin")
+        if origin is not None and origin != "null" and urlsplit(origin).hostname not in allowed:
+            raise APIError(403, f"requests from the web origin '{origin}' are not allowed", code="origin_not_allowed")
+    key = service.security.api_key
+    if key is not None and request.url.path.startswith("/v1/"):
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise APIError(401, "missing or wrong API key: send `Authorization: Bearer KEY`", code="invalid_api_key",
+                           kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+    if request.method == "POST":
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise APIError(415, f"the body must be JSON with `Content-Type: application/json` (got '{kind or 'none'}')",
+                           code="unsupported_media_type")  # fmt: skip
+
+
+class Guard:
+    """Plain ASGI middleware running `guard` before any route. (Starlette's `BaseHTTPMiddleware` would wrap
+    `receive` and tell a streaming response its client left when it had not.)"""
+
+    def __init__(self, app: ASGIApp, check: Callable[[Request], None]) -> None:
+        self.app, self.check = app, check
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            try:
+                self.check(Request(scope))
+            except APIError as exc:
+                await error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    model: DashModel,
+    served_name: str,
+    limits: ServerLimits | None = None,
+    security: Security | None = None,
+    bind: str = "127.0.0.1",
+) -> FastAPI:
+    """The FastAPI app serving `model` under `served_name`; `app.state.service` holds the scheduler and its
+    counters. `bind` is the address the server listens on (the Host header is checked against it)."""
+    service = Service(model, served_name, limits or ServerLimits(), security or Security())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        service.worker.close()
+        service.scheduler.close()
 
     app = FastAPI(title="dashskip", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
+
+    app.add_middleware(Guard, check=lambda request: guard(service, request, bind))
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -582,18 +619,11 @@ def create_app(model: DashModel, served_name: str, limits: ServerLimits | None =
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return error_response(APIError(500, f"internal error: {exc}", kind="server_error"))
+        return error_response(APIError(500, f"internal error ({type(exc).__name__})", kind="server_error"))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        worker = service.worker
-        return {
-            "status": "ok",
-            "model": service.name,
-            "queued": len(worker.jobs),
-            "generated_tokens": worker.generated_tokens,
-            "cancelled": worker.cancelled,
-        }
+        return {"status": "ok", "model": service.name, **service.scheduler.health()}
 
     def model_card() -> dict[str, Any]:
         return {"id": service.name, "object": "model", "created": 0, "owned_by": "dashskip"}

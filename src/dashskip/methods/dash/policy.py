@@ -29,6 +29,7 @@ from dashskip.core.files import load_artifact, load_weights, save_artifact
 from dashskip.core.kernels import compiled_rows, extension
 from dashskip.core.states import State, by_name, code_lookup, parse, spec
 from dashskip.errors import DashskipError
+from dashskip.methods.dash.control import RateControl, curve_slope
 
 RMS_EPS = 1e-6
 POLICY_FORMAT = "dashskip-policy"
@@ -125,7 +126,7 @@ class GreedyScorer:
     state run them as one compiled call (`csrc/layer_ops.cpp`, ~10x cheaper), the rest as torch ops.
     """
 
-    def __init__(self, model: ScoringModel, cost_bias: torch.Tensor) -> None:
+    def __init__(self, model: ScoringModel, costs: torch.Tensor, bias: float) -> None:
         cfg, first, middle, last = model.config, model.mlp[0], model.mlp[2], model.mlp[4]
         with torch.no_grad():
             d = cfg.hidden_size
@@ -138,19 +139,27 @@ class GreedyScorer:
             self.w3 = last.weight.t().contiguous()
             levels = cfg.levels
             change = (levels[None, :] - levels[:, None]).abs()  # (previous index, state)
-            b3 = last.bias - cfg.change_penalty * change - cost_bias + cfg.state_mask()  # (states, states)
-            self.b3_table = b3
-            self.b3 = dict(zip(cfg.codes.tolist(), b3.unbind(0), strict=True))
+            self.b3_base = last.bias - cfg.change_penalty * change + cfg.state_mask()  # (previous, state)
+        self.costs = costs
         self.dim = d
         self.config = cfg
         self.codes = cfg.codes
         self.code_list = self.codes.tolist()
+        self.row_bias: torch.Tensor | None = None
+        self.set_bias(bias)
+
+    def set_bias(self, bias: float | torch.Tensor) -> None:
+        """The cost bias of the next decisions: one for all rows, or one per batch row (a controller's)."""
+        bias = torch.as_tensor(bias, dtype=torch.float32).reshape(-1)
+        self.row_bias = bias if bias.numel() > 1 and not bool((bias == bias[0]).all()) else None
+        self.b3_table = self.b3_base - float(bias[0]) * self.costs
+        self.b3 = dict(zip(self.code_list, self.b3_table.unbind(0), strict=True))
 
     def __call__(self, hidden: torch.Tensor, current: int, previous: StateChoice) -> StateChoice:
         """Chosen states for layer current+1, an int for one row (the engine's uniform fast path) or a tensor of
         the hidden state's leading shape; `hidden` unscaled or scaled alike."""
         flat = hidden.reshape(-1, self.dim)
-        if not isinstance(previous, torch.Tensor) and compiled_rows(flat):  # few rows: one compiled call
+        if self.row_bias is None and not isinstance(previous, torch.Tensor) and compiled_rows(flat):  # one call
             index = extension().decide(flat.contiguous(), self.w1, self.b1[current], self.w2, self.b2, self.w3,
                                        self.b3[previous], RMS_EPS)  # fmt: skip
             return self.states(index, hidden.shape[:-1])
@@ -162,6 +171,9 @@ class GreedyScorer:
             scores = x @ self.w3 + self.b3_table[self.config.index_of(previous.reshape(-1))]
         else:
             scores = torch.addmm(self.b3[previous], x, self.w3)
+        if self.row_bias is not None:  # rows at other biases than row 0's, which b3 holds
+            shift = (self.row_bias - self.row_bias[0]).repeat_interleave(flat.shape[0] // self.row_bias.numel())
+            scores = scores - shift[:, None] * self.costs
         return self.states(scores.argmax(-1), hidden.shape[:-1])
 
     def states(self, index: list[int] | torch.Tensor, shape: torch.Size) -> StateChoice:
@@ -195,10 +207,14 @@ class PolicyDecider(Decider):
         temperature: float | None = None,
         generator: torch.Generator | None = None,
         record: bool = False,
+        control: RateControl | None = None,
     ) -> None:
         self.model = model
         self.scales = scales
+        self.costs = costs
         self.cost_bias = bias * costs  # (states,), subtracted from the scores
+        self.control = control
+        self.counting = False
         self.mode = mode or model.config.mode
         self.temperature = temperature
         self.generator = generator
@@ -206,10 +222,23 @@ class PolicyDecider(Decider):
         self.records: list[Record] = []
         self.pending: StateChoice | None = None
         self.last = model.config.num_layers - 1
-        self.greedy = GreedyScorer(model, self.cost_bias) if temperature is None and not record else None
+        self.greedy = GreedyScorer(model, costs, bias) if temperature is None and not record else None
+        if control is not None and self.greedy is None:
+            raise DashskipError("rate control steers greedy decisions; sampled or recorded ones train at a fixed bias")
 
     def begin(self, step: StepInfo) -> None:
         self.pending = None
+        if self.control is not None:
+            if step.prefill:  # a new sequence: its spending starts over
+                self.control.reset(step.positions.shape[0])
+            # Steps that produce a token: the prompt's (its last position) and single-token decode steps; a
+            # serving engine's later prefill chunks are not counted.
+            self.counting = step.prefill or step.positions.shape[1] == 1
+            self.greedy.set_bias(self.control.bias())
+
+    def end(self, states: torch.Tensor) -> None:
+        if self.control is not None and self.counting:
+            self.control.observe(states)
 
     @torch.no_grad()
     def choose(self, hidden: torch.Tensor, current: int, nxt: int, previous: StateChoice) -> StateChoice:
@@ -290,8 +319,20 @@ class DashPolicy:
                 return float(b0 + t * (b1 - b0))
         return float(curve[-1][0])
 
-    def decider(self, speedup: float, mode: str | None = None) -> PolicyDecider:
-        return PolicyDecider(self.model, self.scales(), self.costs(), self.bias_for(speedup), mode=mode)
+    def decider(self, speedup: float, mode: str | None = None, control: bool = True) -> PolicyDecider:
+        """Greedy decisions at `speedup`; `control` steers each sequence's bias so it runs at that ratio
+        (`methods/dash/control.py`), off: the calibrated bias as it is (the paper's fixed operating point)."""
+        bias = self.bias_for(speedup)
+        return PolicyDecider(self.model, self.scales(), self.costs(), bias, mode=mode,
+                             control=self.rate_control(speedup, bias) if control else None)  # fmt: skip
+
+    def rate_control(self, speedup: float, bias: float) -> RateControl:
+        curve = self.meta.get("ratio_curve") or []
+        biases = [b for b, _ in curve] or [bias]
+        span = max(biases) - min(biases) or 1.0
+        table = {int(k): float(v) for k, v in self.meta["cost_table"].items()}
+        return RateControl(speedup, bias, table, self.config.num_layers, curve_slope(curve, bias),
+                           (min(biases) - span, max(biases) + span))  # fmt: skip
 
     def save(self, path: str | Path) -> None:
         meta = {**self.meta, "format": POLICY_FORMAT, "version": POLICY_VERSION, "policy_config": asdict(self.config)}

@@ -1,0 +1,352 @@
+"""Continuous batching for the server: every running request decodes in one engine step, each row at its own
+operating point, and prompts are prefilled in chunks between those steps.
+
+One thread owns the model. Each loop it (1) drops requests whose client left and refuses those that waited too
+long, (2) prefills the next chunk of the oldest admitted prompt (alone, batch 1, with that request's own
+decider), moving the request into the batch when its prompt is done, and (3) runs one decode step for the whole
+batch: the rows' caches are one left-padded session, their deciders one `PerRow` decider, and every row samples
+with its own settings. A request's states and compute ratio are its own rows'. Lossless requests (one sequence
+at a time by nature) run alone between batch steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dashskip.api import DashModel
+from dashskip.core.decisions import Decider, PerRow
+from dashskip.runtime.engine import Session
+from dashskip.runtime.generation import GenerateOutput, GenerationConfig, next_token
+
+log = logging.getLogger("dashskip.serve.scheduler")
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch: int = 16  # rows decoded together
+    prefill_chunk: int = 256  # prompt tokens prefilled between two decode steps
+    max_queue: int = 256  # requests waiting or running
+    max_queued_tokens: int = 65536  # prompt + new tokens of every request waiting or running
+    max_queue_seconds: float = 60.0  # a request not started by then is refused (503)
+
+
+class Busy(Exception):
+    """The queue is full (or too much work waits); `retry_after` seconds is a fair guess when to come back."""
+
+    def __init__(self, message: str, retry_after: int, status: int = 429) -> None:
+        super().__init__(message)
+        self.retry_after, self.status = retry_after, status
+
+
+@dataclass(eq=False)
+class Job:
+    ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    speedup: float
+    lossless: bool = False
+    on_token: Callable[[int], None] | None = None  # called on the scheduler's thread
+    on_start: Callable[[], None] | None = None  # called on the scheduler's thread when the job leaves the queue
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+
+    @property
+    def work(self) -> int:
+        return len(self.ids) + self.max_new_tokens
+
+
+@dataclass
+class Finished:
+    tokens: list[int]
+    finish_reason: str
+    dashskip: dict[str, Any]
+
+
+@dataclass(eq=False)
+class Row:
+    """A request being prefilled or decoded."""
+
+    job: Job
+    decider: Decider
+    config: GenerationConfig
+    generator: torch.Generator | None
+    session: Session | None = None  # its own while prefilling; None once in the batch
+    done: int = 0  # prompt tokens prefilled
+    tokens: list[int] = field(default_factory=list)
+    states: list[torch.Tensor] = field(default_factory=list)
+
+
+class Scheduler:
+    """Runs every generation of one model on one thread, batching the decode steps of concurrent requests."""
+
+    def __init__(self, model: DashModel, eos: list[int], limits: BatchLimits | None = None) -> None:
+        self.model, self.eos, self.limits = model, eos, limits or BatchLimits()
+        self.waiting: deque[Job] = deque()
+        self.prefilling: list[Row] = []
+        self.batch: list[Row] = []
+        self.session: Session | None = None  # the batch's rows, in `batch` order
+        self.wake = threading.Condition()
+        self.stopped = False
+        self.generated_tokens = self.cancelled = self.refused = 0
+        self.steps = self.batched_rows = self.largest_batch = 0
+        self.seconds_per_token = 0.05  # running estimate, for Retry-After
+        self.thread = threading.Thread(target=self._loop, name="dashskip-scheduler", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------ called from the server's threads
+
+    @property
+    def jobs(self) -> int:
+        return len(self.waiting) + len(self.prefilling) + len(self.batch)
+
+    def queued_work(self) -> int:
+        rows = [r.job for r in (*self.prefilling, *self.batch)]
+        return sum(j.work for j in (*self.waiting, *rows))
+
+    def retry_after(self, extra: int = 0) -> int:
+        """Seconds until the work ahead is likely done, at the measured speed."""
+        rows = max(1, min(self.limits.max_batch, self.jobs))
+        return max(1, round((self.queued_work() + extra) * self.seconds_per_token / rows))
+
+    def submit(self, job: Job) -> Future:
+        """Queue a job; its future resolves to `Finished`, to None if it was cancelled, or to an exception."""
+        with self.wake:
+            if self.jobs >= self.limits.max_queue:
+                raise Busy(f"server busy: {self.jobs} requests queued; retry later", self.retry_after())
+            if self.queued_work() + job.work > self.limits.max_queued_tokens:
+                raise Busy(
+                    f"server busy: {self.queued_work()} tokens of work queued (limit {self.limits.max_queued_tokens});"
+                    " retry later, or ask for fewer tokens",
+                    self.retry_after(job.work),
+                )
+            self.waiting.append(job)
+            self.wake.notify()
+        return job.future
+
+    def close(self) -> None:
+        with self.wake:
+            self.stopped = True
+            for job in [*self.waiting, *(r.job for r in (*self.prefilling, *self.batch))]:
+                job.cancel.set()
+            self.wake.notify()
+        self.thread.join(10)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "queued": self.jobs,
+            "waiting": len(self.waiting),
+            "running": len(self.prefilling) + len(self.batch),
+            "generated_tokens": self.generated_tokens,
+            "cancelled": self.cancelled,
+            "refused": self.refused,
+            "decode_steps": self.steps,
+            "mean_batch": round(self.batched_rows / self.steps, 2) if self.steps else 0.0,
+            "largest_batch": self.largest_batch,
+        }
+
+    # ------------------------------------------------------------ the scheduler's thread
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not self.stopped and not (self.waiting or self.prefilling or self.batch):
+                    self.wake.wait()
+                if self.stopped:
+                    break
+                self._expire()
+                job = self._admit()
+            try:
+                if job is not None and job.lossless:
+                    self._lossless(job)
+                    continue
+                if self.prefilling:
+                    self._prefill_chunk(self.prefilling[0])
+                if self.batch:
+                    self._decode()
+            except Exception as exc:  # the server must outlive a failing step; its requests end with the error
+                log.exception("generation step failed")
+                self._fail_all(exc)
+        self._fail_all(None)
+
+    def _expire(self) -> None:
+        """Drop waiting jobs whose client left; refuse those that waited past the limit."""
+        now = time.monotonic()
+        for job in list(self.waiting):
+            if job.cancel.is_set():
+                self.waiting.remove(job)
+                self.cancelled += 1
+                job.future.set_result(None)
+            elif now - job.queued_at > self.limits.max_queue_seconds:
+                self.waiting.remove(job)
+                self.refused += 1
+                job.future.set_exception(
+                    Busy(f"the request waited {now - job.queued_at:.0f} s without starting (limit "
+                         f"{self.limits.max_queue_seconds:.0f} s); retry later", self.retry_after(), status=503)
+                )  # fmt: skip
+
+    def _admit(self) -> Job | None:
+        """Start the next waiting job if there is room: a lossless one is returned to run alone."""
+        if not self.waiting or len(self.prefilling) + len(self.batch) >= self.limits.max_batch:
+            return None
+        job = self.waiting[0]
+        if job.lossless and (self.prefilling or self.batch):
+            return None  # it runs alone: the running ones finish first (new jobs wait behind it)
+        self.waiting.popleft()
+        job.started.set()
+        if job.on_start is not None:
+            job.on_start()
+        if job.lossless:
+            return job
+        generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
+        config = self.model.generation_config(
+            max_new_tokens=job.max_new_tokens, do_sample=job.temperature > 0, temperature=job.temperature or 1.0,
+            top_p=job.top_p, eos_token_id=self.eos,
+        )  # fmt: skip
+        session = self.model.engine.new_session(1, capacity=len(job.ids) + job.max_new_tokens)
+        self.prefilling.append(Row(job, self.model.decider_for(job.speedup), config, generator, session))
+        return None
+
+    def _prefill_chunk(self, row: Row) -> None:
+        if row.job.cancel.is_set():
+            self.prefilling.remove(row)
+            self._finish(row, None)
+            return
+        chunk = row.job.ids[row.done : row.done + self.limits.prefill_chunk]
+        result = self.model.engine.step(torch.tensor([chunk]), row.session, row.decider)
+        row.done += len(chunk)
+        if row.done < len(row.job.ids):
+            return
+        self.prefilling.remove(row)
+        logits = self.model.backbone.logits(result.hidden[:, -1]).float()
+        if self._emit(row, int(next_token(logits, row.config, row.generator)[0]), result.states[0, -1]):
+            return
+        joined = row.session
+        row.session = None
+        self.batch.append(row)
+        self.session = joined if self.session is None else Session.join([self.session, joined], room=16)
+
+    def _decode(self) -> None:
+        t0 = time.perf_counter()
+        rows, session = self.batch, self.session
+        tokens = torch.tensor([r.tokens[-1] for r in rows])
+        decider = rows[0].decider if len(rows) == 1 else PerRow([r.decider for r in rows])
+        result = self.model.engine.step(tokens[:, None], session, decider, torch.ones(len(rows), 1, dtype=torch.long))
+        logits = self.model.backbone.logits(result.hidden[:, -1]).float()
+        keep = []
+        for i, row in enumerate(rows):
+            token = int(next_token(logits[i : i + 1], row.config, row.generator)[0])
+            if not self._emit(row, token, result.states[i, -1]):
+                keep.append(i)
+        self.steps += 1
+        self.batched_rows += len(rows)
+        self.largest_batch = max(self.largest_batch, len(rows))
+        self.seconds_per_token = 0.9 * self.seconds_per_token + 0.1 * (time.perf_counter() - t0)
+        if len(keep) < len(rows):
+            self.batch = [rows[i] for i in keep]
+            self.session = session.keep(keep, room=16) if keep else None
+
+    def _emit(self, row: Row, token: int, states: torch.Tensor) -> bool:
+        """Pass one new token on; True when the row has finished (EOS, its length, or its client left)."""
+        job = row.job
+        if job.cancel.is_set():
+            self._finish(row, None)
+            return True
+        row.tokens.append(token)
+        row.states.append(states)
+        self.generated_tokens += 1
+        if job.on_token is not None:
+            job.on_token(token)
+        if token in self.eos or len(row.tokens) >= job.max_new_tokens:
+            self._finish(row, "stop" if token in self.eos else "length")
+            return True
+        return False
+
+    def _finish(self, row: Row, reason: str | None) -> None:
+        if reason is None:
+            self.cancelled += 1
+            row.job.future.set_result(None)
+            return
+        states = torch.stack(row.states)[None]
+        stats = _stats(self.model, states)
+        row.job.future.set_result(Finished(row.tokens, reason, {"speedup": row.job.speedup, **stats}))
+
+    def _lossless(self, job: Job) -> None:
+        """A lossless request alone: drafts and verification of one sequence."""
+        generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
+        stream = _Stream(job, self)
+        try:
+            out = self.model.generate(
+                torch.tensor([job.ids]), max_new_tokens=job.max_new_tokens, do_sample=job.temperature > 0,
+                temperature=job.temperature or 1.0, top_p=job.top_p, eos_token_id=self.eos, streamer=stream,
+                return_dict_in_generate=True, generator=generator, speedup=job.speedup, lossless=True,
+            )  # fmt: skip
+        except _Cancelled:
+            self.cancelled += 1
+            job.future.set_result(None)
+            return
+        except Exception as exc:
+            job.future.set_exception(exc)
+            return
+        tokens = out.sequences[0, len(job.ids) :].tolist()
+        stats = {**_stats(self.model, out.states), "lossless": self.model.last_speculative.as_dict()}
+        reason = "stop" if tokens and tokens[-1] in self.eos else "length"
+        job.future.set_result(Finished(tokens, reason, {"speedup": job.speedup, **stats}))
+
+    def _fail_all(self, exc: Exception | None) -> None:
+        """Every running request ends with `exc` (or as cancelled when the server stops)."""
+        with self.wake:
+            rows = [*self.prefilling, *self.batch]
+            jobs = [*(r.job for r in rows), *(self.waiting if exc is None else [])]
+            self.prefilling, self.batch, self.session = [], [], None
+            if exc is None:
+                self.waiting.clear()
+        for job in jobs:
+            if not job.future.done():
+                if exc is None:
+                    job.future.set_result(None)
+                else:
+                    job.future.set_exception(exc)
+
+
+def _stats(model: DashModel, states: torch.Tensor) -> dict[str, Any]:
+    out = GenerateOutput(torch.empty(0), states, model.costs.compute_ratio(states))
+    stats = out.stats()
+    return {"compute_ratio": stats["compute_ratio"], "state_fractions": stats["state_fractions"]}
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Stream:
+    """The streamer of a lossless job: passes tokens on, stops generation when the client left."""
+
+    def __init__(self, job: Job, scheduler: Scheduler) -> None:
+        self.job, self.scheduler, self.prompt_seen = job, scheduler, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.job.cancel.is_set():
+            raise _Cancelled
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.scheduler.generated_tokens += 1
+        if self.job.on_token is not None:
+            self.job.on_token(int(value.reshape(-1)[0]))
+
+    def end(self) -> None:
+        """Nothing to flush: the answer is the tokens passed on."""
+
