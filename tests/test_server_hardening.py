@@ -11,10 +11,11 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from dashskip.api import DashModel
 from dashskip.models.chat import chat_input_ids
-from dashskip.serve.scheduler import BatchLimits
+from dashskip.serve.scheduler import BatchLimits, Job, Scheduler
 from dashskip.serve.server import Security, ServerLimits
 from tests.test_server import NAME, running, tiny_policy, tiny_smol
 
@@ -191,3 +192,47 @@ def test_concurrent_requests_at_different_operating_points_share_one_step(model,
         assert extra["compute_ratio"] == pytest.approx(out.compute_ratio, rel=0.02)
     assert answers[2.5].model_extra["dashskip"]["compute_ratio"] > 1.0
     assert answers[1.0].model_extra["dashskip"]["compute_ratio"] == 1.0
+
+
+def _alone(model: DashModel, ids: list[int], tokens: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, eos_token_id=[2])
+    return out[0, len(ids) :].tolist()
+
+
+def test_prompts_that_arrive_together_are_prefilled_in_one_step(model, tokenizer):
+    """Six requests queued at once: their prompts (of different lengths, left-padded) run in one prefill step, and
+    each answer is what the request gives alone."""
+    prompts = ["Hello", "The capital of France is", "Once upon a time there was", "A", "Why is the sky", "1 2 3"]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    scheduler = Scheduler(model, [2], BatchLimits(max_batch=8))
+    try:
+        with scheduler.wake:  # the scheduler's thread sees all six at once
+            futures = [scheduler.submit(Job(i, 10, 0.0, 1.0, None, 1.0 if k % 2 else 2.5)) for k, i in enumerate(ids)]
+        done = [f.result(60) for f in futures]
+        assert scheduler.health()["largest_prefill"] == 6 and scheduler.health()["prefill_steps"] == 1
+        for k, (i, d) in enumerate(zip(ids, done, strict=True)):
+            speedup = 1.0 if k % 2 else 2.5
+            alone = model.generate(torch.tensor([i]), max_new_tokens=10, eos_token_id=[2], speedup=speedup)
+            assert d.tokens == alone[0, len(i) :].tolist(), prompts[k]
+    finally:
+        scheduler.close()
+
+
+def test_a_short_request_does_not_wait_for_a_long_prompt(model, tokenizer):
+    """A long prompt is prefilled a chunk at a time, taking turns with the short ones admitted after it: the
+    short request's first token comes after one chunk of the long prompt, not after all of it."""
+    long = tokenizer("word " * 300)["input_ids"]
+    short = tokenizer("Hello")["input_ids"]
+    order = []
+    scheduler = Scheduler(model, [2], BatchLimits(max_batch=4, prefill_chunk=8))
+    try:
+        with scheduler.wake:
+            jobs = [Job(long, 3, 0.0, 1.0, None, 1.0), Job(short, 3, 0.0, 1.0, None, 1.0)]
+            for name, job in zip(("long", "short"), jobs, strict=True):
+                job.on_token = lambda token, name=name: order.append(name)
+                scheduler.submit(job)
+        long_done, short_done = (job.future.result(60) for job in jobs)
+        assert order[0] == "short" and scheduler.health()["prefill_steps"] > len(long) // 8
+        assert long_done.tokens == _alone(model, long, 3) and short_done.tokens == _alone(model, short, 3)
+    finally:
+        scheduler.close()

@@ -2,11 +2,13 @@
 operating point, and prompts are prefilled in chunks between those steps.
 
 One thread owns the model. Each loop it (1) drops requests whose client left and refuses those that waited too
-long, (2) prefills the next chunk of the oldest admitted prompt (alone, batch 1, with that request's own
-decider), moving the request into the batch when its prompt is done, and (3) runs one decode step for the whole
-batch: the rows' caches are one left-padded session, their deciders one `PerRow` decider, and every row samples
-with its own settings. A request's states and compute ratio are its own rows'. Lossless requests (one sequence
-at a time by nature) run alone between batch steps.
+long, and admits waiting requests while the batch has room, (2) prefills: the short prompts admitted together
+in one left-padded step (up to `prefill_chunk` tokens with padding), or, taking turns with them, the next chunk
+of a long prompt (long prompts in turn, so none holds the others up by more than a chunk), each row with its
+own decider; a request whose prompt is done joins the batch, and (3) runs one decode step for the whole batch:
+the rows' caches are one left-padded session, their deciders one `PerRow` decider, and every row samples with
+its own settings. A request's states and compute ratio are its own rows'. Lossless requests (one sequence at a
+time by nature) run alone between batch steps.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ class Scheduler:
         self.generated_tokens = self.cancelled = self.refused = 0
         self.steps = self.batched_rows = self.largest_batch = 0
         self.seconds_per_token = 0.05  # running estimate, for Retry-After
+        self.long_turn = False  # whether the last prefill unit was a long prompt's chunk
+        self.prefill_steps = self.largest_prefill = 0
         self.thread = threading.Thread(target=self._loop, name="dashskip-scheduler", daemon=True)
         self.thread.start()
 
@@ -155,6 +159,8 @@ class Scheduler:
             "decode_steps": self.steps,
             "mean_batch": round(self.batched_rows / self.steps, 2) if self.steps else 0.0,
             "largest_batch": self.largest_batch,
+            "prefill_steps": self.prefill_steps,
+            "largest_prefill": self.largest_prefill,
         }
 
     # ------------------------------------------------------------ the scheduler's thread
@@ -169,11 +175,11 @@ class Scheduler:
                 self._expire()
                 job = self._admit()
             try:
-                if job is not None and job.lossless:
+                if job is not None:
                     self._lossless(job)
                     continue
                 if self.prefilling:
-                    self._prefill_chunk(self.prefilling[0])
+                    self._prefill()
                 if self.batch:
                     self._decode()
             except Exception as exc:  # the server must outlive a failing step; its requests end with the error
@@ -198,45 +204,89 @@ class Scheduler:
                 )  # fmt: skip
 
     def _admit(self) -> Job | None:
-        """Start the next waiting job if there is room: a lossless one is returned to run alone."""
-        if not self.waiting or len(self.prefilling) + len(self.batch) >= self.limits.max_batch:
-            return None
-        job = self.waiting[0]
-        if job.lossless and (self.prefilling or self.batch):
-            return None  # it runs alone: the running ones finish first (new jobs wait behind it)
-        self.waiting.popleft()
-        job.started.set()
-        if job.on_start is not None:
-            job.on_start()
-        if job.lossless:
-            return job
-        generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
-        config = self.model.generation_config(
-            max_new_tokens=job.max_new_tokens, do_sample=job.temperature > 0, temperature=job.temperature or 1.0,
-            top_p=job.top_p, eos_token_id=self.eos,
-        )  # fmt: skip
-        session = self.model.engine.new_session(1, capacity=len(job.ids) + job.max_new_tokens)
-        self.prefilling.append(Row(job, self.model.decider_for(job.speedup), config, generator, session))
+        """Start waiting jobs while the batch has room; a lossless one is returned to run alone."""
+        while self.waiting and len(self.prefilling) + len(self.batch) < self.limits.max_batch:
+            job = self.waiting[0]
+            if job.lossless and (self.prefilling or self.batch):
+                return None  # it runs alone: the running ones finish first (new jobs wait behind it)
+            self.waiting.popleft()
+            job.started.set()
+            if job.on_start is not None:
+                job.on_start()
+            if job.lossless:
+                return job
+            generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
+            config = self.model.generation_config(
+                max_new_tokens=job.max_new_tokens, do_sample=job.temperature > 0, temperature=job.temperature or 1.0,
+                top_p=job.top_p, eos_token_id=self.eos,
+            )  # fmt: skip
+            self.prefilling.append(Row(job, self.model.decider_for(job.speedup), config, generator))
         return None
 
-    def _prefill_chunk(self, row: Row) -> None:
-        if row.job.cancel.is_set():
+    def _prefill(self) -> None:
+        """One unit of prefill: the short prompts together, or one chunk of a long one; they take turns."""
+        for row in [r for r in self.prefilling if r.job.cancel.is_set()]:
             self.prefilling.remove(row)
             self._finish(row, None)
-            return
+        chunk = self.limits.prefill_chunk
+        short, group = [r for r in self.prefilling if r.done == 0 and len(r.job.ids) <= chunk], []
+        for row in short:  # oldest first, as many as fit one chunk with their padding
+            if group and (len(group) + 1) * max(len(r.job.ids) for r in (*group, row)) > chunk:
+                break
+            group.append(row)
+        long = [r for r in self.prefilling if r not in short]
+        self.long_turn = bool(long) and (not group or not self.long_turn)
+        if self.long_turn:
+            self._prefill_chunk(long[0])
+        elif group:
+            self._prefill_together(group)
+
+    def _prefill_together(self, rows: list[Row]) -> None:
+        """Whole prompts of several requests in one step, left-padded, each row with its own decider."""
+        width = max(len(r.job.ids) for r in rows)
+        ids = torch.tensor([[0] * (width - len(r.job.ids)) + r.job.ids for r in rows])
+        mask = torch.tensor([[0] * (width - len(r.job.ids)) + [1] * len(r.job.ids) for r in rows])
+        session = self.model.engine.new_session(len(rows), capacity=width + max(r.job.max_new_tokens for r in rows))
+        decider = rows[0].decider if len(rows) == 1 else PerRow([r.decider for r in rows])
+        result = self.model.engine.step(ids, session, decider, None if bool(mask.all()) else mask)
+        self.prefill_steps += 1
+        self.largest_prefill = max(self.largest_prefill, len(rows))
+        for row in rows:
+            row.done = len(row.job.ids)
+        self._prompts_done(rows, session, result.hidden[:, -1], result.states[:, -1])
+
+    def _prefill_chunk(self, row: Row) -> None:
+        """The next chunk of one long prompt, alone; it then goes to the back of the prefilling rows."""
+        if row.session is None:
+            row.session = self.model.engine.new_session(1, capacity=len(row.job.ids) + row.job.max_new_tokens)
         chunk = row.job.ids[row.done : row.done + self.limits.prefill_chunk]
         result = self.model.engine.step(torch.tensor([chunk]), row.session, row.decider)
+        self.prefill_steps += 1
         row.done += len(chunk)
-        if row.done < len(row.job.ids):
-            return
         self.prefilling.remove(row)
-        logits = self.model.backbone.logits(result.hidden[:, -1]).float()
-        if self._emit(row, int(next_token(logits, row.config, row.generator)[0]), result.states[0, -1]):
+        if row.done < len(row.job.ids):
+            self.prefilling.append(row)
             return
-        joined = row.session
-        row.session = None
-        self.batch.append(row)
-        self.session = joined if self.session is None else Session.join([self.session, joined], room=16)
+        session, row.session = row.session, None
+        self._prompts_done([row], session, result.hidden[:, -1], result.states[:, -1])
+
+    def _prompts_done(self, rows: list[Row], session: Session, last: torch.Tensor, states: torch.Tensor) -> None:
+        """Each row's first token from its prompt's last hidden state; the rows that go on join the batch."""
+        for row in rows:
+            if row in self.prefilling:
+                self.prefilling.remove(row)
+        logits = self.model.backbone.logits(last).float()
+        keep = []
+        for i, row in enumerate(rows):
+            token = int(next_token(logits[i : i + 1], row.config, row.generator)[0])
+            if not self._emit(row, token, states[i]):
+                keep.append(i)
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            session = session.keep(keep, room=16)
+        self.batch.extend(rows[i] for i in keep)
+        self.session = session if self.session is None else Session.join([self.session, session], room=16)
 
     def _decode(self) -> None:
         t0 = time.perf_counter()
