@@ -146,7 +146,7 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _split(run, new_tokens: int, repeats: int) -> tuple[float, float]:
+def prefill_and_decode_ms(run, new_tokens: int, repeats: int) -> tuple[float, float]:
     """(prefill ms, decode ms per step) from timing `run(n)` for n = 1 and n = new_tokens."""
     one = _median_ms(lambda: run(1), repeats)
     many = _median_ms(lambda: run(new_tokens), repeats)
@@ -159,7 +159,7 @@ def time_transformers(model, ids: torch.Tensor, new_tokens: int, repeats: int) -
     def run(n: int) -> None:
         model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    prefill, decode = _split(run, new_tokens, repeats)
+    prefill, decode = prefill_and_decode_ms(run, new_tokens, repeats)
     return Row("transformers generate (full)", prefill, decode, *ids.shape)
 
 
@@ -170,7 +170,7 @@ def time_engine(name: str, dm, ids: torch.Tensor, decider: Decider | None, new_t
     def run(n: int):
         return generate(dm.engine, ids, decider=timed, max_new_tokens=n, costs=dm.costs)
 
-    prefill, decode = _split(run, new_tokens, repeats)
+    prefill, decode = prefill_and_decode_ms(run, new_tokens, repeats)
     timed.reset()
     out = run(new_tokens)
     prefill_states = dm.engine.step(ids, dm.engine.new_session(*ids.shape), timed).states
