@@ -374,6 +374,7 @@ def evaluate(
         Path | None, typer.Option(help="calibration file for static/adaskip/skipdecode/random (default: cached one)")
     ] = None,
     decisions: Annotated[str | None, typer.Option("--mode", help="dash decision mode: async or sync")] = None,
+    control: ControlOpt = "on",
     task: Annotated[
         str,
         typer.Option(
@@ -399,7 +400,8 @@ def evaluate(
 
     if method == "rl-adapter":
         raise DashskipError("evaluate the rl-adapter method with `dashskip sweep --methods rl-adapter --rl-adapter F`")
-    row = run_eval(model, method, speedup, task, policy, calibration, decisions, data, data_dir, context, limit, cache)
+    row = run_eval(model, method, speedup, task, policy, calibration, decisions, data, data_dir, context, limit, cache,
+                   _control(control))  # fmt: skip
     if as_json:
         print(json.dumps(row))
         return

@@ -83,6 +83,11 @@ class Decider:
     def end(self, states: torch.Tensor) -> None:
         """Called after every step with the states that ran, (batch, tokens, layers) (a controller's feedback)."""
 
+    def again(self, states: torch.Tensor, valid: torch.Tensor | None) -> bool:
+        """After scoring a whole window in one step (`Engine.score`): whether to score it again because a
+        controller moved its operating point toward the one asked. `valid` (batch, tokens): real tokens."""
+        return False
+
 
 class Wrapper(Decider):
     """A decider that changes the answers of another; traits, `begin` and `end` pass through to it."""
@@ -99,6 +104,9 @@ class Wrapper(Decider):
 
     def end(self, states: torch.Tensor) -> None:
         self.decider.end(states)
+
+    def again(self, states: torch.Tensor, valid: torch.Tensor | None) -> bool:
+        return self.decider.again(states, valid)
 
 
 class FixedStates(Decider):

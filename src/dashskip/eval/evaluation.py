@@ -69,7 +69,7 @@ def window_nll(
 ) -> tuple[list[float], float, int]:
     """Mean next-token NLL of each window (batch, tokens) scored on its own; the windows' summed executed cost and
     the number of tokens it covers (every token, the last too: it ran through the layers)."""
-    result = engine.step(ids, engine.new_session(*ids.shape), decider)
+    result = engine.score(ids, decider)
     nll = token_nll(engine.backbone.logits(result.hidden), ids)
     return nll.mean(-1).tolist(), *executed_cost(costs, result.states, decider)
 

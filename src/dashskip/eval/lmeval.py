@@ -200,8 +200,9 @@ class DashskipLM(TemplateLM):
             ids = torch.full((len(rows), int(lengths.max())), self.pad_id, dtype=torch.long)
             for r, row in enumerate(rows):
                 ids[r, : len(row)] = torch.tensor(row)
-            result = self.engine.step(ids, self.engine.new_session(*ids.shape), self.decider)
-            self._account(result.states[torch.arange(ids.shape[1])[None, :] < lengths[:, None]])
+            valid = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+            result = self.engine.score(ids, self.decider, valid=valid)
+            self._account(result.states[valid])
             for (request, _, continuation), length, hidden in zip(chunk, lengths.tolist(), result.hidden, strict=True):
                 logits = self.engine.backbone.logits(hidden[length - len(continuation) : length]).float()
                 logprobs = torch.log_softmax(logits, dim=-1)

@@ -28,6 +28,7 @@ def evaluate(
     context: int = 256,
     limit: int | None = None,
     cache: Path | None = None,
+    control: bool = True,
 ) -> dict[str, Any]:
     """The result row: quality with its SE and sample count, the measured compute ratio, what ran."""
     check_method(method)
@@ -35,7 +36,8 @@ def evaluate(
     dm = from_pretrained(model, speedup=speedup if dash else 1.0, policy=policy if dash else None, mode=mode)
     if not dash:  # DASH keeps the table its operating points were calibrated with
         dm.costs = cost_table_for(dm.engine, dm.fingerprint)
-    options = MethodOptions(mode=mode, calibration=Calibration.load(calibration) if calibration else None)
+    options = MethodOptions(mode=mode, calibration=Calibration.load(calibration) if calibration else None,
+                            control=control)  # fmt: skip
     built = build(dm.method_context(data_dir), method, speedup, options)
     engine, decider = built.engine or dm.engine, built.decider
     row: dict[str, Any] = {
@@ -43,6 +45,7 @@ def evaluate(
         "method": method,
         "requested_speedup": speedup if method != "full" else 1.0,
         "mode": mode or (dm.policy.config.mode if dash else None),
+        "control": control if dash else None,
         "cost_table": dm.costs.provenance(),
     }
     if task != "perplexity":

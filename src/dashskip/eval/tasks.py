@@ -152,7 +152,7 @@ def choice_logliks(
     for r, row in enumerate(rows):
         ids[r, : len(row)] = torch.tensor(row)
         mask[r, : len(row)] = True
-    result = engine.step(ids, engine.new_session(*ids.shape), decider, None if bool(mask.all()) else mask.long())
+    result = engine.score(ids, decider, None if bool(mask.all()) else mask.long())
     # The head only where an answer token is predicted (Gemma's 262k-word head dominates otherwise).
     spans = [(0 if shared else j, int(mask[0 if shared else j].sum()), cont) for j, (_, cont) in enumerate(pairs)]
     where = sorted({(r, p) for r, end, cont in spans for p in range(end - len(cont), end)})
@@ -306,6 +306,8 @@ def task_signature(
         "costs": costs.decode,
         "kv_rule": str(engine.kv_rule),
         "scales": scales_key(_skip_scales(engine, decider)),
+        # DASH with rate control scores otherwise than at its calibrated bias; results of one are not the other's
+        **({"rate_control": True} if getattr(decider, "control", None) is not None else {}),
     }
 
 

@@ -260,3 +260,21 @@ class Engine:
         decider.end(states)
         return StepResult(hidden, states)
 
+    def score(
+        self,
+        input_ids: torch.Tensor,
+        decider: Decider | None = None,
+        attention_mask: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> StepResult:
+        """One window (perplexity, a question and its answers) in one step on a fresh session, scored again
+        while the decider asks to (a rate controller holding each window at the ratio asked). `valid`: the
+        tokens that count (default: `attention_mask`'s; right padding need not be masked to be left out)."""
+        decider = decider or Decider()
+        if valid is None and attention_mask is not None:
+            valid = attention_mask.bool()
+        while True:
+            result = self.step(input_ids, self.new_session(*input_ids.shape), decider, attention_mask)
+            if not decider.again(result.states, valid):
+                return result
+

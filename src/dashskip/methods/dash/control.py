@@ -7,8 +7,11 @@ ranks tokens and layers as it learned and only its overall rate is corrected. Th
 reported: layers / mean executed cost per counted token, with the same cost table.
 
 Generation counts the token each step produces (a step's last position; the prompt's other positions are not
-reported). A controller is per sequence: it starts over at every prefill. Scoring a window (perplexity, a
-multiple-choice question) is one step at the calibrated bias: there is no earlier token to correct from.
+reported). A controller is per sequence: it starts over at every prefill.
+
+Scoring a window (perplexity, a multiple-choice question) is one step, with no earlier token to correct from:
+the window is scored again (`Engine.score`) with each row's bias moved by the secant method on its measured
+ratio, until every row is within `WINDOW_TOLERANCE` or after `WINDOW_PASSES` passes (usually two or three).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dashskip.core.states import code_lookup
 # SmolLM2 over chat, code, PTB, LAMBADA and XSum prompts (benchmarks/operating_points.py): 0.6 and 1.5 track as
 # well (max error 1.3% / 1.2% at 48 tokens); lower gains undershoot on inputs far from the calibration text.
 GAIN = 1.0
+WINDOW_TOLERANCE = 0.01  # a scored window's ratio this close to the target (relative) is kept
+WINDOW_PASSES = 5  # most passes over one window
 
 
 def curve_slope(curve: list[list[float]], bias: float) -> float:
@@ -50,6 +55,10 @@ class RateControl:
     gain: float = GAIN
     spent: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (batch,) cost of counted tokens
     counted: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (batch,) tokens counted
+    window_bias: torch.Tensor | None = None  # (batch,) bias of the next pass over a scored window
+    passes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (bias, ratio) per pass
+    applied: torch.Tensor = field(default_factory=lambda: torch.zeros(1))  # (batch,) bias of the step that ran
+    window_slope: torch.Tensor = field(default_factory=lambda: torch.ones(1))  # (batch,) d(ratio)/d(bias) so far
 
     def __post_init__(self) -> None:
         self.lookup = code_lookup(self.costs)
@@ -68,11 +77,35 @@ class RateControl:
 
     def bias(self) -> torch.Tensor:
         """(batch,) the bias each row runs its next step with."""
+        if self.window_bias is not None:
+            return self.window_bias
         if self.spent.numel() == 0:
             return torch.tensor([self.base_bias])
         excess = (self.spent - self.counted * self.per_token) / self.per_token  # in tokens' worth of cost
         step = self.gain * self.target / self.slope  # bias that moves the ratio by 100%, times the gain
         return (self.base_bias + step * excess).clamp(*self.bias_range).float()
+
+    def retarget(self, states: torch.Tensor, valid: torch.Tensor | None) -> bool:
+        """After a scored window: move each row's bias toward the target and say whether to score it again."""
+        costs = self.lookup[states.long()].sum(-1).double()  # (batch, tokens)
+        weight = torch.ones_like(costs) if valid is None else valid.double()
+        ratio = self.num_layers * weight.sum(-1) / (costs * weight).sum(-1).clamp(min=1e-9)
+        bias = self.applied.double().expand(ratio.shape)
+        self.passes.append((bias, ratio))
+        off = (ratio / self.target - 1).abs() > WINDOW_TOLERANCE
+        if not bool(off.any()) or len(self.passes) >= WINDOW_PASSES:
+            self.window_bias, self.passes = None, []
+            return False
+        if len(self.passes) == 1:
+            self.window_slope = torch.full_like(ratio, self.slope)
+        else:  # the secant through this row's last two passes; where the ratio did not move, a 4x longer step
+            (b0, r0), (b1, r1) = self.passes[-2], self.passes[-1]
+            moved = (r1 - r0).abs() > 1e-4
+            secant = ((r1 - r0) / torch.where(moved, b1 - b0, 1.0)).clamp(min=1e-3)
+            self.window_slope = torch.where(moved, secant, self.window_slope / 4)
+        step = torch.where(off, (self.target - ratio) / self.window_slope, 0.0)
+        self.window_bias = (bias + step).clamp(*self.bias_range).float()
+        return True
 
     def ratio(self) -> torch.Tensor:
         """(batch,) the compute ratio each row has run at so far."""

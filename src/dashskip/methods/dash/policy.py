@@ -234,11 +234,15 @@ class PolicyDecider(Decider):
             # Steps that produce a token: the prompt's (its last position) and single-token decode steps; a
             # serving engine's later prefill chunks are not counted.
             self.counting = step.prefill or step.positions.shape[1] == 1
-            self.greedy.set_bias(self.control.bias())
+            self.control.applied = self.control.bias()
+            self.greedy.set_bias(self.control.applied)
 
     def end(self, states: torch.Tensor) -> None:
         if self.control is not None and self.counting:
             self.control.observe(states)
+
+    def again(self, states: torch.Tensor, valid: torch.Tensor | None) -> bool:
+        return self.control is not None and self.control.retarget(states, valid)
 
     @torch.no_grad()
     def choose(self, hidden: torch.Tensor, current: int, nxt: int, previous: StateChoice) -> StateChoice:
