@@ -127,8 +127,20 @@ def test_every_family_gets_the_engines_layers():
         assert len(bb.layers) == bb.num_layers == 6
 
 
+@pytest.fixture
+def one_kernel_choice(monkeypatch):
+    """Kernels chosen by rule, not by timing: a fused projection and its parts have other shapes, and where timing
+    picks different INT8/INT4 kernels for them their bf16 outputs differ by rounding (seen under CPU load)."""
+    from dashskip.core.kernels import CHOICE
+
+    monkeypatch.setenv("DASHSKIP_SMALL_GEMM", "1")
+    CHOICE.forget()
+    yield
+    CHOICE.forget()
+
+
 @pytest.mark.parametrize("state", [State.FULL, State.INT8, State.INT4])
-def test_fused_projections_give_their_parts_outputs_side_by_side(state):
+def test_fused_projections_give_their_parts_outputs_side_by_side(state, one_kernel_choice):
     from dashskip.core.linear import Linear
 
     bb = Backbone(tiny_model("qwen2"))  # qwen2's q/k/v have biases: the fused bias is exercised too
