@@ -226,9 +226,11 @@ def test_rate_control_steers_each_row_to_the_ratio_asked():
 
 
 def test_rate_control_is_for_greedy_decisions():
+    from dashskip.core.costs import CostTable
     from dashskip.methods.dash.control import RateControl
 
     policy = make_policy()
-    control = RateControl(1.5, 0.3, {0: 0.0, 1: 0.4, 2: 0.5, 4: 1.0}, 6)
+    table = {0: 0.0, 1: 0.4, 2: 0.5, 4: 1.0}
+    control = RateControl(1.5, 0.3, CostTable(table, table), 6)
     with pytest.raises(DashskipError, match="greedy"):
         PolicyDecider(policy.model, policy.scales(), policy.costs(), 0.3, temperature=1.0, control=control)

@@ -253,6 +253,7 @@ class Scheduler:
         self.largest_prefill = max(self.largest_prefill, len(rows))
         for row in rows:
             row.done = len(row.job.ids)
+            self.prefilling.remove(row)
         self._prompts_done(rows, session, result.hidden[:, -1], result.states[:, -1])
 
     def _prefill_chunk(self, row: Row) -> None:
@@ -272,9 +273,6 @@ class Scheduler:
 
     def _prompts_done(self, rows: list[Row], session: Session, last: torch.Tensor, states: torch.Tensor) -> None:
         """Each row's first token from its prompt's last hidden state; the rows that go on join the batch."""
-        for row in rows:
-            if row in self.prefilling:
-                self.prefilling.remove(row)
         logits = self.model.backbone.logits(last).float()
         keep = []
         for i, row in enumerate(rows):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dashskip.core.states import code_lookup
+from dashskip.core.costs import CostTable
 
 # Bias moved per token's worth of excess cost, as a fraction of the bias that the ratio curve says moves the ratio by
 # 100%: 1.0 corrects an excess on the next token if the input responds as the calibration text did. Measured on
@@ -36,10 +36,9 @@ def curve_slope(curve: list[list[float]], bias: float) -> float:
     points = sorted(curve)
     if len(points) < 2:
         return 1.0
-    for (b0, r0), (b1, r1) in zip(points, points[1:], strict=False):
-        if b0 <= bias <= b1 or (b1, r1) == tuple(points[-1]):
-            return max((r1 - r0) / max(b1 - b0, 1e-6), 1e-3)
-    return 1.0
+    bias = min(max(bias, points[0][0]), points[-1][0])
+    (b0, r0), (b1, r1) = next(p for p in zip(points, points[1:], strict=False) if bias <= p[1][0])
+    return max((r1 - r0) / max(b1 - b0, 1e-6), 1e-3)
 
 
 @dataclass
@@ -48,7 +47,7 @@ class RateControl:
 
     target: float
     base_bias: float
-    costs: dict[int, float]  # state code -> relative decode cost (the table the ratio is reported with)
+    costs: CostTable  # the table the ratio is reported with (decode costs)
     num_layers: int
     slope: float = 1.0  # d(ratio)/d(bias) near base_bias
     bias_range: tuple[float, float] = (-50.0, 50.0)
@@ -61,7 +60,6 @@ class RateControl:
     window_slope: torch.Tensor = field(default_factory=lambda: torch.ones(1))  # (batch,) d(ratio)/d(bias) so far
 
     def __post_init__(self) -> None:
-        self.lookup = code_lookup(self.costs)
         self.per_token = self.num_layers / self.target  # the cost per token that reports `target`
 
     def reset(self, batch: int) -> None:
@@ -72,7 +70,7 @@ class RateControl:
         """Count the token each row's step produced (`states` (batch, tokens, layers), its last position)."""
         if self.spent.shape[0] != states.shape[0]:
             self.reset(states.shape[0])
-        self.spent += self.lookup[states[:, -1].long()].sum(-1).double()
+        self.spent += self.costs.token_costs(states[:, -1]).double()
         self.counted += 1
 
     def bias(self) -> torch.Tensor:
@@ -87,7 +85,7 @@ class RateControl:
 
     def retarget(self, states: torch.Tensor, valid: torch.Tensor | None) -> bool:
         """After a scored window: move each row's bias toward the target and say whether to score it again."""
-        costs = self.lookup[states.long()].sum(-1).double()  # (batch, tokens)
+        costs = self.costs.token_costs(states).double()  # (batch, tokens)
         weight = torch.ones_like(costs) if valid is None else valid.double()
         ratio = self.num_layers * weight.sum(-1) / (costs * weight).sum(-1).clamp(min=1e-9)
         bias = self.applied.double().expand(ratio.shape)
@@ -106,7 +104,3 @@ class RateControl:
         step = torch.where(off, (self.target - ratio) / self.window_slope, 0.0)
         self.window_bias = (bias + step).clamp(*self.bias_range).float()
         return True
-
-    def ratio(self) -> torch.Tensor:
-        """(batch,) the compute ratio each row has run at so far."""
-        return self.num_layers * self.counted / self.spent.clamp(min=1e-9)

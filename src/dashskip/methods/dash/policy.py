@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dashskip.core.context import StateChoice
+from dashskip.core.costs import CostTable
 from dashskip.core.decisions import Decider, StepInfo
 from dashskip.core.files import load_artifact, load_weights, save_artifact
 from dashskip.core.kernels import compiled_rows, extension
@@ -211,7 +212,6 @@ class PolicyDecider(Decider):
     ) -> None:
         self.model = model
         self.scales = scales
-        self.costs = costs
         self.cost_bias = bias * costs  # (states,), subtracted from the scores
         self.control = control
         self.counting = False
@@ -335,7 +335,7 @@ class DashPolicy:
         biases = [b for b, _ in curve] or [bias]
         span = max(biases) - min(biases) or 1.0
         table = {int(k): float(v) for k, v in self.meta["cost_table"].items()}
-        return RateControl(speedup, bias, table, self.config.num_layers, curve_slope(curve, bias),
+        return RateControl(speedup, bias, CostTable(table, table), self.config.num_layers, curve_slope(curve, bias),
                            (min(biases) - span, max(biases) + span))  # fmt: skip
 
     def save(self, path: str | Path) -> None:
