@@ -1,32 +1,47 @@
 """dashskip against llama.cpp, the engine a CPU user would pick instead, in one process on one host.
 
-Rows: transformers `generate`, the engine's full path, INT8 on every inner layer, DASH at each --speedup (rate
-control on), and llama.cpp (`llama-cpp-python`) on the GGUF the alias ships (SmolLM2: Q4_1). Every row decodes
-the same WikiText-2 prompt greedily; prefill = the prompt plus the first token, decode = ms per further token,
-medians over --repeats, threads = torch's (llama.cpp is given the same number). llama.cpp's AMX buffer type
-crashed on these hosts, so it runs with `use_extra_bufts=False`.
+Rows: transformers `generate`; the engine's full path; INT8 and INT4 on every inner layer and DASH at each
+--speedup (rate control on), these with the INT8 LM head (llama.cpp quantizes its output matrix too); and
+llama.cpp (`llama-cpp-python`) on the GGUF the alias ships (SmolLM2: Q4_1) and on Q8_0 and Q4_0 made by
+llama.cpp's own quantizer from it (`allow_requantize`: the shipped weights dequantized to f32, which are exactly
+dashskip's fp32 weights, then quantized; cached under $DASHSKIP_CACHE/gguf). Every row decodes the same
+WikiText-2 prompt greedily; prefill = the prompt plus the first token, decode = ms per further token, medians over
+--repeats within a round and then over --rounds (each round times every row once, so the noise of a shared host
+falls on all rows alike), threads = torch's (llama.cpp is given the same number). Perplexity: the same
+--ppl-windows WikiText-2 windows of 256 tokens for every row, llama.cpp's logits for its own rows. llama.cpp's
+AMX buffer type crashed on these hosts, so it runs with `use_extra_bufts=False`.
 
-Needs `pip install llama-cpp-python==0.3.36` (builds from source in a few minutes; not a dashskip dependency).
+Needs `pip install 'dashskip[bench]'` (llama-cpp-python builds from source in a few minutes). Nothing is
+downloaded at run time.
 
-Usage: python benchmarks/vs_llamacpp.py [--model smollm2-135m] [--speedups 1.67 2.0] [--prompt-len 64]
-       [--new-tokens 32] [--repeats 5]
+Usage: python benchmarks/vs_llamacpp.py [--model smollm2-135m] [--speedups 1.67 2.0] [--prompt-len 512]
+       [--new-tokens 32] [--repeats 3] [--rounds 3] [--ppl-windows 20] [--plot docs/img/vs_llamacpp.png]
 """
 
 import argparse
 import json
+import math
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from dashskip.api import from_pretrained
 from dashskip.core.decisions import inner_layers
+from dashskip.core.files import cache_dir
+from dashskip.core.handlers import activations
 from dashskip.core.kernels import host_description
 from dashskip.data import load_text, token_windows
 from dashskip.eval.bench import Row, prefill_and_decode_ms, time_engine, time_transformers
+from dashskip.eval.evaluation import perplexity, perplexity_windows
+from dashskip.eval.plots import speed_quality_plot
 from dashskip.models.loading import ALIASES
 
+LLAMA_FTYPES = {"Q8_0": 7, "Q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* numbers
 
-def load_llama_cpp(gguf: str, context: int, threads: int):
+
+def load_llama_cpp(gguf: str, context: int, threads: int, logits_all: bool = False):
     """`Llama` with the model parameter `use_extra_bufts` off (its constructor has no argument for it)."""
     import llama_cpp.llama as wrapper
 
@@ -41,12 +56,28 @@ def load_llama_cpp(gguf: str, context: int, threads: int):
     native.llama_model_default_params = without_extra_buffers
     try:
         return wrapper.Llama(model_path=gguf, n_ctx=context, n_threads=threads, n_threads_batch=threads,
-                             n_batch=context, verbose=False)  # fmt: skip
+                             n_batch=context, logits_all=logits_all, verbose=False)  # fmt: skip
     finally:
         native.llama_model_default_params = default
 
 
-def llama_cpp_row(gguf: str, ids: list[int], new_tokens: int, repeats: int, threads: int) -> Row:
+def requantized(shipped: Path, ftype: str, threads: int) -> Path:
+    """The shipped GGUF quantized to `ftype` by llama.cpp's own quantizer, made once."""
+    import llama_cpp
+
+    out = cache_dir() / "gguf" / f"{shipped.stem}.{ftype}.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = LLAMA_FTYPES[ftype], True, threads
+        partial = out.with_suffix(".partial")
+        if llama_cpp.llama_model_quantize(str(shipped).encode(), str(partial).encode(), params) != 0:
+            raise SystemExit(f"llama.cpp could not quantize {shipped} to {ftype}")
+        partial.rename(out)
+    return out
+
+
+def llama_cpp_row(name: str, gguf: str, ids: list[int], new_tokens: int, repeats: int, threads: int) -> Row:
     llm = load_llama_cpp(gguf, len(ids) + new_tokens + 8, threads)
 
     def run(n: int) -> list[int]:
@@ -61,42 +92,96 @@ def llama_cpp_row(gguf: str, ids: list[int], new_tokens: int, repeats: int, thre
         return out
 
     prefill, decode = prefill_and_decode_ms(run, new_tokens, repeats)
-    return Row(f"llama.cpp {gguf.rsplit('.', 2)[-2]} (use_extra_bufts=False)", prefill, decode, 1, len(ids))
+    return Row(name, prefill, decode, 1, len(ids))
+
+
+def llama_cpp_perplexity(gguf: str, windows: torch.Tensor, threads: int) -> tuple[float, float]:
+    """(ppl, SE) of llama.cpp's own logits on the windows, computed as dashskip's `perplexity` computes it."""
+    llm = load_llama_cpp(gguf, windows.shape[1], threads, logits_all=True)
+    nlls = []
+    for window in windows.tolist():
+        llm.reset()
+        llm.eval(window)
+        logits = torch.from_numpy(np.array(llm.scores[: len(window) - 1], dtype=np.float32))
+        targets = torch.tensor(window[1:])
+        nlls.append(float(torch.nn.functional.cross_entropy(logits, targets)))
+    return ppl_and_se(nlls)
+
+
+def median_row(rows: list[Row]) -> Row:
+    """One configuration's rounds: the median prefill and decode times."""
+    return replace(rows[0], prefill_ms=float(np.median([r.prefill_ms for r in rows])),
+                   decode_ms_per_step=float(np.median([r.decode_ms_per_step for r in rows])))  # fmt: skip
+
+
+def ppl_and_se(nlls: list[float]) -> tuple[float, float]:
+    values = torch.tensor(nlls, dtype=torch.float64)
+    mean = float(values.mean())
+    return math.exp(mean), math.exp(mean) * float(values.std(unbiased=True)) / math.sqrt(len(nlls))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", choices=sorted(ALIASES))
     parser.add_argument("--speedups", type=float, nargs="+", default=[1.67, 2.0])
-    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="every row timed once per round; medians over rounds")
+    parser.add_argument("--ppl-windows", type=int, default=20)
+    parser.add_argument("--plot", type=Path, help="also draw perplexity vs decode tok/s here (.png)")
     args = parser.parse_args()
     dm = from_pretrained(args.model, speedup=min(args.speedups))
     ids = token_windows(dm.tokenizer, load_text("wikitext2"), 1, args.prompt_len, seed=0)
+    windows = perplexity_windows(dm.tokenizer, load_text("wikitext2"), 256, args.ppl_windows)
     n, threads = dm.backbone.num_layers, torch.get_num_threads()
+    configs = [("engine, full", None, "full"), ("engine, int8 (int8 head)", inner_layers(n, "int8"), "int8"),
+               ("engine, int4 (int8 head)", inner_layers(n, "int4"), "int8"),
+               *((f"engine, dash {s:g}x (int8 head)", dm.decider_for(s), "int8") for s in args.speedups)]  # fmt: skip
+    shipped = ALIASES[args.model].gguf_path()
+    ggufs = {f"llama.cpp {shipped.stem.rsplit('.', 1)[-1]} (shipped)": shipped,
+             **{f"llama.cpp {t}": requantized(shipped, t, threads) for t in LLAMA_FTYPES}}  # fmt: skip
+    quality: dict[str, tuple[float, float] | None] = {"transformers generate (full)": None}
     with torch.inference_mode():
-        rows = [
-            time_transformers(dm.model, ids, args.new_tokens, args.repeats),
-            time_engine("engine, full", dm, ids, None, args.new_tokens, args.repeats),
-            time_engine("engine, int8 inner layers", dm, ids, inner_layers(n, "int8"), args.new_tokens, args.repeats),
-            *(time_engine(f"engine, dash {s:g}x", dm, ids, dm.decider_for(s), args.new_tokens, args.repeats)
-              for s in args.speedups),
-        ]  # fmt: skip
-    rows.append(llama_cpp_row(str(ALIASES[args.model].gguf_path()), ids[0].tolist(), args.new_tokens, args.repeats,
-                              threads))  # fmt: skip
-    print(f"host: {host_description()}; prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, medians of {args.repeats}\n")  # fmt: skip
-    print("| configuration | prefill tok/s | decode tok/s | ms/token | compute ratio |")
-    print("|---|---|---|---|---|")
+        for name, decider, head in configs:
+            dm.backbone.set_head(head)
+            result = perplexity(dm.engine, windows, decider, dm.costs, progress=False)
+            quality[name] = (result.ppl, result.ppl_se)
+    for name, gguf in ggufs.items():
+        quality[name] = llama_cpp_perplexity(str(gguf), windows, threads)
+
+    def one_round() -> list[Row]:
+        with torch.inference_mode():
+            rows = [time_transformers(dm.model, ids, args.new_tokens, args.repeats)]
+            for name, decider, head in configs:
+                dm.backbone.set_head(head)
+                rows.append(time_engine(name, dm, ids, decider, args.new_tokens, args.repeats))
+        for name, gguf in ggufs.items():
+            rows.append(llama_cpp_row(name, str(gguf), ids[0].tolist(), args.new_tokens, args.repeats, threads))
+        return rows
+
+    rounds = [one_round() for _ in range(args.rounds)]  # every row in every round: host noise hits them alike
+    rows = [median_row([r[i] for r in rounds]) for i in range(len(rounds[0]))]
+    spread = {row.name: (min(r[i].decode_tok_s for r in rounds), max(r[i].decode_tok_s for r in rounds))
+              for i, row in enumerate(rows)}  # fmt: skip
+    print(f"host: {host_description()}; activations {activations()}; prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, medians of {args.rounds} rounds x {args.repeats}; perplexity on "
+          f"{windows.shape[0]} WikiText-2 windows of 256\n")  # fmt: skip
+    print("| configuration | prefill tok/s | decode tok/s [range over rounds] | ms/token | compute ratio | "
+          "WikiText-2 ppl ± SE |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row.name} | {row.prefill_tok_s:.0f} | {row.decode_tok_s:.1f} | {row.decode_ms_per_step:.1f} | "
-              f"{row.compute_ratio:.2f} |")  # fmt: skip
-    best = max(rows[1:-1], key=lambda r: r.decode_tok_s)
-    ratio = rows[-1].decode_tok_s / best.decode_tok_s
-    print(f"\nllama.cpp decodes {ratio:.2f}x the fastest dashskip row ({best.name})")
-    print(json.dumps({r.name: {"prefill_tok_s": round(r.prefill_tok_s, 1), "decode_tok_s": round(r.decode_tok_s, 2)}
-                      for r in rows}))  # fmt: skip
+        q = quality[row.name]
+        ppl = "-" if q is None else f"{q[0]:.2f} ± {q[1]:.2f}"
+        low, high = spread[row.name]
+        print(f"| {row.name} | {row.prefill_tok_s:.0f} | {row.decode_tok_s:.1f} [{low:.0f}-{high:.0f}] | "
+              f"{row.decode_ms_per_step:.1f} | "
+              f"{row.compute_ratio:.2f} | {ppl} |")  # fmt: skip
+    if args.plot:
+        points = {r.name: (r.decode_tok_s, *quality[r.name]) for r in rows if quality[r.name] is not None}
+        speed_quality_plot(points, args.plot, f"{args.model}, {host_description()}, batch 1")
+    print(json.dumps({r.name: {"prefill_tok_s": round(r.prefill_tok_s, 1), "decode_tok_s": round(r.decode_tok_s, 2),
+                               "ppl": quality[r.name]} for r in rows}))  # fmt: skip
 
 
 if __name__ == "__main__":

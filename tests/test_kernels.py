@@ -11,9 +11,19 @@ import torch
 from torch.nn import functional as F
 
 from dashskip.core import kernels
-from dashskip.core.handlers import FullPrecision, Handler, Int8WeightOnly, quantize_int8
+from dashskip.core.handlers import (
+    FullPrecision,
+    Handler,
+    Int4WeightOnly,
+    Int8WeightOnly,
+    activations,
+    int4_codes,
+    quantize_int8,
+    quantize_rows,
+)
 from dashskip.core.kernels import CHOICE, SMALL_ROWS
 from dashskip.core.linear import Linear
+from dashskip.errors import DashskipError
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +157,9 @@ def int8_ext(ext):
 
 @pytest.mark.parametrize("out_features, in_features", [(100, 37), (48, 64), (16, 1)])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, SMALL_ROWS])
-def test_int8_kernel_computes_what_torchs_kernel_computes(int8_ext, out_features, in_features, rows):
+def test_int8_kernel_computes_what_torchs_kernel_computes(int8_ext, out_features, in_features, rows, monkeypatch):
     """bf16 activations times the INT8 codes, summed in fp32, scaled, rounded to bf16: torch's arithmetic."""
+    monkeypatch.setenv("DASHSKIP_ACTIVATIONS", "bf16")
     torch.manual_seed(rows)
     weight = torch.randn(out_features, in_features)
     handler = Int8WeightOnly()
@@ -164,3 +175,103 @@ def test_int8_kernel_computes_what_torchs_kernel_computes(int8_ext, out_features
     q, scales = quantize_int8(weight)
     exact = x.bfloat16().double() @ (q.double() * scales.double()[:, None]).T
     torch.testing.assert_close(got.double(), exact, rtol=4e-3, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def vnni_ext(ext):
+    if not ext.has_vnni():
+        pytest.skip("the integer dot-product kernels need AVX512-VNNI")
+    return ext
+
+
+def test_rows_round_per_block_of_64_values():
+    x = torch.randn(3, 150) * torch.linspace(0.1, 10, 150)  # blocks of very different ranges
+    x[1] = 0.0
+    x[2, 70] = 1000.0  # an outlier costs only its own block's resolution
+    q = quantize_rows(x)
+    assert q.shape == x.shape and torch.equal(q[1], x[1])
+    for begin in (0, 64, 128):
+        block, rounded = x[:, begin : begin + 64], q[:, begin : begin + 64]
+        step = block.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127
+        assert bool(((rounded - block).abs() <= step / 2 + 1e-6).all())
+        assert torch.allclose(rounded / torch.where(step > 0, step, 1), (rounded / step).round(), atol=1e-3)
+    assert float((q[2, :64] - x[2, :64]).abs().max()) < 0.05  # the outlier's block is the only coarse one
+
+
+def test_activation_arithmetic_is_chosen_by_name(monkeypatch):
+    assert activations() == "int8"  # the default: integer products
+    monkeypatch.setenv("DASHSKIP_ACTIVATIONS", "bf16")
+    assert activations() == "bf16"
+    monkeypatch.setenv("DASHSKIP_ACTIVATIONS", "fp8")
+    with pytest.raises(DashskipError, match="DASHSKIP_ACTIVATIONS='fp8' is not one of int8, bf16"):
+        activations()
+
+
+def _dequantized_int8(weight):
+    q, scales = quantize_int8(weight)
+    return q.double() * scales.double()[:, None]
+
+
+def _dequantized_int4(weight):
+    codes, scales, minima = int4_codes(weight)
+    n = weight.shape[0]
+    s, m = scales.bfloat16().double(), minima.bfloat16().double()  # the kernel's bf16 scales and minima
+    return (codes.view(n, -1, 64).double() * s[..., None] + m[..., None]).view(n, -1)
+
+
+VNNI_CASES = [(Int8WeightOnly, _dequantized_int8, 100, 37), (Int8WeightOnly, _dequantized_int8, 16, 1),
+              (Int8WeightOnly, _dequantized_int8, 33, 130), (Int4WeightOnly, _dequantized_int4, 100, 192),
+              (Int4WeightOnly, _dequantized_int4, 17, 64)]  # fmt: skip
+
+
+@pytest.mark.parametrize("handler_type, dequantized, out_features, in_features", VNNI_CASES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, SMALL_ROWS])
+def test_vnni_kernels_compute_rounded_rows_times_the_quantized_weight(
+    vnni_ext, handler_type, dequantized, out_features, in_features, rows
+):
+    """The integer kernels equal the rows rounded by `quantize_rows` times the dequantized weight, in float64:
+    the integer sums are exact, only the fp32 scaling rounds. Shapes off the 16-column and 64-value tiles."""
+    torch.manual_seed(rows + out_features)
+    weight = torch.randn(out_features, in_features) * 0.05
+    x = torch.randn(rows, in_features) * torch.linspace(0.2, 4.0, in_features)
+    handler = handler_type()
+    assert "vnni" in handler.kernels(x)
+    got = handler.run("vnni", handler.prepare("vnni", handler.quantize([weight])), x, out_features)
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    exact = quantize_rows(x).double() @ dequantized(weight).T
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("handler_type", [Int8WeightOnly, Int4WeightOnly])
+@pytest.mark.parametrize("rows", [1, 6, 40])
+def test_every_kernel_of_a_quantized_state_multiplies_the_same_rounded_rows(vnni_ext, handler_type, rows):
+    """With int8 activations the kernel choice (VNNI, packed, torch's, the dequantized GEMM) moves a result only
+    by float rounding (torch's kernels round to bf16), not by how the rows are quantized."""
+    torch.manual_seed(rows)
+    weight, x = torch.randn(96, 128) * 0.05, torch.randn(rows, 128)
+    handler = handler_type()
+    form = handler.quantize([weight])
+    names = handler.kernels(x)
+    assert ("vnni" in names) == (rows <= SMALL_ROWS)
+    outs = {k: handler.run(k, handler.prepare(k, form), x, 96) for k in names}
+    reference = handler.run("gemm", form, quantize_rows(x), 96)  # already rounded: rounding again is a no-op
+    for name, out in outs.items():
+        torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_bf16_activations_keep_the_weight_only_arithmetic(ext, monkeypatch):
+    monkeypatch.setenv("DASHSKIP_ACTIVATIONS", "bf16")
+    x = torch.randn(2, 64)
+    assert "vnni" not in Int8WeightOnly().kernels(x) and "vnni" not in Int4WeightOnly().kernels(x)
+    handler, weight = Int8WeightOnly(), torch.randn(32, 64)
+    out = handler.run("gemm", handler.quantize([weight]), x, 32)
+    exact = x.bfloat16().double() @ _dequantized_int8(weight).T  # the unrounded rows
+    torch.testing.assert_close(out.double(), exact, rtol=2e-2, atol=2e-2)
+
+
+def test_speed_quality_plot_draws_every_configuration(tmp_path):
+    from dashskip.eval.plots import speed_quality_plot
+
+    path = tmp_path / "plots" / "vs.png"
+    speed_quality_plot({"engine, int8": (84.0, 40.2, 2.9), "llama.cpp Q8_0": (130.0, 40.5, 3.0)}, path, "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000

@@ -168,14 +168,16 @@ def test_exited_tokens_skip_every_later_layer_and_decode_from_the_exit(family):
             assert path == [4] * ran + [0] * (n - ran)  # exited: every later layer skipped, the last one included
             checked = [e for e in sorted(decider.exits) if e < ran]
             checks += len(checked)
-            assert all(confidence(bb, decider.inputs[e + 1][b, t]) < decider.threshold for e in checked[:-1])
+            # the decider scored its live rows together, this one row alone: another INT8 kernel, another rounding
+            slack = 1e-3
+            assert all(confidence(bb, decider.inputs[e + 1][b, t]) < decider.threshold + slack for e in checked[:-1])
             if ran == n:
                 continue
             exit_layer = ran - 1
             exits_seen.add(exit_layer)
             assert exit_layer in decider.exits and checked[-1] == exit_layer
             h_exit = decider.inputs[ran][b, t]  # the output of the exit layer
-            assert confidence(bb, h_exit) >= decider.threshold
+            assert confidence(bb, h_exit) >= decider.threshold - slack
             assert torch.equal(result.hidden[b, t], h_exit)
             reference = bb.lm_head(bb.norm(h_exit))
             if bb.softcap is not None:

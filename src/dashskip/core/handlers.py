@@ -6,12 +6,19 @@ kernel (`prepare`, made once per kernel actually chosen) and runs it (`run`). Wh
 host (`kernels.CHOICE`), never assumed. Several weights that read the same input (q/k/v, gate/up) are one
 projection: their outputs side by side from one product.
 
-The weight-only INT8/INT4 kernels of torch compute on bf16 activations; dashskip's INT8 kernel keeps that
-arithmetic (bf16 activations, fp32 sums, bf16 outputs), so a row's result does not depend on which ran it.
+The INT8 and INT4 states compute in one of two ways (`activations()`, `DASHSKIP_ACTIVATIONS`):
+- `int8` (the default): the rows of x are quantized to int8 in blocks of 64 values (`quantize_rows`) and
+  multiplied by the integer weights, as llama.cpp's Q8_0 / Q4_0 paths do: for few rows by dashskip's VNNI kernels
+  (csrc/int_dot.cpp, integer sums), otherwise by torch's kernels on the same rounded rows. Every kernel
+  multiplies the same rounded values, so the kernel choice changes a result only by float rounding.
+- `bf16`: the weight-only arithmetic of torch's kernels (bf16 activations, fp32 sums, bf16 outputs): more
+  accurate, and for few rows slower.
+Under autograd both states run the bf16 GEMM on the dequantized weight and the unrounded rows.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +29,43 @@ from dashskip.core import kernels as K
 from dashskip.errors import DashskipError
 
 INT4_GROUP_SIZE = 64  # not 32: SmolLM2's Q4_1 GGUF uses 32-blocks, and group 32 would reproduce it exactly
+
+
+ACTIVATIONS = ("int8", "bf16")
+
+
+def activations() -> str:
+    """How the INT8 and INT4 states treat activations: 'int8' (rows quantized, integer products) or 'bf16'.
+    An environment variable, not an argument: it is the arithmetic of two states everywhere in a process (policy,
+    cost table, lossless drafts), like the kernel override DASHSKIP_SMALL_GEMM."""
+    value = os.environ.get("DASHSKIP_ACTIVATIONS", "int8")
+    if value not in ACTIVATIONS:
+        raise DashskipError(f"DASHSKIP_ACTIVATIONS={value!r} is not one of {', '.join(ACTIVATIONS)}; unset it or "
+                            "pick one")  # fmt: skip
+    return value
+
+
+ACTIVATION_BLOCK = 64  # values per activation scale (llama.cpp's Q8_0: 32); one scale per row cost 2% perplexity
+
+
+def quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows rounded as the VNNI kernels round them, dequantized: symmetric int8 per block of 64 values (scale =
+    max|x| / 127 over the block, 1 for a zero block), division and round-half-even, so q is the same bit for bit."""
+    rows, width = x.shape
+    pad = -width % ACTIVATION_BLOCK
+    blocks = F.pad(x, (0, pad)).view(rows, -1, ACTIVATION_BLOCK)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return (torch.round(blocks / scale) * scale).view(rows, -1)[:, :width]
+
+
+def _int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """What the INT8 and INT4 states multiply: the rounded rows with int8 activations, x itself with bf16."""
+    return quantize_rows(x) if activations() == "int8" and not K.needs_grad(x) else x
+
+
+def _vnni_rows(x: torch.Tensor) -> bool:
+    return activations() == "int8" and K.compiled_rows(x) and K.extension().has_vnni()
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +150,8 @@ class Int8Form:
 
 
 class Int8WeightOnly(Handler):
-    """Symmetric per-channel INT8 weights. Kernels: torch's weight-only kernel, dashskip's packed one (few rows,
+    """Symmetric per-channel INT8 weights. With int8 activations: torch's exact `_int_mm` or dashskip's VNNI
+    kernel (few rows). With bf16 activations: torch's weight-only kernel, dashskip's packed one (few rows,
     AVX-512), or a bf16 GEMM on the weight dequantized for the call (prefill)."""
 
     name = "int8"
@@ -120,14 +165,19 @@ class Int8WeightOnly(Handler):
         names = ["torch", "gemm"]
         if K.compiled_rows(x) and K.extension().has_int8():
             names.append("packed")
-        return names
+        return [*names, "vnni"] if _vnni_rows(x) else names
 
     def prepare(self, kernel: str, form: Int8Form) -> Any:
         if kernel == "packed":
             return tuple(K.extension().pack_int8(form.weight, form.scales))
+        if kernel == "vnni":
+            return tuple(K.extension().pack_int8_vnni(form.weight, form.scales))
         return form
 
     def run(self, kernel: str, prepared: Any, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        if kernel == "vnni":
+            return K.extension().linear_int8_vnni(x, *prepared, out_features)
+        x = _int8_rows(x)
         if kernel == "packed":
             return K.extension().linear_int8(x, *prepared, out_features)
         if kernel == "gemm":
@@ -146,8 +196,9 @@ class Int4Form:
 
 
 class Int4WeightOnly(Handler):
-    """Asymmetric INT4 weights in groups of 64 along the input. Kernels: torch's weight-only INT4 kernel, or a bf16
-    GEMM on the weight dequantized for the call (prefill)."""
+    """Asymmetric INT4 weights in groups of 64 along the input. Kernels: torch's weight-only INT4 kernel, a bf16
+    GEMM on the weight dequantized for the call (prefill), and with int8 activations dashskip's VNNI kernel (few
+    rows; the torch kernels then run on the rounded rows)."""
 
     name = "int4"
 
@@ -155,9 +206,13 @@ class Int4WeightOnly(Handler):
         return Int4Form(*int4_codes(_cat(weights)))
 
     def kernels(self, x: torch.Tensor) -> list[str]:
-        return ["gemm"] if K.needs_grad(x) else ["torch", "gemm"]
+        if K.needs_grad(x):
+            return ["gemm"]
+        return ["torch", "gemm", "vnni"] if _vnni_rows(x) else ["torch", "gemm"]
 
     def prepare(self, kernel: str, form: Int4Form) -> Any:
+        if kernel == "vnni":
+            return tuple(K.extension().pack_int4_vnni(form.codes, form.scales, form.minima))
         if kernel == "torch":
             packed = torch._convert_weight_to_int4pack_for_cpu(form.codes.to(torch.int32), 1)
             zeros = form.minima + form.scales * 8.0  # the kernel computes (code - 8) * scale + zero
@@ -166,6 +221,9 @@ class Int4WeightOnly(Handler):
         return form
 
     def run(self, kernel: str, prepared: Any, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        if kernel == "vnni":
+            return K.extension().linear_int4_vnni(x, *prepared, out_features)
+        x = _int8_rows(x)
         if kernel == "torch":
             packed, scales_zeros = prepared
             return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, INT4_GROUP_SIZE, scales_zeros).to(

@@ -9,9 +9,10 @@ kept, and the choices are stored beside the cost tables under a fingerprint of t
 threads, torch version). `dashskip profile` prints them.
 
 `DASHSKIP_SMALL_GEMM` overrides the choice: `0` runs torch's ops only (and does not build the extension), `1`
-runs dashskip's kernels wherever they apply without measuring. The extension is compiled on first use with
-torch's C++ extension builder (a C++ compiler and ninja) into the dashskip cache, announced with one line;
-where it cannot run (no AVX/FMA, not x86-64 Linux, no compiler, a GPU tensor, autograd) torch's ops run.
+runs dashskip's kernels wherever they apply without measuring (the integer VNNI ones first). The extension is
+compiled on first use with torch's C++ extension builder (a C++ compiler and ninja) into the dashskip cache,
+announced with one line; where it cannot run (no AVX/FMA, not x86-64 Linux, no compiler, a GPU tensor, autograd)
+torch's ops run.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ import torch
 
 from dashskip.core.files import atomic_write_text, cache_dir
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("small_gemm.cpp", "layer_ops.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("small_gemm.cpp", "layer_ops.cpp", "int_dot.cpp")]
 SMALL_ROWS = 16  # the packed kernels' range; past it BLAS's blocked GEMM reuses rows across cache levels
 CHOICE_VERSION = 1
+COMPILED = ("vnni", "packed")  # dashskip's kernels, in the order DASHSKIP_SMALL_GEMM=1 prefers them
 
 
 @functools.cache
@@ -179,8 +181,8 @@ class KernelChoice:
         return hit
 
     def _pick(self, scheme: str, shape: tuple[int, int], rows: int, kernels: list[str], timer: Timer) -> str:
-        if mode() == "on":  # dashskip's compiled kernel where there is one, else the handler's first
-            return "packed" if "packed" in kernels else kernels[0]
+        if mode() == "on":  # dashskip's compiled kernel where there is one (integer first), else the handler's first
+            return next((k for k in COMPILED if k in kernels), kernels[0])
         key = f"{scheme}|{shape[0]}x{shape[1]}|rows{row_bucket(rows)}|{'/'.join(sorted(kernels))}"
         host = host_fingerprint()
         with self.lock:

@@ -44,6 +44,24 @@ def pareto_plot(cells, path: Path, model: str) -> None:
     plt.close(fig)
 
 
+def speed_quality_plot(points: dict[str, tuple[float, float, float]], path: Path, title: str) -> None:
+    """WikiText-2 perplexity (± SE) against decode tokens/s, one labelled point per configuration
+    ({name: (decode tok/s, ppl, se)}); llama.cpp's points in another colour."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (name, (speed, ppl, se)) in enumerate(points.items()):
+        colour = "tab:orange" if name.startswith("llama.cpp") else "tab:blue"
+        ax.errorbar([speed], [ppl], [se], fmt="o", color=colour, ms=5, capsize=2)
+        offset = (4, 4) if i % 2 == 0 else (4, -10)  # neighbours' labels above and below: they do not overlap
+        ax.annotate(name, (speed, ppl), textcoords="offset points", xytext=offset, fontsize=7)
+    ax.set_xlabel("decode tokens/s (batch 1)")
+    ax.set_ylabel("WikiText-2 perplexity (lower is better)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def state_map_plot(dm, deciders: dict, cosine: list[float], path: Path, data_dir=None, tokens: int = 48) -> None:
     """The states of one WikiText-2 sample at each operating point (tokens x layers), beside each layer's
     input/output cosine similarity: where DASH skips should follow where layers change the stream least."""

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from dashskip.core.costs import CostTable
 from dashskip.core.decisions import Decider
+from dashskip.core.handlers import activations
 from dashskip.data import (
     CHOICE_TASKS,
     SUMMARY_TASKS,
@@ -305,6 +306,7 @@ def task_signature(
         "settings": {k: v for k, v in asdict(settings).items() if k != "limit"},
         "costs": costs.decode,
         "kv_rule": str(engine.kv_rule),
+        "activations": activations(),  # the INT8/INT4 states' arithmetic
         "scales": scales_key(_skip_scales(engine, decider)),
         # DASH with rate control scores otherwise than at its calibrated bias; results of one are not the other's
         **({"rate_control": True} if getattr(decider, "control", None) is not None else {}),
