@@ -41,3 +41,12 @@ def test_state_errors_on_real_hidden_states(model):
     # int8 is far closer to full than int4, and both far closer than skipping
     for i in range(n - 2):
         assert 0 < errors["output"]["2"][i] < errors["output"]["1"][i] < errors["output"]["0"][i]
+
+
+def test_cost_tables_and_kernel_choices_are_kept_apart_per_activation_arithmetic(monkeypatch):
+    from dashskip.measure.profiling import default_profile_path
+
+    monkeypatch.setenv("DASHSKIP_ACTIVATIONS", "int8")
+    int8 = default_profile_path("fp", "project")
+    monkeypatch.setenv("DASHSKIP_ACTIVATIONS", "bf16")
+    assert default_profile_path("fp", "project") != int8 and int8.name.endswith("-int8.json")

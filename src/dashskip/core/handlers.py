@@ -9,8 +9,9 @@ projection: their outputs side by side from one product.
 The INT8 and INT4 states compute in one of two ways (`activations()`, `DASHSKIP_ACTIVATIONS`):
 - `int8` (the default): the rows of x are quantized to int8 in blocks of 64 values (`quantize_rows`) and
   multiplied by the integer weights, as llama.cpp's Q8_0 / Q4_0 paths do: for few rows by dashskip's VNNI kernels
-  (csrc/int_dot.cpp, integer sums), otherwise by torch's kernels on the same rounded rows. Every kernel
-  multiplies the same rounded values, so the kernel choice changes a result only by float rounding.
+  (csrc/int_dot.cpp, integer sums), otherwise by torch's kernels on the same int8 rows (which they round to
+  bf16 once more, and INT4's dequantized weights too), so the kernel choice changes a result only by float
+  rounding.
 - `bf16`: the weight-only arithmetic of torch's kernels (bf16 activations, fp32 sums, bf16 outputs): more
   accurate, and for few rows slower.
 Under autograd both states run the bf16 GEMM on the dequantized weight and the unrounded rows.
@@ -18,7 +19,6 @@ Under autograd both states run the bf16 GEMM on the dequantized weight and the u
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,23 +26,10 @@ import torch
 from torch.nn import functional as F
 
 from dashskip.core import kernels as K
+from dashskip.core.kernels import activations  # the setting lives with the kernel choice it keys
 from dashskip.errors import DashskipError
 
 INT4_GROUP_SIZE = 64  # not 32: SmolLM2's Q4_1 GGUF uses 32-blocks, and group 32 would reproduce it exactly
-
-
-ACTIVATIONS = ("int8", "bf16")
-
-
-def activations() -> str:
-    """How the INT8 and INT4 states treat activations: 'int8' (rows quantized, integer products) or 'bf16'.
-    An environment variable, not an argument: it is the arithmetic of two states everywhere in a process (policy,
-    cost table, lossless drafts), like the kernel override DASHSKIP_SMALL_GEMM."""
-    value = os.environ.get("DASHSKIP_ACTIVATIONS", "int8")
-    if value not in ACTIVATIONS:
-        raise DashskipError(f"DASHSKIP_ACTIVATIONS={value!r} is not one of {', '.join(ACTIVATIONS)}; unset it or "
-                            "pick one")  # fmt: skip
-    return value
 
 
 ACTIVATION_BLOCK = 64  # values per activation scale (llama.cpp's Q8_0: 32); one scale per row cost 2% perplexity
@@ -150,9 +137,9 @@ class Int8Form:
 
 
 class Int8WeightOnly(Handler):
-    """Symmetric per-channel INT8 weights. With int8 activations: torch's exact `_int_mm` or dashskip's VNNI
-    kernel (few rows). With bf16 activations: torch's weight-only kernel, dashskip's packed one (few rows,
-    AVX-512), or a bf16 GEMM on the weight dequantized for the call (prefill)."""
+    """Symmetric per-channel INT8 weights. Kernels: torch's weight-only kernel, dashskip's packed one (few rows,
+    AVX-512), a bf16 GEMM on the weight dequantized for the call (prefill), and with int8 activations dashskip's
+    VNNI kernel (few rows; the others then run on the rounded rows)."""
 
     name = "int8"
 

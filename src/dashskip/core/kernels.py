@@ -35,6 +35,7 @@ from types import ModuleType
 import torch
 
 from dashskip.core.files import atomic_write_text, cache_dir
+from dashskip.errors import DashskipError
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("small_gemm.cpp", "layer_ops.cpp", "int_dot.cpp")]
 SMALL_ROWS = 16  # the packed kernels' range; past it BLAS's blocked GEMM reuses rows across cache levels
@@ -143,6 +144,20 @@ def host_description() -> str:
     return f"{_cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+ACTIVATIONS = ("int8", "bf16")
+
+
+def activations() -> str:
+    """How the INT8 and INT4 states treat activations: 'int8' (rows quantized, integer products) or 'bf16'.
+    An environment variable, not an argument: it is the arithmetic of two states everywhere in a process (policy,
+    cost table, lossless drafts), like the kernel override DASHSKIP_SMALL_GEMM."""
+    value = os.environ.get("DASHSKIP_ACTIVATIONS", "int8")
+    if value not in ACTIVATIONS:
+        raise DashskipError(f"DASHSKIP_ACTIVATIONS={value!r} is not one of {', '.join(ACTIVATIONS)}; unset it or "
+                            "pick one")  # fmt: skip
+    return value
+
+
 Timer = Callable[[str], float]  # kernel name -> seconds of one call on representative data
 
 
@@ -174,7 +189,7 @@ class KernelChoice:
         """The kernel to run; `timer` measures a candidate when this (scheme, shape, rows) is new here."""
         if len(kernels) == 1:
             return kernels[0]
-        fast = (scheme, shape, row_bucket(rows), tuple(kernels), torch.get_num_threads())
+        fast = (scheme, shape, row_bucket(rows), tuple(kernels), torch.get_num_threads(), activations())
         hit = self.memo.get(fast)
         if hit is None:
             hit = self.memo[fast] = self._pick(scheme, shape, rows, kernels, timer)
@@ -183,7 +198,7 @@ class KernelChoice:
     def _pick(self, scheme: str, shape: tuple[int, int], rows: int, kernels: list[str], timer: Timer) -> str:
         if mode() == "on":  # dashskip's compiled kernel where there is one (integer first), else the handler's first
             return next((k for k in COMPILED if k in kernels), kernels[0])
-        key = f"{scheme}|{shape[0]}x{shape[1]}|rows{row_bucket(rows)}|{'/'.join(sorted(kernels))}"
+        key = f"{scheme}|{shape[0]}x{shape[1]}|rows{row_bucket(rows)}|{'/'.join(sorted(kernels))}|{activations()}"
         host = host_fingerprint()
         with self.lock:
             self._load(host)

@@ -21,7 +21,7 @@ from dashskip.core.context import Rows
 from dashskip.core.costs import CostTable
 from dashskip.core.decisions import Decider
 from dashskip.core.files import cache_dir
-from dashskip.core.kernels import host_description, host_fingerprint
+from dashskip.core.kernels import activations, host_description, host_fingerprint
 from dashskip.core.states import State, codes, registered
 from dashskip.errors import DashskipError
 from dashskip.runtime.engine import Engine, Session
@@ -101,8 +101,9 @@ def profile(
 
 
 def default_profile_path(fingerprint: str, kv_rule: str) -> Path:
-    """Where the cost table lives; per K/V rule, since the rule sets what a skipped layer costs."""
-    return cache_dir() / "profiles" / f"{fingerprint}-{machine_id()}-{kv_rule}.json"
+    """Where the cost table lives; per K/V rule, since the rule sets what a skipped layer costs, and per activation
+    arithmetic, since it sets what the INT8 and INT4 states cost."""
+    return cache_dir() / "profiles" / f"{fingerprint}-{machine_id()}-{kv_rule}-{activations()}.json"
 
 
 def cost_table_for(engine: Engine, fingerprint: str, progress: bool = True) -> CostTable:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from dashskip.core.costs import CostTable
 from dashskip.core.decisions import FixedStates
 from dashskip.core.files import atomic_write_text, cache_dir
+from dashskip.core.kernels import activations
 from dashskip.core.losses import token_nll
 from dashskip.core.states import State, registered, spec
 from dashskip.errors import DashskipError
@@ -74,7 +75,8 @@ def sensitivity_for(ctx: MethodContext) -> Sensitivity:
     """The model's sensitivity table, measured once on WikiText-2 validation windows and cached."""
     # Skipping runs with the engine's skip scales, so they are part of what the table measured.
     scales = scales_digest(ctx.engine.scales)
-    path = cache_dir() / "sensitivity" / f"{ctx.fingerprint}-{ctx.engine.kv_rule}-{scales}.json"
+    # The quantized states' arithmetic (int8 or bf16 activations) is part of what it measured too.
+    path = cache_dir() / "sensitivity" / f"{ctx.fingerprint}-{ctx.engine.kv_rule}-{scales}-{activations()}.json"
     if path.exists():
         return Sensitivity.load(path)
     windows = validation_windows(ctx, 4, 128, seed=1)

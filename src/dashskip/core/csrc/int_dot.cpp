@@ -29,7 +29,7 @@ namespace {
 constexpr int64_t kCols = 16;   // output columns per panel: one zmm of int32 sums
 constexpr int64_t kGroup = 64;  // INT4 group along k: 16 quads
 constexpr int64_t kAhead = 2048;  // software prefetch distance in bytes of weights
-constexpr int kMaxRows = 4;     // rows per pass: 4 rows x 4 chains of accumulators fit the 32 zmm registers
+constexpr int kMaxRows = 4;     // rows per pass: rows x chains (4x1, 2x2, 1x4) accumulators, well within 32 zmm
 
 bool cpu_has_vnni() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
