@@ -112,12 +112,14 @@ def test_cli_eval_task_and_sweep(setup):
 
     runner = CliRunner()
     model = str(setup / "model")
-    args = ["--method", "random", "--speedup", "1.33", "--task", "sst2", "--limit", "3", "--json"]
+    # 1.2, not 1.33: the tiny model's cost table is measured on the host, and one CI host let random skipping
+    # reach only 1.28 (its skips, which still project K/V, cost much of a tiny layer)
+    args = ["--method", "random", "--speedup", "1.2", "--task", "sst2", "--limit", "3", "--json"]
     result = runner.invoke(app, ["eval", "--model", model, *args])
     assert result.exit_code == 0, result.output
     json_line = next(line for line in result.output.splitlines() if '{"model"' in line)  # after progress bars
     row = json.loads(json_line[json_line.index('{"model"') :])
-    assert row["task"] == "sst2" and row["examples"] == 3 and row["compute_ratio"] == pytest.approx(1.33, rel=0.03)
+    assert row["task"] == "sst2" and row["examples"] == 3 and row["compute_ratio"] == pytest.approx(1.2, rel=0.03)
     out = setup / "cli-sweep"
     args = ["--methods", "random", "--speedups", "1.33", "--tasks", "rte", "--limit", "2", "--no-plots"]
     result = runner.invoke(app, ["sweep", "--model", model, *args, "--out", str(out)])
