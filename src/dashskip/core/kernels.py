@@ -39,7 +39,11 @@ from dashskip.errors import DashskipError
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("small_gemm.cpp", "layer_ops.cpp", "int_dot.cpp")]
 SMALL_ROWS = 16  # the packed kernels' range; past it BLAS's blocked GEMM reuses rows across cache levels
-CHOICE_VERSION = 1
+# The integer dot-product kernels' range: they keep a 16-column panel in cache over passes of up to 8 rows, so they may
+# beat torch's dequantizing INT8/INT4 kernels well past 16 rows (batched decode, lossless verification, short
+# prefill chunks); where they do is measured like every other choice.
+INT_DOT_ROWS = 256
+CHOICE_VERSION = 2  # 2: the integer kernels take up to 256 rows in passes of 8
 COMPILED = ("vnni", "packed")  # dashskip's kernels, in the order DASHSKIP_SMALL_GEMM=1 prefers them
 
 
@@ -87,7 +91,10 @@ def extension() -> ModuleType | None:
     if reason is None:
         from torch.utils.cpp_extension import load
 
-        digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()).hexdigest()
+        # per torch install too: torch's builder rebuilds for another environment's headers, and the line below
+        # should say so rather than pause in silence
+        stamp = f"{torch.__version__}:{Path(torch.__file__).parent}".encode()
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + stamp).hexdigest()
         build = cache_dir() / "kernels" / f"small_gemm-{digest[:12]}"
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):
@@ -111,11 +118,12 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def compiled_rows(x: torch.Tensor) -> bool:
-    """Whether `x` may go to a compiled kernel at all: few fp32 CPU rows, no autograd, the extension built."""
+def compiled_rows(x: torch.Tensor, most: int = SMALL_ROWS) -> bool:
+    """Whether `x` may go to a compiled kernel at all: few fp32 CPU rows (at most `most`), no autograd, the extension
+    built."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return (
-        0 < rows <= SMALL_ROWS
+        0 < rows <= most
         and x.dtype == torch.float32
         and x.device.type == "cpu"
         and not needs_grad(x)

@@ -137,16 +137,17 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[A
 
 def fingerprint(model: Any) -> str:
     """A short id of the model's weights, so calibration and policy files cannot be applied to another model."""
-    cfg = model.config
+    layers = model.model.layers
+    return fingerprint_of(model.config, model.get_input_embeddings().weight, layers[0].self_attn.q_proj.weight,
+                          layers[-1].mlp.down_proj.weight)  # fmt: skip
+
+
+def fingerprint_of(cfg: Any, embedding: torch.Tensor, first_q: torch.Tensor, last_down: torch.Tensor) -> str:
+    """The fingerprint from its probes (the first rows of the embedding, layer 0's q projection and the last
+    layer's down projection), wherever the weights live: a transformers model, or vLLM's fused q/k/v."""
     digest = hashlib.sha256()
     digest.update(f"{cfg.model_type}:{cfg.num_hidden_layers}:{cfg.hidden_size}:{cfg.vocab_size}".encode())
-    layers = model.model.layers
-    probes = [
-        model.get_input_embeddings().weight[:16],
-        layers[0].self_attn.q_proj.weight[:16],
-        layers[-1].mlp.down_proj.weight[:16],
-    ]
-    for tensor in probes:
+    for tensor in (embedding[:16], first_q[:16], last_down[:16]):
         weight = tensor.detach().to(torch.float32).contiguous().cpu()
         digest.update(weight.numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -29,7 +29,9 @@ namespace {
 constexpr int64_t kCols = 16;   // output columns per panel: one zmm of int32 sums
 constexpr int64_t kGroup = 64;  // INT4 group along k: 16 quads
 constexpr int64_t kAhead = 2048;  // software prefetch distance in bytes of weights
-constexpr int kMaxRows = 4;     // rows per pass: rows x chains (4x1, 2x2, 1x4) accumulators, well within 32 zmm
+// Rows per pass: rows x chains accumulators (8x1, 4x1, 2x2, 1x4) plus 8 sums, within 32 zmm; the more rows a pass
+// takes, the fewer times a panel's weights are loaded (and INT4's unpacked) for many rows.
+constexpr int kMaxRows = 8;
 
 bool cpu_has_vnni() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -154,7 +156,11 @@ void row_passes(int64_t m, Kernel&& kernel) {
       case 1: kernel(std::integral_constant<int, 1>{}, r); break;
       case 2: kernel(std::integral_constant<int, 2>{}, r); break;
       case 3: kernel(std::integral_constant<int, 3>{}, r); break;
-      default: kernel(std::integral_constant<int, 4>{}, r); break;
+      case 4: kernel(std::integral_constant<int, 4>{}, r); break;
+      case 5: kernel(std::integral_constant<int, 5>{}, r); break;
+      case 6: kernel(std::integral_constant<int, 6>{}, r); break;
+      case 7: kernel(std::integral_constant<int, 7>{}, r); break;
+      default: kernel(std::integral_constant<int, 8>{}, r); break;
     }
   }
 }

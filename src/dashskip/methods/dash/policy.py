@@ -298,6 +298,11 @@ class DashPolicy:
         table = self.meta["cost_table"]
         return torch.tensor([float(table[str(c)]) for c in self.config.codes.tolist()])
 
+    def cost_table(self) -> CostTable:
+        """The table its operating points were calibrated with (decode and prefill alike)."""
+        table = {int(k): float(v) for k, v in self.meta["cost_table"].items()}
+        return CostTable(table, table)
+
     def max_speedup(self) -> float:
         curve = self.meta.get("ratio_curve") or []
         return max((r for _, r in curve), default=1.0)
@@ -334,8 +339,7 @@ class DashPolicy:
         curve = self.meta.get("ratio_curve") or []
         biases = [b for b, _ in curve] or [bias]
         span = max(biases) - min(biases) or 1.0
-        table = {int(k): float(v) for k, v in self.meta["cost_table"].items()}
-        return RateControl(speedup, bias, CostTable(table, table), self.config.num_layers, curve_slope(curve, bias),
+        return RateControl(speedup, bias, self.cost_table(), self.config.num_layers, curve_slope(curve, bias),
                            (min(biases) - span, max(biases) + span))  # fmt: skip
 
     def save(self, path: str | Path) -> None:

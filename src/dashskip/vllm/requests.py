@@ -1,0 +1,150 @@
+"""Which request each row of vLLM's batch belongs to, and at what operating point it runs.
+
+A vLLM model sees one flattened batch of tokens and no request ids. Its logits processors do see requests: before
+every forward pass the model runner tells each of them which requests joined the persistent batch (with their
+`SamplingParams`), which left and which moved. `DashRequests` is such a processor, registered through the
+`vllm.logits_processors` entry point; it changes no logits, it keeps `TABLE`: batch index -> `Request`. The DASH
+model reads the table in the same worker process to give each request its own operating point (the request's
+`vllm_xargs: {"dash_speedup": 2.0}`, or the model's default) and its own rate controller, and writes back what
+each request spent, which is reported when the request leaves the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+log = logging.getLogger("vllm.dashskip")  # under vLLM's logger: its handlers and format
+
+SPEEDUP_KEY = "dash_speedup"  # the per-request operating point, in `vllm_xargs` / `SamplingParams.extra_args`
+REPORTS_KEPT = 4096
+
+
+def requested_speedup(params: SamplingParams) -> float | None:
+    """The request's operating point, or None for the model's default; a bad value is refused (HTTP 400)."""
+    value = (params.extra_args or {}).get(SPEEDUP_KEY)
+    if value is None:
+        return None
+    try:
+        speedup = float(value)
+    except (TypeError, ValueError):
+        speedup = math.nan
+    if not (math.isfinite(speedup) and speedup >= 1.0) or isinstance(value, bool):
+        raise VLLMValidationError(f"{SPEEDUP_KEY} must be a number >= 1.0 (1.0 = every layer in full), got {value!r}",
+                                  parameter=SPEEDUP_KEY, value=value)  # fmt: skip
+    return speedup
+
+
+@dataclass
+class Request:
+    """One request in the batch: what it asked for and what it has spent (tokens that produced output)."""
+
+    speedup: float | None  # None: the model's default operating point
+    prompt_len: int
+    outputs: list[int] = field(default_factory=list)  # vLLM's live list of the request's output tokens
+    params: SamplingParams | None = None  # identifies the request when vLLM adds it back after preempting it
+    control: Any = None  # the model's per-request rate controller, made when the model first runs the request
+    target: float = 0.0  # the operating point it runs at, filled by the model when it first runs the request
+    spent: float = 0.0  # cost of its counted tokens, in full layers
+    counted: int = 0  # tokens counted: the prompt's last and each decoded one
+
+    def compute_ratio(self, num_layers: int) -> float:
+        return num_layers * self.counted / self.spent if self.spent > 0 else 1.0
+
+    def produces(self, computed: int) -> bool:
+        """Whether a chunk ending at `computed` tokens yields a token: the prompt and every output so far are in
+        (a preempted request's recomputed chunks are not)."""
+        return computed >= self.prompt_len + len(self.outputs)
+
+
+@dataclass(frozen=True)
+class Report:
+    """A request that left the batch (finished, aborted or preempted: one vLLM resumes reports again when it
+    leaves, counting all its tokens): the compute ratio it ran at."""
+
+    target: float
+    compute_ratio: float
+    tokens: int
+    prompt_len: int
+
+
+@dataclass
+class RequestTable:
+    """Batch index -> request, kept in step with vLLM's persistent batch by `DashRequests`."""
+
+    slots: dict[int, Request] = field(default_factory=dict)
+    reports: deque[Report] = field(default_factory=lambda: deque(maxlen=REPORTS_KEPT))
+    num_layers: int = 0  # set by the model: what a compute ratio is counted against
+    # Requests that left, by their SamplingParams' id: one vLLM adds back (after preempting it) resumes its count
+    # and controller. The entry holds the params, so the id cannot be reused while it is kept.
+    left: dict[int, Request] = field(default_factory=dict)
+
+    def update(self, batch: BatchUpdate) -> None:
+        """vLLM's order: removed, added, moved."""
+        for index in batch.removed:
+            self._leave(index)
+        for index, params, prompt, outputs in batch.added:
+            self._leave(index)  # an added request may replace one at the same index
+            request = self.left.pop(id(params), None)
+            if request is None or request.params is not params:
+                request = Request(requested_speedup(params), len(prompt or ()), outputs, params)
+            request.outputs = outputs
+            self.slots[index] = request
+        for a, b, direction in batch.moved:
+            if direction == MoveDirectionality.UNIDIRECTIONAL:
+                self._leave(b)  # vLLM condenses the batch onto a finished request's index without removing it
+            first, second = self.slots.pop(a, None), self.slots.pop(b, None)
+            if first is not None:
+                self.slots[b] = first
+            if direction == MoveDirectionality.SWAP and second is not None:
+                self.slots[a] = second
+
+    def _leave(self, index: int) -> None:
+        request = self.slots.pop(index, None)
+        if request is None:
+            return
+        self.left[id(request.params)] = request
+        while len(self.left) > REPORTS_KEPT:
+            self.left.pop(next(iter(self.left)))
+        if request.counted == 0 or not self.num_layers:
+            return
+        ratio = request.compute_ratio(self.num_layers)
+        self.reports.append(Report(request.target, ratio, request.counted, request.prompt_len))
+        log.info("dashskip: request left the batch after %d tokens at compute ratio %.3f (asked %.2f)",
+                 request.counted, ratio, request.target)  # fmt: skip
+
+
+TABLE = RequestTable()  # one per worker process: the model and the processor live in the same one
+
+
+class DashRequests(LogitsProcessor):
+    """Keeps `TABLE` in step with the batch; leaves the logits as they are."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        requested_speedup(sampling_params)
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
+        TABLE.slots.clear()
+        TABLE.left.clear()
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is not None:
+            TABLE.update(batch_update)

@@ -1,0 +1,229 @@
+"""DASH inside vLLM, on vLLM's CPU backend, against vLLM's stock model and against dashskip's own engine.
+
+These run in the vLLM environment (README, "Serving with vLLM"); where vLLM is not installed they are skipped, and
+CI runs them in that environment. The engines run in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so the
+request table the model writes is readable here. Nothing is downloaded: the model is the SmolLM2 folder dashskip
+makes from its GGUF package.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.exceptions import VLLMValidationError  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
+
+from dashskip import from_pretrained  # noqa: E402
+from dashskip.api import bundled_policy  # noqa: E402
+from dashskip.data import load_text, token_windows  # noqa: E402
+from dashskip.models.loading import resolve  # noqa: E402
+from dashskip.vllm import hf_overrides  # noqa: E402
+from dashskip.vllm.requests import TABLE, RequestTable  # noqa: E402
+
+pytestmark = pytest.mark.real
+
+MODEL = "smollm2-135m"
+# Held out: none of these is in the policy's training or calibration text.
+PROMPTS = [
+    "In 1887 the city council decided to build a new bridge because",
+    "def merge_sorted(a, b):\n    ",
+    "Q: What is the boiling point of water at sea level?\nA:",
+    "The recipe calls for two cups of flour, and",
+]
+# No prefix caching, as `dashskip serve --engine vllm` runs it: cached K/V would carry another request's states.
+ENGINE = dict(dtype="float32", max_model_len=512, enforce_eager=True, kv_cache_memory_bytes=1 << 29, seed=0,
+              enable_prefix_caching=False)  # fmt: skip
+
+
+def _engine(folder: str, overrides: dict | None) -> LLM:
+    return LLM(model=folder, hf_overrides=overrides or {}, **ENGINE)
+
+
+def _close(llm: LLM) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def _greedy(llm: LLM, speedup: float | None, tokens: int = 32) -> list[list[int]]:
+    extra = None if speedup is None else {"dash_speedup": speedup}
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, extra_args=extra)
+    return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def folder() -> str:
+    return resolve(MODEL)
+
+
+@pytest.fixture(scope="module")
+def stock_tokens(folder) -> list[list[int]]:
+    llm = _engine(folder, None)
+    try:
+        return _greedy(llm, None)
+    finally:
+        _close(llm)
+
+
+@pytest.fixture(scope="module")
+def dash(folder, stock_tokens):
+    """After the stock engine is gone: one engine per process at a time (vLLM's parallel state is global)."""
+    llm = _engine(folder, hf_overrides("LlamaForCausalLM", 1.0))
+    yield llm
+    _close(llm)
+
+
+def test_the_request_table_follows_vllms_batch_updates():
+    """Removed, then added, then moved (vLLM's order). Condensing moves the last request onto a finished one's index
+    without listing it as removed; a swap exchanges two; a preempted request added back resumes its count."""
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    table = RequestTable(num_layers=30)
+    params = [SamplingParams(extra_args=None if s is None else {"dash_speedup": s}) for s in (2.0, None, 1.33)]
+    table.update(BatchUpdate(3, [], [(0, params[0], [1, 2, 3], []), (1, params[1], [1], []),
+                                     (2, params[2], [1, 2], [])], []))  # fmt: skip
+    assert {i: r.speedup for i, r in table.slots.items()} == {0: 2.0, 1: None, 2: 1.33}
+    table.slots[1].counted, table.slots[1].spent, table.slots[1].target = 10, 150.0, 2.0
+    table.update(BatchUpdate(2, [], [], [(2, 1, MoveDirectionality.UNIDIRECTIONAL)]))  # index 1 finished
+    assert {i: r.speedup for i, r in table.slots.items()} == {0: 2.0, 1: 1.33}
+    assert [(r.tokens, r.compute_ratio) for r in table.reports] == [(10, 2.0)]  # 30 layers x 10 / 150
+    table.update(BatchUpdate(2, [], [], [(0, 1, MoveDirectionality.SWAP)]))
+    assert {i: r.speedup for i, r in table.slots.items()} == {0: 1.33, 1: 2.0}
+    first = table.slots[1]
+    first.counted, first.spent = 3, 45.0
+    table.update(BatchUpdate(1, [1], [], []))  # preempted
+    table.update(BatchUpdate(2, [], [(1, params[0], [1, 2, 3], [7, 8, 9])], []))  # and back
+    assert table.slots[1] is first and first.counted == 3
+    assert not first.produces(4) and first.produces(6)  # recomputed chunks yield no token; the last one does
+    table.update(BatchUpdate(2, [], [(0, SamplingParams(), [5], [])], []))  # replaces the request at index 0
+    assert table.slots[0].speedup is None and table.slots[0].prompt_len == 1
+
+
+def test_overrides_refuse_what_the_plugin_cannot_run():
+    from dashskip.errors import DashskipError
+
+    assert hf_overrides("LlamaForCausalLM", 2.0, batch_states="majority")["dash_batch_states"] == "majority"
+    with pytest.raises(DashskipError, match="covers LlamaForCausalLM"):
+        hf_overrides("Gemma3ForCausalLM", 2.0)
+    with pytest.raises(DashskipError, match="batch states must be one of token, majority"):
+        hf_overrides("LlamaForCausalLM", 2.0, batch_states="row")
+
+
+def _flush(llm: LLM) -> None:
+    """Requests are reported when they leave the batch, which vLLM tells at the next step: run one."""
+    llm.generate(["a"], SamplingParams(max_tokens=1), use_tqdm=False)
+
+
+def test_every_layer_full_gives_vllms_stock_greedy_tokens(dash, stock_tokens):
+    assert _greedy(dash, 1.0) == stock_tokens
+    assert _greedy(dash, None) == stock_tokens  # the model's default operating point here is 1.0
+
+
+@pytest.mark.parametrize("speedup", [1.33, 2.0])
+def test_each_request_runs_at_the_ratio_it_asks(dash, stock_tokens, speedup):
+    TABLE.reports.clear()
+    tokens = _greedy(dash, speedup, tokens=48)
+    _flush(dash)
+    reports = [r for r in TABLE.reports if r.target == speedup]
+    assert len(reports) == len(PROMPTS)
+    for report in reports:  # the prompt's last token and 47 decoded ones
+        assert report.tokens == 48
+        assert abs(report.compute_ratio / speedup - 1) < 0.03, report
+    assert tokens != [t[:48] for t in stock_tokens]  # layers were skipped or quantized: the text moved
+
+
+def test_requests_at_different_operating_points_share_a_batch(dash):
+    TABLE.reports.clear()
+    prompts = PROMPTS[:2]
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, extra_args={"dash_speedup": s})
+              for s in (1.0, 2.0)]  # fmt: skip
+    dash.generate(prompts, params, use_tqdm=False)
+    _flush(dash)
+    ratios = {r.target: r.compute_ratio for r in TABLE.reports if r.tokens == 40}
+    assert ratios[1.0] == pytest.approx(1.0)
+    assert abs(ratios[2.0] / 2.0 - 1) < 0.03
+
+
+@pytest.mark.parametrize("bad", ["fast", 0.5, float("nan"), True])
+def test_a_bad_operating_point_is_refused_before_any_work(dash, bad):
+    with pytest.raises(VLLMValidationError, match="dash_speedup must be a number >= 1.0"):
+        dash.generate(["Hello"], SamplingParams(max_tokens=2, extra_args={"dash_speedup": bad}), use_tqdm=False)
+
+
+def test_wikitext_quality_matches_dashskips_own_engine_at_the_same_operating_point(dash, folder):
+    """Perplexity windows scored by vLLM (its prompt log-probabilities) and by dashskip's engine, both at 2.0x on
+    the calibrated bias (a window is one step: no earlier token to steer from), paired per window."""
+    dm = from_pretrained(MODEL, policy=bundled_policy(MODEL), speedup=2.0, control=False)
+    windows = token_windows(dm.tokenizer, load_text("wikitext2"), num=12, length=128, seed=3)
+
+    def nll(ids: torch.Tensor, speedup: float) -> float:
+        logits = dm.backbone.logits(dm.engine.score(ids[None], dm.decider_for(speedup)).hidden)[0, :-1]
+        return torch.nn.functional.cross_entropy(logits.float(), ids[1:]).item()
+
+    ours, full = [nll(ids, 2.0) for ids in windows], [nll(ids, 1.0) for ids in windows]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, extra_args={"dash_speedup": 2.0})
+    outputs = dash.generate([TokensPrompt(prompt_token_ids=ids.tolist()) for ids in windows], params, use_tqdm=False)
+    theirs = []
+    for ids, out in zip(windows, outputs, strict=True):
+        logprobs = out.prompt_logprobs[1:]
+        theirs.append(-sum(lp[int(t)].logprob for lp, t in zip(logprobs, ids[1:], strict=True)) / len(logprobs))
+    ours_t, theirs_t = torch.tensor(ours), torch.tensor(theirs)
+    diff = theirs_t - ours_t
+    se = diff.std() / len(diff) ** 0.5
+    assert abs(float(diff.mean())) <= max(2 * float(se), 0.01), (ours, theirs)
+    assert float(theirs_t.mean()) > sum(full) / len(full) + 0.02  # DASH at 2.0x did run: it costs quality
+
+
+def test_dashskip_serve_engine_vllm_answers_the_openai_client(folder, stock_tokens, tmp_path):
+    """The README's command: vLLM's OpenAI server with the plugin; the `openai` client as it is, a per-request
+    operating point through `vllm_xargs`, and a bad one answered 400."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+    command = [str(Path(sys.executable).parent / "dashskip"), "serve", "--engine", "vllm", "--port", str(port),
+               "--speedup", "2.0", "--kv-cache-gib", "0.5"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        for _ in range(240):
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        full = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                         extra_body={"vllm_xargs": {"dash_speedup": 1.0}})  # fmt: skip
+        from transformers import AutoTokenizer
+
+        assert full.choices[0].text == AutoTokenizer.from_pretrained(folder).decode(stock_tokens[0][:12])
+        fast = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}],
+                                              max_tokens=8)  # the server's default, 2.0x  # fmt: skip
+        assert fast.choices[0].message.content and fast.usage.completion_tokens > 0
+        with pytest.raises(openai.BadRequestError, match="dash_speedup must be a number"):
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2,
+                                      extra_body={"vllm_xargs": {"dash_speedup": "fast"}})  # fmt: skip
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(60)
+    assert "compute ratio" in (tmp_path / "server.log").read_text()  # each request's ratio is logged
