@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -51,6 +53,8 @@ def test_missing_data_set_says_where_it_looked(monkeypatch, tmp_path):
     import dashskip.data as data
 
     monkeypatch.setattr(data, "data_roots", lambda explicit=None: [tmp_path / "nowhere"])
+    # no hub here: as if `datasets` were not installed (offline, it would retry the hub for ~20 s first)
+    monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DashskipError, match="not found; looked in: .*nowhere"):
         load_text("wikitext2")
     with pytest.raises(DashskipError, match="unknown data set"):
