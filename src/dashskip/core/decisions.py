@@ -165,6 +165,19 @@ class AtMost(Wrapper):
         return self.state if spec(answer).bits > self.bits else answer
 
 
+class FullFor(Wrapper):
+    """`decider`, except that the given (batch, tokens) rows run every layer in full (rerunning non-finite rows,
+    a serving engine's requests at 1.0x)."""
+
+    def __init__(self, decider: Decider, rows: torch.Tensor) -> None:
+        super().__init__(decider)
+        self.rows = rows
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        answer = self.decider(layer, hidden, previous)
+        return torch.where(self.rows, int(State.FULL), torch.as_tensor(answer).expand(self.rows.shape))
+
+
 class BatchMajority(Wrapper):
     """Batch-majority voting (the RL-adapter paper): per layer and position, every row runs the state most rows
     chose, so a batch never splits into state groups; ties go to the more precise state."""

@@ -159,7 +159,12 @@ def activations() -> str:
     """How the INT8 and INT4 states treat activations: 'int8' (rows quantized, integer products) or 'bf16'.
     An environment variable, not an argument: it is the arithmetic of two states everywhere in a process (policy,
     cost table, lossless drafts), like the kernel override DASHSKIP_SMALL_GEMM."""
-    value = os.environ.get("DASHSKIP_ACTIVATIONS", "int8")
+    return _activation_mode(os.environ.get("DASHSKIP_ACTIVATIONS", "int8"))
+
+
+@functools.cache
+def _activation_mode(value: str) -> str:
+    """Checked once per value: `activations()` is asked up to three times per linear per token."""
     if value not in ACTIVATIONS:
         raise DashskipError(f"DASHSKIP_ACTIVATIONS={value!r} is not one of {', '.join(ACTIVATIONS)}; unset it or "
                             "pick one")  # fmt: skip

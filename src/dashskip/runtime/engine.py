@@ -16,7 +16,7 @@ import torch
 
 from dashskip.core.cache import KVCache, KVRule
 from dashskip.core.context import Rows, StateChoice, StepContext
-from dashskip.core.decisions import Decider, StepInfo, Wrapper
+from dashskip.core.decisions import Decider, FullFor, StepInfo
 from dashskip.core.states import State, check_state, check_state_tensor
 from dashskip.errors import DashskipError
 from dashskip.models.backbone import Backbone
@@ -53,18 +53,6 @@ def key_begins(key_valid: torch.Tensor | None, end: int) -> torch.Tensor | None:
     if not bool((valid.sum(-1) == end - begins).all()):
         return None
     return begins.contiguous()
-
-
-class _FullFor(Wrapper):
-    """`decider`, except that the given (batch, tokens) rows run every layer in full."""
-
-    def __init__(self, decider: Decider, rows: torch.Tensor) -> None:
-        super().__init__(decider)
-        self.rows = rows
-
-    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
-        answer = self.decider(layer, hidden, previous)
-        return torch.where(self.rows, int(State.FULL), torch.as_tensor(answer).expand(self.rows.shape))
 
 
 @dataclass
@@ -255,7 +243,7 @@ class Engine:
         bad = ~torch.isfinite(hidden).all(-1)
         if bool(bad.any()):
             self._warn_nonfinite(states[bad])
-            hidden, states = self._layers(x, _FullFor(decider, bad), info, step)
+            hidden, states = self._layers(x, FullFor(decider, bad), info, step)
         cache.end_step()
         decider.end(states)
         return StepResult(hidden, states)

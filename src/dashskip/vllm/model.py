@@ -44,7 +44,7 @@ from vllm.sequence import IntermediateTensors
 from dashskip.api import bundled_policy
 from dashskip.core.cache import KVRule
 from dashskip.core.context import Rows
-from dashskip.core.decisions import BatchMajority, Decider
+from dashskip.core.decisions import BatchMajority, Decider, FullFor
 from dashskip.core.linear import Linear
 from dashskip.core.states import State, spec
 from dashskip.errors import DashskipError
@@ -209,16 +209,15 @@ class DashRunner:
                 continue
             if not request.target:  # first seen: its operating point and controller
                 request.target = self._target(request)
+                if request.target > 1.0:
+                    request.bias = self.policy.bias_for(request.target)
                 if request.target > 1.0 and self.settings.control:
-                    request.control = self.policy.rate_control(request.target, self.policy.bias_for(request.target))
+                    request.control = self.policy.rate_control(request.target, request.bias)
                     request.control.reset(1)
             full[start:end] = request.target <= 1.0
             if request.target <= 1.0:
                 continue
-            if request.control is not None:
-                bias[start:end] = float(request.control.bias()[0])
-            else:
-                bias[start:end] = self.policy.bias_for(request.target)
+            bias[start:end] = float(request.control.bias()[0]) if request.control is not None else request.bias
         return bias, full
 
     def _spans(self, tokens: int) -> tuple[list[tuple[int, int, Request | None]], list[bool]]:
@@ -266,14 +265,13 @@ class DashRunner:
             return hidden, residual
         self.decider.greedy.set_bias(bias)
         self.decider.pending = None
+        decider = FullFor(self.vote, full[:, None]) if bool(full.any()) else self.vote  # requests at 1.0x
         states = torch.full((tokens, self.num_layers), FULL, dtype=torch.int8)
         x, previous = hidden, FULL
         for i, layer in enumerate(layers):
-            answer = self.vote(i, x[:, None], previous)  # (tokens, 1) rows: one bias per token
+            answer = decider(i, x[:, None], previous)  # (tokens, 1) rows: one bias per token
             choice = FULL if i in (0, self.num_layers - 1) else answer
-            if bool(full.any()):  # tokens of requests at 1.0x
-                choice = torch.where(full, FULL, torch.as_tensor(choice).reshape(-1).expand(tokens))
-            elif isinstance(choice, torch.Tensor):
+            if isinstance(choice, torch.Tensor):
                 choice = choice.reshape(-1)
             rows = Rows.of(choice)
             x = self._layer(i, layer, rows, x, positions)

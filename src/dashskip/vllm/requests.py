@@ -56,6 +56,7 @@ class Request:
     params: SamplingParams | None = None  # identifies the request when vLLM adds it back after preempting it
     control: Any = None  # the model's per-request rate controller, made when the model first runs the request
     target: float = 0.0  # the operating point it runs at, filled by the model when it first runs the request
+    bias: float = 0.0  # the policy's calibrated cost bias for `target` (where the controller starts)
     spent: float = 0.0  # cost of its counted tokens, in full layers
     counted: int = 0  # tokens counted: the prompt's last and each decoded one
 

@@ -67,35 +67,55 @@ inline int32_t quad(const uint8_t* row, int64_t i) {
   return v;
 }
 
+// The int32 sums of R rows (int8 codes from `q`, rows `ldq` apart) against one 64-value block of a panel, in C
+// independent chains that hide vpdpbusd's latency at few rows. INT8 blocks hold 16 quads x 64 signed bytes (the
+// rows, offset by 128, are the unsigned operand); INT4 blocks 16 quads x 32 bytes of nibbles (the codes are).
+template <int R, bool Int4>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void block_sums(const uint8_t* q, int64_t ldq,
+                                                                               const uint8_t* block, __m512i* sums) {
+  constexpr int C = R == 1 ? 4 : R == 2 ? 2 : 1;
+  constexpr int64_t quads = kGroup / 4, stride = Int4 ? 32 : 64;
+  __m512i acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
+  for (int64_t i = 0; i < quads; i += C) {
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* at = block + (i + c) * stride;
+      if (!Int4 || (i + c) % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
+      __m512i w;
+      if constexpr (Int4) {
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(packed), _mm256_srli_epi16(packed, 4), 1);
+        w = _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
+      } else {
+        w = _mm512_loadu_si512(at);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512i x = _mm512_set1_epi32(quad(q + r * ldq, i + c));
+        acc[r][c] = Int4 ? _mm512_dpbusd_epi32(acc[r][c], w, x) : _mm512_dpbusd_epi32(acc[r][c], x, w);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    sums[r] = acc[r][0];
+    for (int c = 1; c < C; ++c) sums[r] = _mm512_add_epi32(sums[r], acc[r][c]);
+  }
+}
+
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_panel(const uint8_t* q, int64_t groups,
                                                                          const int8_t* panel, const int32_t* comp,
                                                                          const float* wscale, const float* xscale,
                                                                          float* y, int64_t ldy) {
-  constexpr int C = R == 1 ? 4 : R == 2 ? 2 : 1;  // independent chains hide vpdpbusd's latency at few rows
-  constexpr int64_t quads = kGroup / 4;
   const int64_t k_padded = groups * kGroup;
   __m512 out[R];
   for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const int8_t* block = panel + g * quads * 64;
-    __m512i acc[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
-    for (int64_t i = 0; i < quads; i += C) {
-      for (int c = 0; c < C; ++c) {
-        _mm_prefetch(reinterpret_cast<const char*>(block + (i + c) * 64 + kAhead), _MM_HINT_T0);
-        const __m512i w = _mm512_loadu_si512(block + (i + c) * 64);
-        for (int r = 0; r < R; ++r) {
-          const __m512i x = _mm512_set1_epi32(quad(q + r * k_padded + g * kGroup, i + c));
-          acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], x, w);
-        }
-      }
-    }
+    __m512i sums[R];
+    block_sums<R, false>(q + g * kGroup, k_padded, reinterpret_cast<const uint8_t*>(panel) + g * kGroup * kCols, sums);
     const __m512i c128 = _mm512_loadu_si512(comp + g * kCols);
     for (int r = 0; r < R; ++r) {
-      __m512i sum = acc[r][0];
-      for (int c = 1; c < C; ++c) sum = _mm512_add_epi32(sum, acc[r][c]);
+      const __m512i sum = sums[r];
       const __m512 exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, c128));
       out[r] = _mm512_fmadd_ps(exact, _mm512_set1_ps(xscale[r * groups + g]), out[r]);
     }
@@ -114,32 +134,14 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int4_panel(const uin
                                                                          const uint8_t* codes, const uint16_t* scales,
                                                                          const uint16_t* minima, const float* xscale,
                                                                          const int32_t* xsum, float* y, int64_t ldy) {
-  constexpr int C = R == 1 ? 4 : R == 2 ? 2 : 1;
-  constexpr int64_t quads = kGroup / 4;
-  const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 out[R];
   for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* block = codes + g * quads * 32;
-    __m512i acc[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
-    for (int64_t i = 0; i < quads; i += C) {
-      for (int c = 0; c < C; ++c) {
-        if ((i + c) % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(block + (i + c) * 32 + kAhead), _MM_HINT_T0);
-        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + (i + c) * 32));
-        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(packed), _mm256_srli_epi16(packed, 4), 1);
-        const __m512i w = _mm512_and_si512(both, low);
-        for (int r = 0; r < R; ++r) {
-          const __m512i x = _mm512_set1_epi32(quad(q + r * k + g * kGroup, i + c));
-          acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], w, x);
-        }
-      }
-    }
+    __m512i sums[R];
+    block_sums<R, true>(q + g * kGroup, k, codes + g * kGroup * 8, sums);
     const __m512 s = load_bf16(scales + g * kCols), mn = load_bf16(minima + g * kCols);
     for (int r = 0; r < R; ++r) {
-      __m512i sum = acc[r][0];
-      for (int c = 1; c < C; ++c) sum = _mm512_add_epi32(sum, acc[r][c]);
+      const __m512i sum = sums[r];
       const float xs = xscale[r * groups + g];
       out[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, _mm512_set1_ps(xs)), out[r]);
       out[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs * static_cast<float>(xsum[r * groups + g])), out[r]);
