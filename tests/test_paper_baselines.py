@@ -15,6 +15,7 @@ from dashskip.core.decisions import (
     BatchMajority,
     Decider,
     FixedStates,
+    FullFor,
     StepInfo,
     SublayerSkip,
     TokenStates,
@@ -37,7 +38,6 @@ from dashskip.methods.skipping import (
     skip_decode,
 )
 from dashskip.models.loading import fingerprint
-from dashskip.runtime.engine import _FullFor
 from tests.conftest import tiny_model
 from tests.test_policy import make_policy
 
@@ -216,7 +216,7 @@ def test_only_exit_style_deciders_may_skip_the_last_layer_and_wrappers_keep_the_
     exiting = engine.step(ids, engine.new_session(2, 6), ExitAll()).states[0, 0].tolist()
     assert plain == [4, 0, 0, 0, 0, 4] and exiting == [4, 0, 0, 0, 0, 0]
     inner = EarlyExit(bb, 0.5)
-    wrappers = (BatchMajority(inner), TimedDecider(inner), _FullFor(inner, torch.zeros(2, 6, dtype=torch.bool)))
+    wrappers = (BatchMajority(inner), TimedDecider(inner), FullFor(inner, torch.zeros(2, 6, dtype=torch.bool)))
     for wrapper in (*wrappers, AtMost(inner, 2)):
         traits = wrapper.traits
         assert traits.may_skip_last and traits.skip_scales is inner.traits.skip_scales and not traits.sublayers
