@@ -5,11 +5,11 @@ Rows: transformers `generate`; the engine's full path; INT8 and INT4 on every in
 llama.cpp (`llama-cpp-python`) on the GGUF the alias ships (SmolLM2: Q4_1) and on Q8_0 and Q4_0 made by
 llama.cpp's own quantizer from it (`allow_requantize`: the shipped weights dequantized to f32, which are exactly
 dashskip's fp32 weights, then quantized; cached under $DASHSKIP_CACHE/gguf). Every row decodes the same
-WikiText-2 prompt greedily; prefill = the prompt plus the first token, decode = ms per further token, medians over
---repeats within a round and then over --rounds (each round times every row once, so the noise of a shared host
-falls on all rows alike), threads = torch's (llama.cpp is given the same number). Perplexity: the same
---ppl-windows WikiText-2 windows of 256 tokens for every row, llama.cpp's logits for its own rows. llama.cpp's
-AMX buffer type crashed on these hosts, so it runs with `use_extra_bufts=False`.
+WikiText-2 prompt greedily; prefill = the prompt plus the first token, decode = ms per further token (both timed
+inside one run), medians over --repeats within a round and then over --rounds (each round times every row once, so
+the noise of a shared host falls on all rows alike), threads = torch's (llama.cpp is given the same number).
+Perplexity: the same --ppl-windows WikiText-2 windows of 256 tokens for every row, llama.cpp's logits for its own
+rows. llama.cpp's AMX buffer type crashed on these hosts, so it runs with `use_extra_bufts=False`.
 
 Needs `pip install 'dashskip[bench]'` (llama-cpp-python builds from source in a few minutes). Nothing is
 downloaded at run time.
@@ -33,7 +33,7 @@ from dashskip.core.files import cache_dir
 from dashskip.core.handlers import activations
 from dashskip.core.kernels import host_description
 from dashskip.data import load_text, token_windows
-from dashskip.eval.bench import Row, prefill_and_decode_ms, time_engine, time_transformers
+from dashskip.eval.bench import Row, TokenClock, prefill_and_decode_ms, time_engine, time_transformers
 from dashskip.eval.evaluation import perplexity, perplexity_windows
 from dashskip.eval.plots import speed_quality_plot
 from dashskip.models.loading import ALIASES
@@ -80,12 +80,14 @@ def requantized(shipped: Path, ftype: str, threads: int) -> Path:
 def llama_cpp_row(name: str, gguf: str, ids: list[int], new_tokens: int, repeats: int, threads: int) -> Row:
     llm = load_llama_cpp(gguf, len(ids) + new_tokens + 8, threads)
 
-    def run(n: int) -> list[int]:
+    def run(n: int, clock: TokenClock) -> list[int]:
+        clock.put(ids)
         llm.reset()
         llm.eval(ids)
         out = []
         for _ in range(n):
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            clock.put(token)
             out.append(token)
             if len(out) < n:
                 llm.eval([token])

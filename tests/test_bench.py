@@ -10,6 +10,7 @@ from dashskip import Backbone, Engine
 from dashskip.core.decisions import BatchMajority, Decider, StepInfo, TokenStates
 from dashskip.core.states import spec
 from dashskip.errors import DashskipError
+from dashskip.eval import bench
 from dashskip.eval.bench import TimedDecider, bytes_per_step, check_bench_args, head_bytes, layer_bytes
 from tests.conftest import tiny_model
 
@@ -85,6 +86,26 @@ def test_head_precisions_stay_close_to_the_full_head_and_bad_names_are_refused()
     assert torch.equal(bb.logits(h), full)
     with pytest.raises(DashskipError, match="unknown head precision 'fp8'"):
         bb.set_head("fp8")
+
+
+def test_decode_is_timed_inside_each_run_so_prefill_noise_stays_out(monkeypatch):
+    """A clock that ticks as the run says: prefill = start to the first new token, decode = the steps after it,
+    whatever the prefill took in each run (the old difference of two runs' totals put its noise into decode)."""
+    now = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    prefill_s = iter([0.5, 0.1, 0.9, 0.3])  # warm-up, then three runs whose prefill varies 9x
+
+    def run(n: int, clock: bench.TokenClock) -> None:
+        clock.put("prompt")
+        now[0] += next(prefill_s)
+        for _ in range(n):
+            clock.put("token")
+            now[0] += 0.008  # each decode step: 8 ms
+
+    prefill, decode = bench.prefill_and_decode_ms(run, new_tokens=5, repeats=3)
+    assert prefill == pytest.approx(300.0) and decode == pytest.approx(8.0)
+    with pytest.raises(DashskipError, match="at least 2 new tokens"):
+        bench.prefill_and_decode_ms(lambda n, clock: clock.put("prompt"), new_tokens=1, repeats=1)
 
 
 def test_bench_arguments_are_checked():

@@ -124,6 +124,58 @@ def test_layer_equals_the_transformers_layer(ops, family, state, prefix, tokens,
             assert rel_err(a[:, :, prefix:end], b) < TOLERANCE[state]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("state", [State.FULL, State.INT8, State.INT4])
+@pytest.mark.parametrize("kernel", ["compiled", "torch"])
+def test_layer_in_one_compiled_call_equals_its_ops_one_by_one(ops, monkeypatch, family, state, kernel):
+    """csrc/fused_layer.cpp runs the layer's ops with the kernels chosen for its projections: same output and
+    same K/V as calling them one by one; a projection whose kernel has no native form keeps the op-by-op path."""
+    monkeypatch.setenv("DASHSKIP_SMALL_GEMM", "1")  # the compiled kernels by rule (timing may pick either)
+    if kernel == "torch":
+        monkeypatch.setattr(kernels.CHOICE, "pick", lambda scheme, shape, rows, names, timer: "torch")
+    kernels.CHOICE.forget()
+    bb = Backbone(tiny_model(family))
+    layer, tokens = bb.layers[2], 3
+    x = torch.randn(1, tokens, bb.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 2
+    native = state == State.FULL or (kernel == "compiled" and ops.has_vnni())
+    assert (layer._fused(int(state), x) is not None) == native
+    outputs = []
+    for fused in (True, False):
+        cache = filled_cache(bb, 9)
+        step = step_context(bb, cache, x, 9, compiled=True)
+        if not fused:
+            monkeypatch.setattr(layer, "_fused", lambda *_: None)
+        out = layer(Rows(int(state)), x, step, step.ropes[bb.layer_types[2]], None, torch.tensor(1.0))
+        outputs.append((out, cache.keys[2][:, :, : 9 + tokens], cache.values[2][:, :, : 9 + tokens]))
+    for got, want in zip(*outputs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    kernels.CHOICE.forget()
+
+
+def test_the_one_call_layer_is_rebuilt_when_a_weight_changes(ops, monkeypatch):
+    """Its packed weights are copies: a weight changed in place must not leave them stale."""
+    monkeypatch.setenv("DASHSKIP_SMALL_GEMM", "1")
+    kernels.CHOICE.forget()
+    bb = Backbone(tiny_model("llama"))
+    layer = bb.layers[1]
+    x = torch.randn(1, 1, bb.config.hidden_size, generator=torch.Generator().manual_seed(2))
+
+    def run() -> torch.Tensor:
+        cache = filled_cache(bb, 4)
+        step = step_context(bb, cache, x, 4, compiled=True)
+        return layer(Rows(int(State.FULL)), x, step, step.ropes[bb.layer_types[1]], None, torch.tensor(1.0))
+
+    before = run()
+    built = layer._fused(int(State.FULL), x)
+    with torch.no_grad():
+        bb.hf_layers[1].mlp.down_proj.weight.mul_(3)
+    after = run()
+    assert layer._fused(int(State.FULL), x) is not built and not torch.allclose(before, after)
+    monkeypatch.setattr(layer, "_fused", lambda *_: None)
+    torch.testing.assert_close(after, run(), rtol=1e-6, atol=1e-6)
+    kernels.CHOICE.forget()
+
+
 def test_every_family_gets_the_engines_layers():
     for family in FAMILIES:
         bb = Backbone(tiny_model(family))

@@ -102,6 +102,11 @@ class Handler:
         """x (rows, in) -> (rows, out_features); `prepared` as `prepare(kernel, ...)` made it."""
         raise NotImplementedError
 
+    def native(self, kernel: str, prepared: Any) -> tuple[str, list[torch.Tensor]] | None:
+        """How the compiled decoder layer (csrc/fused_layer.cpp) runs this kernel: its kind there and the tensors
+        it takes, computing exactly what `run` computes; None where only `run` can (the layer then runs op by op)."""
+        return None
+
     def nbytes(self, form: Any) -> int:
         """Bytes of weights one product reads."""
         tensors = form if isinstance(form, tuple | list) else (form,)
@@ -121,6 +126,9 @@ class FullPrecision(Handler):
 
     def prepare(self, kernel: str, form: tuple[torch.Tensor, ...]) -> Any:
         return K.extension().pack(_cat(list(form))) if kernel == "packed" else form
+
+    def native(self, kernel: str, prepared: Any) -> tuple[str, list[torch.Tensor]] | None:
+        return ("packed", [prepared]) if kernel == "packed" else ("torch", list(prepared))
 
     def run(self, kernel: str, prepared: Any, x: torch.Tensor, out_features: int) -> torch.Tensor:
         if kernel == "packed":
@@ -160,6 +168,9 @@ class Int8WeightOnly(Handler):
         if kernel == "vnni":
             return tuple(K.extension().pack_int8_vnni(form.weight, form.scales))
         return form
+
+    def native(self, kernel: str, prepared: Any) -> tuple[str, list[torch.Tensor]] | None:
+        return ("int8_vnni", list(prepared)) if kernel == "vnni" else None
 
     def run(self, kernel: str, prepared: Any, x: torch.Tensor, out_features: int) -> torch.Tensor:
         if kernel == "vnni":
@@ -206,6 +217,9 @@ class Int4WeightOnly(Handler):
             scales_zeros = torch.stack([form.scales, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
             return packed, scales_zeros
         return form
+
+    def native(self, kernel: str, prepared: Any) -> tuple[str, list[torch.Tensor]] | None:
+        return ("int4_vnni", list(prepared)) if kernel == "vnni" else None
 
     def run(self, kernel: str, prepared: Any, x: torch.Tensor, out_features: int) -> torch.Tensor:
         if kernel == "vnni":

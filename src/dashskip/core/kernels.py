@@ -37,7 +37,9 @@ import torch
 from dashskip.core.files import atomic_write_text, cache_dir
 from dashskip.errors import DashskipError
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("small_gemm.cpp", "layer_ops.cpp", "int_dot.cpp")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / name for name in ("small_gemm.cpp", "layer_ops.cpp", "int_dot.cpp", "fused_layer.cpp")]
+HEADERS = [CSRC / "ops.h"]
 SMALL_ROWS = 16  # the packed kernels' range; past it BLAS's blocked GEMM reuses rows across cache levels
 # The integer dot-product kernels' range: they keep a 16-column panel in cache over passes of up to 8 rows, so they may
 # beat torch's dequantizing INT8/INT4 kernels well past 16 rows (batched decode, lossless verification, short
@@ -94,7 +96,7 @@ def extension() -> ModuleType | None:
         # per torch install too: torch's builder rebuilds for another environment's headers, and the line below
         # should say so rather than pause in silence
         stamp = f"{torch.__version__}:{Path(torch.__file__).parent}".encode()
-        digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + stamp).hexdigest()
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + stamp).hexdigest()
         build = cache_dir() / "kernels" / f"small_gemm-{digest[:12]}"
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):
@@ -182,6 +184,7 @@ class KernelChoice:
         self.loaded_for: str | None = None
         self.choices: dict[str, dict] = {}
         self.memo: dict[tuple, str] = {}  # the hot path: no lock, no hashing of the host
+        self.generation = 0  # bumped by `forget`: whatever was built from earlier choices is stale
 
     @staticmethod
     def path(host: str) -> Path:
@@ -234,6 +237,7 @@ class KernelChoice:
         with self.lock:
             self.memo.clear()
             self.loaded_for, self.choices = None, {}
+            self.generation += 1
 
     def table(self) -> list[tuple[str, str, dict]]:
         """(key, chosen kernel, ms per candidate) of every choice made on this host."""

@@ -57,8 +57,8 @@ class Linear:
             self.forms[handler.name] = handler.quantize(self.weights)
         return self.forms[handler.name]
 
-    def run_handler(self, handler: Handler, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
+    def kernel_for(self, handler: Handler, flat: torch.Tensor) -> tuple[str, Any]:
+        """The kernel measured fastest here for rows like `flat` (rows, in), and the form laid out for it."""
         form = self.form(handler)
         kernel = K.CHOICE.pick(
             handler.name, (self.out_features, self.in_features), flat.shape[0], handler.kernels(flat),
@@ -67,9 +67,26 @@ class Linear:
         key = (handler.name, kernel)
         if key not in self.prepared:
             self.prepared[key] = handler.prepare(kernel, form)
-        out = handler.run(kernel, self.prepared[key], flat, self.out_features)
+        return kernel, self.prepared[key]
+
+    def run_handler(self, handler: Handler, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        kernel, prepared = self.kernel_for(handler, flat)
+        out = handler.run(kernel, prepared, flat, self.out_features)
         out = out if self.bias is None else out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
+
+    def native(self, state: int, rows: int) -> tuple[str, list[torch.Tensor], int, torch.Tensor | None] | None:
+        """What the compiled decoder layer needs to run this projection for `rows` fp32 rows in `state` with the
+        kernel chosen for them (kind, tensors, out_features, bias), or None where that kernel has no native form."""
+        handler = spec(state).handler
+        found = handler.native(*self.kernel_for(handler, torch.empty(rows, self.in_features)))
+        return None if found is None else (*found, self.out_features, self.bias)
+
+    def sources(self) -> tuple:
+        """What the forms were made from; a change means every form (and whatever holds one) is stale."""
+        self._check_source()
+        return self.made_from
 
     def __call__(self, state: int, x: torch.Tensor) -> torch.Tensor:
         """All rows of `x` in one state (not skip: a skipped layer runs no linear)."""

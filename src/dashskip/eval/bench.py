@@ -15,6 +15,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -136,28 +137,48 @@ class Row:
         return out
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+class TokenClock:
+    """A streamer in transformers' protocol (`put` the prompt, then each step's new tokens; `end`) that notes when
+    each `put` came: the first new token ends the prefill, the ones after it time decode steps."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def prefill_and_decode_ms(self) -> tuple[float, float]:
+        if len(self.times) < 3:
+            raise DashskipError("timing decode needs at least 2 new tokens (the first one ends the prefill)")
+        first, last = self.times[1], self.times[-1]  # times[0]: the prompt
+        return (first - self.start) * 1000, (last - first) * 1000 / (len(self.times) - 2)
+
+
+def prefill_and_decode_ms(run: Callable[[int, TokenClock], Any], new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(prefill ms, decode ms per step), medians over `repeats` runs after a warm-up. `run(n, clock)` generates n
+    tokens, putting the prompt and then each new token to `clock`; both numbers come from inside the same run (a
+    difference of two runs' totals would carry the prefill's run-to-run noise into decode: with a 512-token prompt
+    that was several ms per token)."""
+    run(new_tokens, TokenClock())  # warm-up
+    prefill, decode = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
-
-
-def prefill_and_decode_ms(run, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(prefill ms, decode ms per step) from timing `run(n)` for n = 1 and n = new_tokens."""
-    one = _median_ms(lambda: run(1), repeats)
-    many = _median_ms(lambda: run(new_tokens), repeats)
-    return one, max(many - one, 1e-6) / (new_tokens - 1)
+        clock = TokenClock()
+        run(new_tokens, clock)
+        first, each = clock.prefill_and_decode_ms()
+        prefill.append(first)
+        decode.append(each)
+    return statistics.median(prefill), statistics.median(decode)
 
 
 def time_transformers(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> Row:
     mask = torch.ones_like(ids)
 
-    def run(n: int) -> None:
-        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    def run(n: int, clock: TokenClock) -> None:
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock)
 
     prefill, decode = prefill_and_decode_ms(run, new_tokens, repeats)
     return Row("transformers generate (full)", prefill, decode, *ids.shape)
@@ -167,8 +188,8 @@ def time_engine(name: str, dm, ids: torch.Tensor, decider: Decider | None, new_t
     """Time `generate` on the engine with `decider` (None: every layer in full)."""
     timed = TimedDecider(decider or Decider())
 
-    def run(n: int):
-        return generate(dm.engine, ids, decider=timed, max_new_tokens=n, costs=dm.costs)
+    def run(n: int, clock: TokenClock | None = None):
+        return generate(dm.engine, ids, decider=timed, max_new_tokens=n, costs=dm.costs, streamer=clock)
 
     prefill, decode = prefill_and_decode_ms(run, new_tokens, repeats)
     timed.reset()

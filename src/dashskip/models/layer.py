@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -111,6 +112,8 @@ class DecoderLayer:
         self.heads, self.kv_heads, self.head_dim = parts.heads, parts.kv_heads, parts.head_dim
         self.scaling, self.window = parts.scaling, parts.window
         self.q_width = parts.heads * parts.head_dim
+        self.fused: dict[tuple, Any] = {}  # (state, row bucket, kernel choices) -> the layer as one compiled call
+        self.fused_from: tuple | None = None  # the projections' sources the fused layers were built from
 
     def linears(self) -> dict[str, Linear]:
         return {"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down, "kv": self.kv}
@@ -208,12 +211,17 @@ class DecoderLayer:
     def _compiled(
         self, state: int, x: torch.Tensor, step: StepContext, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
-        """Few rows in one state with a plain causal mask: the small ops as compiled calls."""
+        """Few rows in one state with a plain causal mask: the whole layer as one compiled call where every
+        projection's chosen kernel has a native form, else the small ops as compiled calls one by one (the same
+        ops and kernels either way, so the same output)."""
         ops, i, cache = K.extension(), self.index, step.cache
+        cos, sin = rope[0].contiguous(), rope[1].contiguous()
+        fused = self._fused(state, x)
+        if fused is not None:
+            return fused(x, cos, sin, cache.keys[i], cache.values[i], cache.start, step.key_begins)
         qkv = self.qkv(state, self.attn_norm(x, compiled=True))
         if self.q_norm is not None:
             self._norm_heads(qkv)
-        cos, sin = rope[0].contiguous(), rope[1].contiguous()
         q = ops.rope_and_cache(qkv, cos, sin, cache.keys[i], cache.values[i], self.heads, cache.start)
         attended = ops.causal_attention(q, cache.keys[i], cache.values[i], cache.start, self.scaling, step.key_begins)
         out = self.o(state, attended)
@@ -226,6 +234,33 @@ class DecoderLayer:
             hidden = self.act(gate) * up
         out = self.down(state, hidden)
         return mid + (out if self.post_mlp_norm is None else self.post_mlp_norm(out, compiled=True))
+
+    def _fused(self, state: int, x: torch.Tensor) -> Any | None:
+        """The layer as one compiled call for `x`'s rows in `state` (csrc/fused_layer.cpp), built on first use from
+        the kernels measured fastest for each projection; None where one of them has no native form. Rebuilt when
+        a weight or the kernel choices change."""
+        projections = (self.qkv, self.o, self.gate_up, self.down)
+        sources = tuple(p.sources() for p in projections)
+        if sources != self.fused_from:
+            self.fused.clear()
+            self.fused_from = sources
+        rows = x.numel() // x.shape[-1]
+        key = (state, K.row_bucket(rows), K.CHOICE.generation, K.activations(), torch.get_num_threads())
+        if key not in self.fused:
+            self.fused[key] = self._build_fused(state, rows, projections)
+        return self.fused[key]
+
+    def _build_fused(self, state: int, rows: int, projections: tuple[Linear, ...]) -> Any | None:
+        natives = [p.native(state, rows) for p in projections]
+        if any(n is None for n in natives):
+            return None
+        norms = (self.attn_norm, self.mlp_norm, self.q_norm, self.k_norm, self.post_attn_norm, self.post_mlp_norm)
+        kinds, tensors, outs, biases = (list(column) for column in zip(*natives, strict=True))
+        return K.extension().FusedLayer(
+            kinds, tensors, outs, biases,
+            [None if n is None else n.weight for n in norms], [0.0 if n is None else n.eps for n in norms],
+            self.act_name, self.heads, self.kv_heads, self.head_dim, self.scaling,
+        )  # fmt: skip
 
     def _norm_heads(self, qkv: torch.Tensor) -> None:
         """q and k of a fused q/k/v row normed per head, in place (Gemma3's qk-norm)."""

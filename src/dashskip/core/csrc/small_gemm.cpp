@@ -177,10 +177,12 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& panels, int
 
 void register_layer_ops(pybind11::module& m);  // layer_ops.cpp
 void register_int_dot(pybind11::module& m);    // int_dot.cpp
+void register_fused_layer(pybind11::module& m);  // fused_layer.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_layer_ops(m);
   register_int_dot(m);
+  register_fused_layer(m);
   m.def("pack", &pack, "pack a (N, K) float32 weight into 16-column panels");
   m.def("linear", &linear, "x @ W^T for few rows, W packed by pack()");
   m.def("has_int8", &has_int8, "whether this CPU runs linear_int8 (AVX-512)");

@@ -1,0 +1,140 @@
+// A whole decoder layer for few rows in one state, as one call from Python (decode, a lossless verification
+// step). The flat layer (models/layer.py) runs the same ops one Python call each: norm, q/k/v product, rope and
+// cache write, attention, o product, residual, norm, gate/up product, activation, down product, residual; with
+// the Python around each product (kernel lookup, form check) that was ~4 ms of a ~13 ms INT8 decode step of
+// SmolLM2. Here the ops are the very same functions and kernels, in the same order, so a layer's output equals the
+// op-by-op path's exactly; the products are the kernels the measured choice picked for each projection
+// (core/kernels.py), handed over with their packed weights when the layer is built (core/handlers.py `native`).
+// A projection whose chosen kernel has no native form here keeps the layer on the op-by-op path.
+#include "ops.h"
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace {
+
+enum class Kind { kTorch, kPacked, kInt8Vnni, kInt4Vnni };
+
+Kind parse_kind(const std::string& name) {
+  if (name == "torch") return Kind::kTorch;
+  if (name == "packed") return Kind::kPacked;
+  if (name == "int8_vnni") return Kind::kInt8Vnni;
+  if (name == "int4_vnni") return Kind::kInt4Vnni;
+  TORCH_CHECK(false, "FusedLayer: unknown projection kind '", name, "'");
+}
+
+// x @ W^T (+ b) with the kernel chosen for it; x (..., K) -> (..., out).
+struct Projection {
+  Kind kind;
+  std::vector<torch::Tensor> tensors;
+  int64_t out;
+  std::optional<torch::Tensor> bias;
+
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    const auto flat = x.reshape({-1, x.size(-1)});
+    torch::Tensor y;
+    switch (kind) {
+      case Kind::kTorch:
+        if (tensors.size() == 1) {
+          y = at::linear(flat, tensors[0]);
+        } else {
+          std::vector<torch::Tensor> parts;
+          for (const auto& w : tensors) parts.push_back(at::linear(flat, w));
+          y = at::cat(parts, -1);
+        }
+        break;
+      case Kind::kPacked: y = ::linear(flat, tensors.at(0), out); break;
+      case Kind::kInt8Vnni: y = linear_int8_vnni(flat, tensors.at(0), tensors.at(1), tensors.at(2), out); break;
+      case Kind::kInt4Vnni: y = linear_int4_vnni(flat, tensors.at(0), tensors.at(1), tensors.at(2), out); break;
+    }
+    if (bias) y = y + *bias;
+    auto sizes = x.sizes().vec();
+    sizes.back() = out;
+    return y.view(sizes);
+  }
+};
+
+struct Norm {
+  std::optional<torch::Tensor> weight;
+  double eps;
+  explicit operator bool() const { return weight.has_value(); }
+};
+
+enum class Act { kSilu, kGeluTanh, kGelu };
+
+Act parse_act(const std::string& name) {
+  if (name == "silu" || name == "swish") return Act::kSilu;
+  if (name == "gelu_pytorch_tanh") return Act::kGeluTanh;
+  if (name == "gelu") return Act::kGelu;
+  TORCH_CHECK(false, "FusedLayer: unsupported activation '", name, "'");
+}
+
+}  // namespace
+
+class FusedLayer {
+ public:
+  // projections: q/k/v, o, gate/up, down, each (kind, tensors, out_features, bias). norms: attention, MLP, q, k,
+  // post-attention, post-MLP (absent ones None), with their epsilons.
+  FusedLayer(const std::vector<std::string>& kinds, const std::vector<std::vector<torch::Tensor>>& tensors,
+             const std::vector<int64_t>& outs, const std::vector<std::optional<torch::Tensor>>& biases,
+             const std::vector<std::optional<torch::Tensor>>& norms, const std::vector<double>& eps,
+             const std::string& act, int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling)
+      : act_(parse_act(act)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), scaling_(scaling) {
+    TORCH_CHECK(kinds.size() == 4 && tensors.size() == 4 && outs.size() == 4 && biases.size() == 4,
+                "FusedLayer: need four projections (qkv, o, gate_up, down)");
+    TORCH_CHECK(norms.size() == 6 && eps.size() == 6, "FusedLayer: need six norms (attn, mlp, q, k, post x2)");
+    for (size_t i = 0; i < 4; ++i) proj_.push_back({parse_kind(kinds[i]), tensors[i], outs[i], biases[i]});
+    for (size_t i = 0; i < 6; ++i) norm_.push_back({norms[i], eps[i]});
+    TORCH_CHECK(norm_[0] && norm_[1], "FusedLayer: the attention and MLP norms are required");
+    TORCH_CHECK(bool(norm_[2]) == bool(norm_[3]), "FusedLayer: q and k norms come together");
+  }
+
+  // x (B, T, D) contiguous; cos/sin (B, T, Dh); keys/values (B, KV, capacity, Dh), this step's slots from start.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        const torch::Tensor& keys, const torch::Tensor& values, int64_t start,
+                        const torch::Tensor& begins) const {
+    auto qkv = proj_[0](::rms_norm(x, *norm_[0].weight, norm_[0].eps));
+    if (norm_[2]) norm_heads(qkv);
+    const auto q = rope_and_cache(qkv, cos, sin, keys, values, heads_, start);
+    const auto attended = causal_attention(q, keys, values, start, scaling_, begins);
+    const auto mid = x + post(proj_[1](attended), norm_[4]);
+    const auto gate_up = proj_[2](::rms_norm(mid, *norm_[1].weight, norm_[1].eps));
+    return mid + post(proj_[3](activate(gate_up)), norm_[5]);
+  }
+
+ private:
+  static torch::Tensor post(const torch::Tensor& out, const Norm& norm) {
+    return norm ? ::rms_norm(out, *norm.weight, norm.eps) : out;
+  }
+
+  // q and k of the fused q/k/v rows normed per head, in place (Gemma3's qk-norm), as torch's rms_norm does it.
+  void norm_heads(torch::Tensor& qkv) const {
+    const int64_t qw = heads_ * head_dim_, kw = kv_heads_ * head_dim_;
+    auto q = qkv.narrow(-1, 0, qw).unflatten(-1, {heads_, head_dim_});
+    auto k = qkv.narrow(-1, qw, kw).unflatten(-1, {kv_heads_, head_dim_});
+    q.copy_(at::rms_norm(q, {head_dim_}, norm_[2].weight, norm_[2].eps));
+    k.copy_(at::rms_norm(k, {head_dim_}, norm_[3].weight, norm_[3].eps));
+  }
+
+  torch::Tensor activate(const torch::Tensor& gate_up) const {
+    if (act_ == Act::kSilu) return silu_mul(gate_up);
+    const auto halves = gate_up.chunk(2, -1);
+    return at::gelu(halves[0], act_ == Act::kGeluTanh ? "tanh" : "none") * halves[1];
+  }
+
+  std::vector<Projection> proj_;
+  std::vector<Norm> norm_;
+  Act act_;
+  int64_t heads_, kv_heads_, head_dim_;
+  double scaling_;
+};
+
+void register_fused_layer(pybind11::module& m) {
+  pybind11::class_<FusedLayer>(m, "FusedLayer", "a decoder layer for few rows in one state, one call")
+      .def(pybind11::init<const std::vector<std::string>&, const std::vector<std::vector<torch::Tensor>>&,
+                          const std::vector<int64_t>&, const std::vector<std::optional<torch::Tensor>>&,
+                          const std::vector<std::optional<torch::Tensor>>&, const std::vector<double>&,
+                          const std::string&, int64_t, int64_t, int64_t, double>())
+      .def("__call__", &FusedLayer::forward, "x, cos, sin, keys, values, start, begins -> the layer's output");
+}
