@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -84,6 +85,22 @@ def mode() -> str:
     return {"0": "off", "1": "on"}.get(value, "measured")
 
 
+EXTENSION = "dashskip_small_gemm"
+
+
+def _import_built(path: Path) -> ModuleType | None:
+    """The extension built earlier at `path`, or None where there is none (or it does not import here)."""
+    if not path.exists():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(EXTENSION, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError:
+        return None
+    return module
+
+
 @functools.cache
 def extension() -> ModuleType | None:
     """The compiled kernels, or None (with one warning saying why) where they cannot be used."""
@@ -93,16 +110,18 @@ def extension() -> ModuleType | None:
     if reason is None:
         from torch.utils.cpp_extension import load
 
-        # per torch install too: torch's builder rebuilds for another environment's headers, and the line below
-        # should say so rather than pause in silence
-        stamp = f"{torch.__version__}:{Path(torch.__file__).parent}".encode()
+        # One build per sources, torch version and Python ABI: another environment with the same torch imports it
+        # as it is (torch's builder would rebuild for that environment's header paths, about a minute).
+        stamp = f"{torch.__version__}:{sys.implementation.cache_tag}".encode()
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + stamp).hexdigest()
         build = cache_dir() / "kernels" / f"small_gemm-{digest[:12]}"
+        built = _import_built(build / f"{EXTENSION}.so")
+        if built is not None:
+            return built
         build.mkdir(parents=True, exist_ok=True)
-        if not any(build.glob("*.so")):
-            print("dashskip: building its CPU kernels, once for this machine (about a minute)...", file=sys.stderr)
+        print("dashskip: building its CPU kernels, once for this machine (about a minute)...", file=sys.stderr)
         try:
-            return load("dashskip_small_gemm", [str(p) for p in SOURCES], extra_cflags=["-O3", "-mavx", "-mfma"],
+            return load(EXTENSION, [str(p) for p in SOURCES], extra_cflags=["-O3", "-mavx", "-mfma"],
                         build_directory=str(build), verbose=False)  # fmt: skip
         except (OSError, RuntimeError, ImportError) as err:  # no compiler or ninja, a failed build
             errors = [line for line in str(err).splitlines() if "error" in line.lower()] or [type(err).__name__]
