@@ -278,7 +278,8 @@ def check_bench_args(batch: int, prompt_len: int, new_tokens: int, repeats: int)
     if batch < 1 or prompt_len < 1:
         raise DashskipError(f"batch and prompt length must be >= 1, got {batch} and {prompt_len}")
     if new_tokens < 2:
-        raise DashskipError(f"--new-tokens must be >= 2 (decode time is measured between 1 and N), got {new_tokens}")
+        raise DashskipError(f"--new-tokens must be >= 2 (the first new token ends the prefill, decode is timed over "
+                            f"the rest), got {new_tokens}")  # fmt: skip
     if repeats < 1:
         raise DashskipError(f"--repeats must be >= 1, got {repeats}")
 

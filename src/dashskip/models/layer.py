@@ -214,11 +214,12 @@ class DecoderLayer:
         """Few rows in one state with a plain causal mask: the whole layer as one compiled call where every
         projection's chosen kernel has a native form, else the small ops as compiled calls one by one (the same
         ops and kernels either way, so the same output)."""
-        ops, i, cache = K.extension(), self.index, step.cache
+        i, cache = self.index, step.cache
         cos, sin = rope[0].contiguous(), rope[1].contiguous()
         fused = self._fused(state, x)
         if fused is not None:
             return fused(x, cos, sin, cache.keys[i], cache.values[i], cache.start, step.key_begins)
+        ops = K.extension()
         qkv = self.qkv(state, self.attn_norm(x, compiled=True))
         if self.q_norm is not None:
             self._norm_heads(qkv)
