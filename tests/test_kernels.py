@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from dashskip.core import kernels
 from dashskip.core.handlers import (
+    VNNI,
     FullPrecision,
     Handler,
     Int4WeightOnly,
@@ -226,17 +227,19 @@ VNNI_CASES = [(Int8WeightOnly, _dequantized_int8, 100, 37), (Int8WeightOnly, _de
 
 @pytest.mark.parametrize("handler_type, dequantized, out_features, in_features", VNNI_CASES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, SMALL_ROWS, 37, INT_DOT_ROWS])
+@pytest.mark.parametrize("kernel", VNNI)
 def test_vnni_kernels_compute_rounded_rows_times_the_quantized_weight(
-    vnni_ext, handler_type, dequantized, out_features, in_features, rows
+    vnni_ext, handler_type, dequantized, out_features, in_features, rows, kernel
 ):
-    """The integer kernels equal the rows rounded by `quantize_rows` times the dequantized weight, in float64:
-    the integer sums are exact, only the fp32 scaling rounds. Shapes off the 16-column and 64-value tiles."""
+    """The integer kernels (both prefetch plans) equal the rows rounded by `quantize_rows` times the dequantized
+    weight, in float64: the integer sums are exact, only the fp32 scaling rounds. Shapes off the 16-column and
+    64-value tiles."""
     torch.manual_seed(rows + out_features)
     weight = torch.randn(out_features, in_features) * 0.05
     x = torch.randn(rows, in_features) * torch.linspace(0.2, 4.0, in_features)
     handler = handler_type()
-    assert "vnni" in handler.kernels(x)
-    got = handler.run("vnni", handler.prepare("vnni", handler.quantize([weight])), x, out_features)
+    assert kernel in handler.kernels(x)
+    got = handler.run(kernel, handler.prepare(kernel, handler.quantize([weight])), x, out_features)
     assert got.shape == (rows, out_features) and got.dtype == torch.float32
     exact = quantize_rows(x).double() @ dequantized(weight).T
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)

@@ -55,6 +55,10 @@ def _vnni_rows(x: torch.Tensor) -> bool:
     return activations() == "int8" and K.compiled_rows(x, K.INT_DOT_ROWS) and K.extension().has_vnni()
 
 
+# The integer dot-product kernels in their two prefetch plans (int_dot.cpp): the same packed layout, measured apart.
+VNNI = ("vnni", "vnni_far")
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel INT8: returns (int8 weight (N, K), bf16 scales (N,))."""
     w = weight.detach().float()
@@ -160,21 +164,21 @@ class Int8WeightOnly(Handler):
         names = ["torch", "gemm"]
         if K.compiled_rows(x) and K.extension().has_int8():
             names.append("packed")
-        return [*names, "vnni"] if _vnni_rows(x) else names
+        return [*names, *VNNI] if _vnni_rows(x) else names
 
     def prepare(self, kernel: str, form: Int8Form) -> Any:
         if kernel == "packed":
             return tuple(K.extension().pack_int8(form.weight, form.scales))
-        if kernel == "vnni":
+        if kernel in VNNI:
             return tuple(K.extension().pack_int8_vnni(form.weight, form.scales))
         return form
 
     def native(self, kernel: str, prepared: Any) -> tuple[str, list[torch.Tensor]] | None:
-        return ("int8_vnni", list(prepared)) if kernel == "vnni" else None
+        return (f"int8_{kernel}", list(prepared)) if kernel in VNNI else None
 
     def run(self, kernel: str, prepared: Any, x: torch.Tensor, out_features: int) -> torch.Tensor:
-        if kernel == "vnni":
-            return K.extension().linear_int8_vnni(x, *prepared, out_features)
+        if kernel in VNNI:
+            return K.extension().linear_int8_vnni(x, *prepared, out_features, kernel == "vnni_far")
         x = _int8_rows(x)
         if kernel == "packed":
             return K.extension().linear_int8(x, *prepared, out_features)
@@ -206,10 +210,10 @@ class Int4WeightOnly(Handler):
     def kernels(self, x: torch.Tensor) -> list[str]:
         if K.needs_grad(x):
             return ["gemm"]
-        return ["torch", "gemm", "vnni"] if _vnni_rows(x) else ["torch", "gemm"]
+        return ["torch", "gemm", *VNNI] if _vnni_rows(x) else ["torch", "gemm"]
 
     def prepare(self, kernel: str, form: Int4Form) -> Any:
-        if kernel == "vnni":
+        if kernel in VNNI:
             return tuple(K.extension().pack_int4_vnni(form.codes, form.scales, form.minima))
         if kernel == "torch":
             packed = torch._convert_weight_to_int4pack_for_cpu(form.codes.to(torch.int32), 1)
@@ -219,11 +223,11 @@ class Int4WeightOnly(Handler):
         return form
 
     def native(self, kernel: str, prepared: Any) -> tuple[str, list[torch.Tensor]] | None:
-        return ("int4_vnni", list(prepared)) if kernel == "vnni" else None
+        return (f"int4_{kernel}", list(prepared)) if kernel in VNNI else None
 
     def run(self, kernel: str, prepared: Any, x: torch.Tensor, out_features: int) -> torch.Tensor:
-        if kernel == "vnni":
-            return K.extension().linear_int4_vnni(x, *prepared, out_features)
+        if kernel in VNNI:
+            return K.extension().linear_int4_vnni(x, *prepared, out_features, kernel == "vnni_far")
         x = _int8_rows(x)
         if kernel == "torch":
             packed, scales_zeros = prepared

@@ -14,13 +14,15 @@
 
 namespace {
 
-enum class Kind { kTorch, kPacked, kInt8Vnni, kInt4Vnni };
+enum class Kind { kTorch, kPacked, kInt8Vnni, kInt8VnniFar, kInt4Vnni, kInt4VnniFar };
 
 Kind parse_kind(const std::string& name) {
   if (name == "torch") return Kind::kTorch;
   if (name == "packed") return Kind::kPacked;
   if (name == "int8_vnni") return Kind::kInt8Vnni;
+  if (name == "int8_vnni_far") return Kind::kInt8VnniFar;
   if (name == "int4_vnni") return Kind::kInt4Vnni;
+  if (name == "int4_vnni_far") return Kind::kInt4VnniFar;
   TORCH_CHECK(false, "FusedLayer: unknown projection kind '", name, "'");
 }
 
@@ -45,8 +47,14 @@ struct Projection {
         }
         break;
       case Kind::kPacked: y = ::linear(flat, tensors.at(0), out); break;
-      case Kind::kInt8Vnni: y = linear_int8_vnni(flat, tensors.at(0), tensors.at(1), tensors.at(2), out); break;
-      case Kind::kInt4Vnni: y = linear_int4_vnni(flat, tensors.at(0), tensors.at(1), tensors.at(2), out); break;
+      case Kind::kInt8Vnni:
+      case Kind::kInt8VnniFar:
+        y = linear_int8_vnni(flat, tensors.at(0), tensors.at(1), tensors.at(2), out, kind == Kind::kInt8VnniFar);
+        break;
+      case Kind::kInt4Vnni:
+      case Kind::kInt4VnniFar:
+        y = linear_int4_vnni(flat, tensors.at(0), tensors.at(1), tensors.at(2), out, kind == Kind::kInt4VnniFar);
+        break;
     }
     if (bias) y = y + *bias;
     auto sizes = x.sizes().vec();

@@ -14,6 +14,6 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& keys
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
 // int_dot.cpp
 torch::Tensor linear_int8_vnni(const torch::Tensor& x_in, const torch::Tensor& packed, const torch::Tensor& comp,
-                               const torch::Tensor& wscale, int64_t out_features);
+                               const torch::Tensor& wscale, int64_t out_features, bool far);
 torch::Tensor linear_int4_vnni(const torch::Tensor& x_in, const torch::Tensor& nibbles, const torch::Tensor& scales,
-                               const torch::Tensor& minima, int64_t out_features);
+                               const torch::Tensor& minima, int64_t out_features, bool far);
