@@ -215,14 +215,17 @@ def test_compiled_rms_norm_equals_torch(ops, rows):
     torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), F.rms_norm(x, (576,), weight, 1e-5))
 
 
-@pytest.mark.parametrize("start, tokens", [(0, 1), (0, 6), (11, 1), (11, 5)])
+@pytest.mark.parametrize("start, tokens", [(0, 1), (0, 6), (11, 1), (11, 5), (300, 1), (300, 3)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_compiled_attention_equals_sdpa_with_the_causal_mask(ops, start, tokens, padded):
+@pytest.mark.parametrize("head_dim", [16, 12])
+def test_compiled_attention_equals_sdpa_with_the_causal_mask(ops, start, tokens, padded, head_dim):
     """Query t at slot start + t sees keys begin..start + t; 6 query heads share 2 key/value heads; with
-    `padded`, each row's keys before its own first slot are left padding."""
+    `padded`, each row's keys before its own first slot are left padding. Long contexts run the vector path
+    (eight keys at a time, with tails; scores spread wide enough that exp's range matters), a head width that is
+    not a multiple of 8 the scalar one."""
     gen = torch.Generator().manual_seed(start + tokens)
-    q = torch.randn(2, 6, tokens, 16, generator=gen)
-    keys, values = (torch.randn(2, 2, 32, 16, generator=gen) for _ in range(2))
+    q = torch.randn(2, 6, tokens, head_dim, generator=gen) * 3
+    keys, values = (torch.randn(2, 2, start + tokens + 3, head_dim, generator=gen) for _ in range(2))
     end = start + tokens
     begins = torch.tensor([0, min(3, start)]) if padded else torch.empty(0, dtype=torch.long)
     allowed = (torch.arange(end)[None, :] <= torch.arange(start, end)[:, None])[None].expand(2, tokens, end).clone()
@@ -232,7 +235,8 @@ def test_compiled_attention_equals_sdpa_with_the_causal_mask(ops, start, tokens,
         q, keys[:, :, :end], values[:, :, :end], attn_mask=allowed[:, None], scale=0.3, enable_gqa=True
     )
     got = ops.causal_attention(q, keys, values, start, 0.3, begins)
-    torch.testing.assert_close(got, want.transpose(1, 2).reshape(2, tokens, 6 * 16), rtol=1e-5, atol=1e-5)
+    want = want.transpose(1, 2).reshape(2, tokens, 6 * head_dim)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_rope_and_cache_write_rotate_like_transformers(ops):

@@ -36,6 +36,82 @@ void axpy(float w, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += w * x[i];
 }
 
+// The eight sums of eight vectors, as one vector (lane u = the sum of a[u]'s lanes).
+inline __m256 sums_of_8(const __m256* a) {
+  const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
+}
+
+// exp of 8 values <= 0 (softmax's shifted scores): 2^n * p(f) with Cephes' degree-6 polynomial, within ~2 ulp of
+// std::exp; below -87 (a weight of < 1e-38 against the top one's 1) it gives ~1e-38 instead of less.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), f);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(f, f), _mm256_add_ps(f, _mm256_set1_ps(1.f)));
+  // 2^n from the exponent bits, in two 128-bit halves: 256-bit integer ops need AVX2, which this file does not ask
+  const __m256i whole = _mm256_cvtps_epi32(n);
+  const auto power = [](__m128i half) { return _mm_slli_epi32(_mm_add_epi32(half, _mm_set1_epi32(127)), 23); };
+  const __m256i bits = _mm256_insertf128_si256(_mm256_castsi128_si256(power(_mm256_castsi256_si128(whole))),
+                                               power(_mm256_extractf128_si256(whole, 1)), 1);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// One query row against keys [from, seen) of its head: softmax(q k^T * scale) v into out (Dh), `weights` as
+// scratch. With Dh a multiple of 8 (every model seen): scores eight keys at a time (one reduction per eight), exp
+// eight at a time, and the output summed in registers 64 values at a time instead of read and written per key.
+void attend_row(const float* q, const float* k, const float* v, int64_t from, int64_t seen, int64_t dh, float scale,
+                float* weights, float* out) {
+  float top = -INFINITY;
+  int64_t j = from;
+  if (dh % 8 == 0) {
+    for (; j + 8 <= seen; j += 8) {
+      __m256 acc[8];
+      for (auto& a : acc) a = _mm256_setzero_ps();
+      for (int64_t i = 0; i < dh; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (j + u) * dh + i), acc[u]);
+      }
+      _mm256_storeu_ps(weights + j, _mm256_mul_ps(sums_of_8(acc), _mm256_set1_ps(scale)));
+    }
+  }
+  for (; j < seen; ++j) weights[j] = dot(q, k + j * dh, dh) * scale;
+  for (j = from; j < seen; ++j) top = std::max(top, weights[j]);
+  float total = 0.f;
+  j = from;
+  for (; j + 8 <= seen; j += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(weights + j), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(weights + j, e);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, e);
+    for (const float l : lanes) total += l;
+  }
+  for (; j < seen; ++j) total += (weights[j] = std::exp(weights[j] - top));
+  const float inv = 1.f / total;
+  if (dh % 8 != 0) {
+    std::fill_n(out, dh, 0.f);
+    for (j = from; j < seen; ++j) axpy(weights[j] * inv, v + j * dh, out, dh);
+    return;
+  }
+  for (int64_t c = 0; c < dh; c += 64) {  // 64 output values (8 registers) at a time
+    const int64_t width = std::min<int64_t>(64, dh - c), vecs = width / 8;
+    __m256 acc[8];
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    for (j = from; j < seen; ++j) {
+      const __m256 w = _mm256_set1_ps(weights[j]);
+      const float* row = v + j * dh + c;
+      for (int64_t u = 0; u < vecs; ++u) acc[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * u), acc[u]);
+    }
+    for (int64_t u = 0; u < vecs; ++u) _mm256_storeu_ps(out + c + 8 * u, _mm256_mul_ps(acc[u], _mm256_set1_ps(inv)));
+  }
+}
+
 }  // namespace
 
 // x (..., D), weight (D) -> weight * x / sqrt(mean(x^2) + eps), row by row.
@@ -115,16 +191,8 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& keys
         const float* qrow = qp + (bh * t + ti) * dh;
         const int64_t seen = start + ti + 1;
         const int64_t from = first < seen ? first : 0;  // a padding query sees everything rather than nothing
-        float top = -INFINITY;
-        for (int64_t j = from; j < seen; ++j) {
-          weights[j] = dot(qrow, kh + j * dh, dh) * static_cast<float>(scale);
-          top = std::max(top, weights[j]);
-        }
-        float total = 0.f;
-        for (int64_t j = from; j < seen; ++j) total += (weights[j] = std::exp(weights[j] - top));
-        float* orow = op + (bi * t + ti) * heads * dh + h * dh;
-        std::fill_n(orow, dh, 0.f);
-        for (int64_t j = from; j < seen; ++j) axpy(weights[j] / total, vh + j * dh, orow, dh);
+        attend_row(qrow, kh, vh, from, seen, dh, static_cast<float>(scale), weights.data(),
+                   op + (bi * t + ti) * heads * dh + h * dh);
       }
     }
   });
