@@ -76,13 +76,14 @@ def test_generate_at_an_operating_point_with_the_shipped_policy():
     assert out.returncode == 0, out.stderr
     stats = json.loads(out.stdout)["stats"]
     assert stats["speedup"] == 1.67 and stats["mode"] == "async" and stats["new_tokens"] == 12
-    assert stats["compute_ratio"] > 1.1 and stats["state_fractions"]["full"] < 0.9
+    assert abs(stats["predicted_speedup"] / 1.67 - 1) < 0.05  # decode wall clock, from this machine's cost table
+    assert stats["compute_ratio"] > 1.67 and stats["state_fractions"]["full"] < 0.9  # the head costs the same
     assert len(stats["layers_per_token"]) == 12 and len(stats["layers_per_token"][0]) == 30
 
 
 def test_policy_errors_are_one_line():
     out = run("generate", "hi", "--speedup", "9.5")
-    assert out.returncode == 2 and "above the range this policy was calibrated for" in out.stderr
+    assert out.returncode == 2 and "is out of reach on this machine" in out.stderr and "ask for less" in out.stderr
     out = run("generate", "hi", "--speedup", "1.5", "--policy", "/no/such/policy.safetensors")
     assert out.returncode == 2 and "policy file '/no/such/policy.safetensors' not found" in out.stderr
 

@@ -131,7 +131,7 @@ def test_generate_until_stops_at_a_stop_string_and_equals_hf_greedy(tokenizer):
 def test_a_policy_runs_per_token_and_batching_changes_no_score(tokenizer):
     model = tiny_smol(tokenizer)
     # mixed states on this model at the fixed bias (the tiny random policy jumps from all-full to all-skip)
-    dm = DashModel(model, tokenizer, policy=tiny_policy(model), speedup=2.5, control=False)
+    dm = DashModel(model, tokenizer, policy=tiny_policy(model), speedup=2.5, control=False, wall_clock=False)
     one, four = DashskipLM(dm, batch_size=1), DashskipLM(dm, batch_size=4)
     scores_one = one.loglikelihood(requests("loglikelihood", PAIRS), disable_tqdm=True)
     scores_four = four.loglikelihood(requests("loglikelihood", PAIRS), disable_tqdm=True)

@@ -437,5 +437,5 @@ def test_the_registry_errors_clearly(dm):
 
 def test_the_registry_builds_dash_from_the_models_policy():
     model = tiny_model("llama")
-    dm = DashModel(model, policy=make_policy(fingerprint=fingerprint(model)))
+    dm = DashModel(model, policy=make_policy(fingerprint=fingerprint(model)), wall_clock=False)
     assert isinstance(built(dm, "dash", 1.5, mode="sync"), PolicyDecider)

@@ -158,7 +158,7 @@ def test_policy_on_another_model_and_bad_speedups_are_refused():
         DashModel(model, policy=make_policy(fingerprint="not-this-one"))
     from dashskip.models.loading import fingerprint
 
-    dm = DashModel(model, policy=make_policy(fingerprint=fingerprint(model)), speedup=1.5)
+    dm = DashModel(model, policy=make_policy(fingerprint=fingerprint(model)), speedup=1.5, wall_clock=False)
     assert dm.speedup == 1.5
     with pytest.raises(DashskipError, match="above the range this policy was calibrated for"):
         dm.set_speedup(5.0)
@@ -234,3 +234,39 @@ def test_rate_control_is_for_greedy_decisions():
     control = RateControl(1.5, 0.3, CostTable(table, table), 6)
     with pytest.raises(DashskipError, match="greedy"):
         PolicyDecider(policy.model, policy.scales(), policy.costs(), 0.3, temperature=1.0, control=control)
+
+
+def test_a_wall_clock_speedup_is_steered_on_this_machines_table():
+    """With a table that knows what a token costs beyond its layers, a speedup is a wall-clock one: the policy is
+    steered to the compute ratio that delivers it, every row's predicted speedup lands within 3%, and a speedup
+    the policy cannot reach with that overhead is refused with the most it can do."""
+    from dashskip.core.costs import CostTable
+    from dashskip.runtime.generation import generate
+
+    policy = make_policy()
+    engine = Engine(Backbone(tiny_model("llama")), scales=policy.scales())
+    table = {int(k): v for k, v in policy.meta["cost_table"].items()}
+    key = policy.decision_key
+    costs = CostTable(table, table, True, outside={"full": 3.0}, decisions={key: 0.5})
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    decider = policy.decider(1.3, costs=costs, head="full")
+    assert decider.traits.decisions == key and decider.control.target == pytest.approx(6 / ((6 + 3) / 1.3 - 3.5))
+    out = generate(engine, ids, decider=decider, max_new_tokens=64, costs=costs)
+    assert out.compute_ratio > 1.6  # the layers save more than 1.3x: the head and the decisions cost the same
+    for row in range(2):
+        assert abs(costs.speedup(out.states[row : row + 1], "full", key) / 1.3 - 1) < 0.03
+    assert abs(out.speedup / 1.3 - 1) < 0.03
+    with pytest.raises(DashskipError, match="beyond this policy on this machine.*about 1.64x"):
+        policy.decider(1.7, costs=costs, head="full")  # compute ratio 3.36; calibrated to 3.0: 9 / (2 + 3.5) = 1.64
+
+
+def test_a_model_with_a_policy_measures_its_wall_clock_costs_per_head():
+    from dashskip.models.loading import fingerprint
+
+    model = tiny_model("llama")
+    policy = make_policy(fingerprint=fingerprint(model))
+    dm = DashModel(model, policy=policy)
+    assert dm.costs.measured and dm.costs.wall_clock("full", policy.decision_key)
+    dm.set_head("int8")  # measured now, unless an earlier run of the tests measured and kept it
+    assert dm.backbone.head_precision == "int8" and dm.costs.wall_clock("int8", policy.decision_key)
+    assert not DashModel(model, policy=policy, wall_clock=False).costs.wall_clock("full", None)

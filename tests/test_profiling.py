@@ -1,10 +1,13 @@
+import time
+
 import pytest
 import torch
 
 from dashskip import Backbone, Engine
 from dashskip.core.costs import CostTable
+from dashskip.core.decisions import Decider
 from dashskip.errors import DashskipError
-from dashskip.measure.profiling import profile, state_errors
+from dashskip.measure.profiling import measure_beyond_layers, profile, state_errors
 
 
 def test_compute_ratio_by_hand():
@@ -50,3 +53,44 @@ def test_cost_tables_and_kernel_choices_are_kept_apart_per_activation_arithmetic
     int8 = default_profile_path("fp", "project")
     monkeypatch.setenv("DASHSKIP_ACTIVATIONS", "bf16")
     assert default_profile_path("fp", "project") != int8 and int8.name.endswith("-int8.json")
+
+
+def test_a_speedup_counts_what_a_token_costs_beyond_its_layers():
+    """Predicted wall clock = (L + outside) / (layer costs + outside + decisions), against the full path with the
+    same head; the compute ratio that delivers a speedup inverts it; without those costs a speedup is a ratio."""
+    costs = {0: 0.1, 1: 0.3, 2: 0.4, 4: 1.0}
+    table = CostTable(costs, costs, True, outside={"full": 6.0, "int8": 1.5}, decisions={"dash": 2.0})
+    states = torch.tensor([[4, 0, 2, 2, 0, 4]])  # 6 layers costing 3.0
+    assert table.compute_ratio(states) == pytest.approx(2.0)
+    assert table.speedup(states) == pytest.approx(12 / 9)  # the full head's 6 layers' worth is paid either way
+    assert table.speedup(states, "full", "dash") == pytest.approx(12 / 11)
+    assert table.speedup(states, "int8", "dash") == pytest.approx(7.5 / 6.5)
+    for head in ("full", "int8"):
+        ratio = table.compute_target(1.2, 6, head, "dash")
+        assert table.speedup_at(ratio, 6, head, "dash") == pytest.approx(1.2)
+    with pytest.raises(DashskipError, match="out of reach on this machine.*at most 1.50x"):
+        table.compute_target(2.0, 6, "full", "dash")  # even skipping everything: 12 / (6 + 2)
+    bare = CostTable(costs, costs)  # not measured: a speedup is a compute ratio
+    assert not bare.wall_clock("full", None) and not table.wall_clock("bf16", None)
+    assert not table.wall_clock("full", "another-policy") and table.wall_clock("int8", "dash")
+    assert bare.speedup(states) == pytest.approx(2.0) and bare.compute_target(1.7, 6) == pytest.approx(1.7)
+
+
+class SlowDecider(Decider):
+    """Answers full after a known wait: its time must be booked as deciding, not as the step's other work."""
+
+    def __call__(self, layer, hidden, previous):
+        time.sleep(0.01)
+        return 4
+
+
+def test_profile_measures_the_cost_beyond_the_layers_and_a_deciders_own(tmp_path, model):
+    eng = Engine(Backbone(model))
+    table = profile(eng, "fp", context=8, prefill_tokens=16, repeats=2, layers=[1, 2], progress=False)
+    assert set(table.outside) == {"full"} and table.outside["full"] >= 0 and not table.decisions
+    measure_beyond_layers(eng, table, "int8", SlowDecider(), "slow", context=8, steps=3)
+    assert set(table.outside) == {"full", "int8"} and table.wall_clock("int8", "slow")
+    assert table.decisions["slow"] > table.outside["int8"]  # 10 ms per layer decided, far more than the head
+    table.save(tmp_path / "p.json")
+    again = CostTable.load(tmp_path / "p.json", "fp")
+    assert again.outside == table.outside and again.decisions == table.decisions

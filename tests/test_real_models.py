@@ -61,7 +61,9 @@ def test_shipped_policy_holds_its_operating_point_on_held_out_text():
     tail = ids[int(ids.numel() * 0.9) :]
     windows = tail[40 * 256 : 48 * 256].view(8, 256)
     result = perplexity(dm.engine, windows, dm.decider, dm.costs, progress=False)
-    assert abs(result.compute_ratio / 1.67 - 1) < 0.03
+    # 1.67 is decode wall clock on this machine: the compute ratio that delivers it, as the cost table predicts
+    speedup = dm.costs.speedup_at(result.compute_ratio, dm.backbone.num_layers, "full", dm.policy.decision_key)
+    assert abs(speedup / 1.67 - 1) < 0.03 and result.compute_ratio > 1.67
 
 
 def test_rate_control_holds_the_operating_point_where_the_fixed_bias_misses_it():

@@ -79,7 +79,8 @@ def running(
 @pytest.fixture(scope="module")
 def served(tokenizer):
     model = tiny_smol(tokenizer)
-    with running(DashModel(model, tokenizer, policy=tiny_policy(model)), ServerLimits(max_tokens=MAX_TOKENS)) as s:
+    dm = DashModel(model, tokenizer, policy=tiny_policy(model), wall_clock=False)  # a random policy: ratios
+    with running(dm, ServerLimits(max_tokens=MAX_TOKENS)) as s:
         yield s
 
 

@@ -26,7 +26,7 @@ COMPLETION = {"model": NAME, "prompt": "hi", "max_tokens": 4, "temperature": 0}
 @pytest.fixture(scope="module")
 def model(tokenizer):
     smol = tiny_smol(tokenizer)
-    return DashModel(smol, tokenizer, policy=tiny_policy(smol))
+    return DashModel(smol, tokenizer, policy=tiny_policy(smol), wall_clock=False)  # a random policy: ratios
 
 
 @pytest.fixture(scope="module")

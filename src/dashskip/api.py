@@ -65,14 +65,18 @@ class DashModel:
         kv_rule: str | None = None,
         mode: str | None = None,
         control: bool = True,
+        wall_clock: bool = True,
+        head: str = "full",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.backbone = Backbone(model)
+        self.backbone.set_head(head)
         self.fingerprint = fingerprint(model)
         self.policy = policy
         self.mode = mode
         self.control = control  # DASH's rate control: each sequence steered to the ratio asked
+        self.wall_clock = wall_clock  # a speedup is decode wall clock on this machine (else: a compute ratio)
         scales = None
         if calibration is not None:
             calibration.check(self.fingerprint)
@@ -96,6 +100,8 @@ class DashModel:
         self.last_speculative: SpeculativeStats | None = None
 
     def _cost_table(self) -> CostTable:
+        if self.policy is not None and self.wall_clock:  # this machine's, knowing what decode costs beyond layers
+            return self.policy.wall_clock_costs(self.engine, self.fingerprint, self.backbone.head_precision)
         if self.policy is not None:  # the table its operating points were calibrated with
             meta = self.policy.meta
             table = {int(k): float(v) for k, v in meta["cost_table"].items()}
@@ -105,8 +111,9 @@ class DashModel:
         return CostTable.load(profile, self.fingerprint) if profile.exists() else CostTable.default()
 
     def decider_for(self, speedup: float, mode: str | None = None) -> Decider:
-        """A new decider at an operating point (compute ratio); 1.0 runs every layer in full. Each request gets its
-        own: a decider keeps the state of the sequences it decides for."""
+        """A new decider at an operating point; 1.0 runs every layer in full. With a policy the speedup is decode
+        wall clock against the full path with the LM head set now (`wall_clock=False`: a compute ratio). Each
+        request gets its own decider: it keeps the state of the sequences it decides for."""
         if not speedup >= 1.0:
             raise DashskipError(f"speedup must be >= 1.0 (1.0 = every layer in full), got {speedup}")
         if speedup > 1.0 and self.policy is None:
@@ -116,12 +123,29 @@ class DashModel:
             )
         if speedup <= 1.0:
             return Decider()
-        return self.policy.decider(speedup, mode or self.mode, control=self.control)
+        head = self.backbone.head_precision
+        costs = self._wall_clock_costs() if self.wall_clock else None
+        return self.policy.decider(speedup, mode or self.mode, control=self.control, costs=costs, head=head)
+
+    def _wall_clock_costs(self) -> CostTable:
+        """This machine's table, knowing what decode costs beyond the layers with the head set now."""
+        head = self.backbone.head_precision
+        if not self.costs.wall_clock(head, self.policy.decision_key):  # a head measured for the first time
+            self.costs = self.policy.wall_clock_costs(self.engine, self.fingerprint, head)
+        return self.costs
 
     def set_speedup(self, speedup: float) -> None:
         """Move the model's default operating point (what `generate` and `__call__` run without `speedup=`)."""
         self.decider = self.decider_for(speedup)
         self.speedup = float(speedup)
+
+    def set_head(self, precision: str) -> None:
+        """Run the LM head in full, bf16 or INT8 (`Backbone.set_head`), and hold the operating point with it: a
+        speedup is against the full path with the same head, and a cheaper head leaves the layers more to save."""
+        self.backbone.set_head(precision)
+        if self.policy is not None and self.wall_clock:
+            self._wall_clock_costs()
+        self.set_speedup(self.speedup)
 
     @property
     def config(self) -> Any:
@@ -130,7 +154,7 @@ class DashModel:
     def method_context(self, data_dir: str | Path | None = None, progress: bool = True) -> MethodContext:
         """The model as `dashskip.methods.build` takes it."""
         return MethodContext(self.engine, self.tokenizer, self.model, self.fingerprint, self.costs, self.policy,
-                             data_dir, progress)  # fmt: skip
+                             data_dir, progress, self.wall_clock)  # fmt: skip
 
     def _pick(self, speedup: float | None, decider: Decider | None) -> Decider:
         if decider is not None:
@@ -265,12 +289,16 @@ def from_pretrained(
     mode: str | None = None,
     dtype: torch.dtype = torch.float32,
     control: bool = True,
+    wall_clock: bool = True,
+    head: str = "full",
 ) -> DashModel:
     """Load a model (alias, folder or hub id) and wrap it in the dashskip engine.
 
-    `speedup` > 1 needs a policy: the file given, or the default shipped for an embedded alias. `control` (on by
-    default) steers every generated sequence to the compute ratio asked; off runs the policy's calibrated bias as it
-    is (the paper's fixed operating point, which moves with the text).
+    `speedup` > 1 needs a policy: the file given, or the default shipped for an embedded alias. It is decode wall
+    clock on this machine against the engine's full path with the same LM head (`head`: full, bf16 or int8), from
+    this machine's cost table (measured once, announced); `wall_clock=False` takes it as the paper's compute ratio
+    instead. `control` (on by default) steers every generated sequence to it; off runs the policy's calibrated
+    bias as it is (the paper's fixed operating point, which moves with the text).
     """
     if not speedup >= 1.0:
         raise DashskipError(f"speedup must be >= 1.0 (1.0 = every layer in full), got {speedup}")
@@ -278,7 +306,7 @@ def from_pretrained(
     model, tokenizer = load_model(name_or_path, dtype=dtype)
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration.load(calibration)
-    return DashModel(model, tokenizer, chosen, speedup, calibration, kv_rule, mode, control)
+    return DashModel(model, tokenizer, chosen, speedup, calibration, kv_rule, mode, control, wall_clock, head)
 
 
 def apply(

@@ -13,7 +13,7 @@ from typing import Annotated
 import torch
 import typer
 
-from dashskip.api import from_pretrained
+from dashskip.api import bundled_policy, from_pretrained
 from dashskip.errors import DashskipError
 from dashskip.eval.tasks import TASKS
 from dashskip.methods import METHODS
@@ -137,7 +137,8 @@ def generate(
         )
     else:
         typer.echo(
-            f"\n[{new.numel()} tokens, {new.numel() / seconds:.1f} tok/s, compute ratio {out.compute_ratio:.2f}]",
+            f"\n[{new.numel()} tokens, {new.numel() / seconds:.1f} tok/s, decode {out.speedup:.2f}x the full path "
+            f"(cost table), compute ratio {out.compute_ratio:.2f}]",
             err=True,
         )
 
@@ -207,8 +208,9 @@ def profile(
     from dashskip.core.kernels import CHOICE, host_description
     from dashskip.core.states import registered
     from dashskip.data import load_text, token_windows
-    from dashskip.measure.profiling import default_profile_path, state_errors
+    from dashskip.measure.profiling import default_profile_path, measure_beyond_layers, state_errors
     from dashskip.measure.profiling import profile as run_profile
+    from dashskip.methods.dash.policy import DashPolicy
 
     dm = from_pretrained(model, calibration=calibration, kv_rule=kv_rule)
     try:
@@ -216,6 +218,13 @@ def profile(
     except ValueError:
         raise DashskipError(f"--layers must be comma-separated integers, got '{layers}'") from None
     table = run_profile(dm.engine, dm.fingerprint, context, prefill_tokens, repeats, chosen)
+    for head in dm.backbone.heads:  # what a decode token costs beyond its layers with each head precision
+        measure_beyond_layers(dm.engine, table, head, context=context)
+    shipped = bundled_policy(model)
+    if shipped is not None:  # and what the shipped policy's decisions cost
+        policy = DashPolicy.load(shipped)
+        measure_beyond_layers(dm.engine, table, "full", policy.decider(1.0, control=False), policy.decision_key,
+                              context=context)  # fmt: skip
     if errors:
         ids = token_windows(dm.tokenizer, load_text(data, data_dir), 1, error_tokens, seed=0)
         table.errors = state_errors(dm.engine, ids)
@@ -224,7 +233,7 @@ def profile(
     if as_json:
         kernels = [{"key": k, "kernel": c, "ms": ms} for k, c, ms in CHOICE.table()]
         print(json.dumps({"out": str(path), "decode": table.decode, "prefill": table.prefill, "errors": table.errors,
-                          "kernels": kernels}))  # fmt: skip
+                          "outside": table.outside, "decisions": table.decisions, "kernels": kernels}))  # fmt: skip
         return
     typer.echo("state  decode-cost  prefill-cost  decode-ms/layer  prefill-ms/layer  output-error  update-error")
     for state in registered():
@@ -237,6 +246,9 @@ def profile(
         typer.echo(
             f"{state.name:5s}  {table.decode[s]:11.3f}  {table.prefill[s]:12.3f}  {dms:15.3f}  {pms:16.2f}  {errs}"
         )
+    beyond = ", ".join(f"{head} head {cost:.2f}" for head, cost in table.outside.items())
+    decided = "".join(f"; {key} decisions {cost:.2f}" for key, cost in table.decisions.items())
+    typer.echo(f"per decode token beyond the layers, in full layers: {beyond}{decided}")
     typer.echo(f"wrote {path} (errors: mean over layers 1..L-2, relative to the full layer's output / update)")
     typer.echo(f"\nkernels chosen on this host ({host_description()}), measured at first use (ms per call):")
     for key, kernel, ms in CHOICE.table():
@@ -602,7 +614,6 @@ def serve(
         _serve_vllm(model, policy, speedup, _control(control), host, port, served_model_name, max_batch,
                     max_prompt_tokens + max_tokens, api_key, kv_cache_gib, batch_states)  # fmt: skip
         return
-    from dashskip.api import bundled_policy
     from dashskip.serve.scheduler import BatchLimits
     from dashskip.serve.server import (
         LOOPBACK_HOSTS,
@@ -717,7 +728,8 @@ def chat(
         )
         new = out.sequences[0, ids.shape[1] :]
         messages.append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)})
-        typer.echo(f"[{new.numel()} tokens, compute ratio {out.compute_ratio:.2f}]", err=True)
+        typer.echo(f"[{new.numel()} tokens, decode {out.speedup:.2f}x the full path (cost table), compute ratio "
+                   f"{out.compute_ratio:.2f}]", err=True)  # fmt: skip
 
 
 def main() -> None:

@@ -3,6 +3,13 @@
 A compute ratio is L / sum_i c(s_i) over a token's path. The costs come from timing each layer in each state on
 this machine (`measure/profiling.py`); before a profile exists the registry's approximations are used and
 labelled as such (`measured` is False).
+
+A compute ratio is not a speed: a decode step also embeds, norms, runs the LM head and samples (SmolLM2's fp32
+head reads as many bytes as eight of its layers), and a learned policy spends time deciding. Both are measured as
+decode runs them (`outside` per head precision, `decisions` per kind of decider, in full layers), so that a
+speedup asked for is a wall-clock one: `speedup` predicts decode wall clock against the full path with the same
+head, and `compute_target` is the compute ratio that delivers a requested speedup. A table without them (not
+measured, or measured before they were) treats a speedup as a compute ratio.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ class CostTable:
     machine: str = ""
     layer_ms: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     errors: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # from state_errors(), per layer
+    outside: dict[str, float] = field(default_factory=dict)  # head precision -> a decode token's cost beyond layers
+    decisions: dict[str, float] = field(default_factory=dict)  # decider kind -> a decode token's decisions' cost
 
     @classmethod
     def default(cls) -> CostTable:
@@ -62,6 +71,40 @@ class CostTable:
         table = self.decode if mode == "decode" else self.prefill
         return code_lookup(table)[states.long()].sum(-1)
 
+    def wall_clock(self, head: str, decisions: str | None) -> bool:
+        """Whether this table knows what a decode token costs beyond its layers with this head and decider."""
+        return head in self.outside and (decisions is None or decisions in self.decisions)
+
+    def _beyond(self, head: str, decisions: str | None) -> tuple[float, float]:
+        """(a token's cost outside the layers, its decisions' cost), 0 where not measured."""
+        if not self.wall_clock(head, decisions):
+            return 0.0, 0.0
+        return self.outside[head], 0.0 if decisions is None else self.decisions[decisions]
+
+    def speedup(self, states: torch.Tensor, head: str = "full", decisions: str | None = None) -> float:
+        """Decode wall clock of the full path (same head) over that of `states` (..., L), as this table predicts
+        it; the compute ratio where the table does not know the cost beyond the layers."""
+        outside, deciding = self._beyond(head, decisions)
+        spent = float(self.token_costs(states).float().mean()) + outside + deciding
+        return (states.shape[-1] + outside) / max(spent, 1e-9)
+
+    def speedup_at(self, ratio: float, layers: int, head: str = "full", decisions: str | None = None) -> float:
+        """The decode speedup (as `speedup` predicts it) of paths at compute ratio `ratio`."""
+        outside, deciding = self._beyond(head, decisions)
+        return (layers + outside) / (layers / ratio + outside + deciding)
+
+    def compute_target(self, speedup: float, layers: int, head: str = "full", decisions: str | None = None) -> float:
+        """The compute ratio at which decode runs `speedup` times as fast as the full path (same head)."""
+        outside, deciding = self._beyond(head, decisions)
+        budget = (layers + outside) / speedup - outside - deciding  # what the layers may cost per token
+        if budget <= 0:
+            most = (layers + outside) / (outside + deciding)
+            raise DashskipError(
+                f"speedup {speedup} is out of reach on this machine: with the {head} head, even skipping every layer "
+                f"would decode at most {most:.2f}x as fast (`dashskip profile` shows the costs); ask for less"
+            )
+        return layers / budget
+
     def save(self, path: str | Path) -> None:
         data = asdict(self)
         data["decode"] = {str(k): v for k, v in self.decode.items()}
@@ -80,6 +123,8 @@ class CostTable:
                 machine=data.get("machine", ""),
                 layer_ms=data.get("layer_ms", {}),
                 errors=data.get("errors", {}),
+                outside={k: float(v) for k, v in data.get("outside", {}).items()},
+                decisions={k: float(v) for k, v in data.get("decisions", {}).items()},
             )
         except (OSError, ValueError, KeyError) as exc:
             raise DashskipError(f"cannot read cost table '{path}': {exc}; re-run `dashskip profile`") from exc

@@ -43,6 +43,7 @@ class Traits:
     sublayers: dict[int, SublayerSkip] = field(default_factory=dict)  # layers with statically skipped sublayers
     may_skip_last: bool = False  # only exit-style methods may skip the last layer (METHOD.md)
     plan_ratio: float | None = None  # a sublayer plan's compute ratio, which the (all full) states cannot show
+    decisions: str | None = None  # the cost table's key for what this decider's answers cost a token (a policy's)
 
     def same_as(self, other: Traits) -> bool:
         scales_equal = (self.skip_scales is None and other.skip_scales is None) or (

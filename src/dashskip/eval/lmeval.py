@@ -72,7 +72,7 @@ def _model_and_decider(
     else:
         # A baseline's decider comes from the registry below; the model itself then runs at 1.0 (no policy needed).
         dash_speedup = 1.0 if speedup is None or method != "dash" else speedup
-        dm = from_pretrained(pretrained, speedup=dash_speedup, policy=policy, mode=mode)
+        dm = from_pretrained(pretrained, speedup=dash_speedup, policy=policy, mode=mode, wall_clock=False)
     if dm.tokenizer is None:
         raise DashskipError("the DashModel has no tokenizer; pass tokenizer= to dashskip.apply")
     if method == "dash":

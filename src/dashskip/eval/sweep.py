@@ -138,7 +138,7 @@ class Sweep:
 
         spec.check()
         self.spec, self.progress = spec, progress
-        self.dm = from_pretrained(spec.model, policy=self._policy_file(), mode=spec.mode)
+        self.dm = from_pretrained(spec.model, policy=self._policy_file(), mode=spec.mode, wall_clock=False)
         self.variants = {label: DashPolicy.load(path) for label, path in spec.variants.items()}
         for label, policy in self.variants.items():
             policy.check(self.dm.fingerprint)

@@ -97,7 +97,61 @@ def profile(
     for mode in ("decode", "prefill"):
         full = statistics.mean(timings[mode][str(int(State.FULL))])
         rel[mode] = {s: round(statistics.mean(timings[mode][str(s)]) / full, 4) for s in codes()}
-    return CostTable(rel["decode"], rel["prefill"], True, fingerprint, host_description(), timings)
+    table = CostTable(rel["decode"], rel["prefill"], True, fingerprint, host_description(), timings)
+    measure_beyond_layers(engine, table, bb.head_precision, context=context)
+    return table
+
+
+class _Consulted(Decider):
+    """Asks `inner` at every layer as decode does, timing its answers, and runs every layer in full."""
+
+    def __init__(self, inner: Decider) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def begin(self, step) -> None:
+        self.inner.begin(step)
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous) -> int:
+        t0 = time.perf_counter()
+        self.inner(layer, hidden, previous)
+        self.seconds += time.perf_counter() - t0
+        return int(State.FULL)
+
+    def end(self, states: torch.Tensor) -> None:
+        self.inner.end(states)
+
+
+def measure_beyond_layers(
+    engine: Engine,
+    table: CostTable,
+    head: str,
+    decider: Decider | None = None,
+    key: str | None = None,
+    context: int = 128,
+    steps: int = 16,
+) -> None:
+    """Time real decode steps (every layer in full, the LM head at `head`, greedy) and put into `table` what a
+    token costs beyond its layers: `outside[head]`, the step less the layers' profiled cost (embedding, norm,
+    head, sampling, the engine's loop); with `decider`, `decisions[key]`, the time its answers took. In full
+    layers, medians over `steps` steps against a `context`-token cache."""
+    full_ms = statistics.mean(table.layer_ms["decode"][str(int(State.FULL))])
+    bb = engine.backbone
+    consulted = _Consulted(decider or Decider())
+    session = engine.new_session(1, context + steps + 3)
+    token = bb.logits(engine.step(torch.randint(0, bb.config.vocab_size, (1, context)), session).hidden[:, -1:])
+    token = token.argmax(-1)
+    spent, deciding = [], []
+    for i in range(steps + 2):  # the first two warm up (the head's form, kernel choices)
+        consulted.seconds = 0.0
+        t0 = time.perf_counter()
+        token = bb.logits(engine.step(token, session, consulted).hidden[:, -1:], head).argmax(-1)
+        if i >= 2:
+            spent.append((time.perf_counter() - t0 - consulted.seconds) * 1000)
+            deciding.append(consulted.seconds * 1000)
+    outside = statistics.median(spent) - full_ms * bb.num_layers
+    table.outside[head] = round(max(outside, 0.0) / full_ms, 4)
+    if decider is not None and key is not None:
+        table.decisions[key] = round(statistics.median(deciding) / full_ms, 4)
 
 
 def default_profile_path(fingerprint: str, kv_rule: str) -> Path:
@@ -117,6 +171,18 @@ def cost_table_for(engine: Engine, fingerprint: str, progress: bool = True) -> C
     n = engine.backbone.num_layers
     table = profile(engine, fingerprint, repeats=3, layers=list(range(1, n - 1, 3)) or [0], progress=progress)
     table.save(path)
+    return table
+
+
+def wall_clock_table(
+    engine: Engine, fingerprint: str, head: str, decider: Decider | None = None, key: str | None = None
+) -> CostTable:
+    """This machine's cost table, knowing what a decode token costs beyond its layers with `head` (and, given a
+    decider, what its decisions cost under `key`): what is missing is measured now (a second or two) and kept."""
+    table = cost_table_for(engine, fingerprint)
+    if not table.wall_clock(head, key if decider is not None else None):
+        measure_beyond_layers(engine, table, head, decider, key)
+        table.save(default_profile_path(fingerprint, str(engine.kv_rule)))
     return table
 
 

@@ -67,7 +67,9 @@ def _dash(ctx: MethodContext, speedup: float, options: MethodOptions) -> Built:
             "method 'dash' needs a trained policy and this model has none; load one (policy=FILE, --policy FILE, "
             "or an alias that ships one)"
         )
-    return Built(ctx.policy.decider(speedup, options.mode, control=options.control))
+    head = ctx.backbone.head_precision
+    costs = ctx.policy.wall_clock_costs(ctx.engine, ctx.fingerprint, head) if ctx.wall_clock else None
+    return Built(ctx.policy.decider(speedup, options.mode, control=options.control, costs=costs, head=head))
 
 
 def _quantized(states: tuple[int, ...]) -> Builder:

@@ -33,6 +33,7 @@ class MethodContext:
     policy: Any = None  # the DASH policy loaded with the model, if any (methods.dash.policy.DashPolicy)
     data_dir: str | Path | None = None
     progress: bool = True
+    wall_clock: bool = True  # DASH's speedup is decode wall clock on this machine (else: a compute ratio)
 
     @property
     def backbone(self) -> Backbone:

@@ -172,11 +172,13 @@ class GenerateOutput:
     states: torch.Tensor  # (batch, new, layers): the states of the path that produced each new token
     compute_ratio: float  # layers / mean executed cost per produced token, from the cost table
     lengths: list[int] = field(default_factory=list)  # new tokens of each row up to its end (EOS included)
+    speedup: float = 1.0  # decode wall clock against the full path (same head), as the cost table predicts it
 
     def stats(self) -> dict[str, Any]:
         flat = self.states.reshape(-1, self.states.shape[-1]).long()
         total = max(flat.numel(), 1)
         return {
+            "predicted_speedup": round(self.speedup, 4),
             "compute_ratio": round(self.compute_ratio, 4),
             "tokens": int(self.states.shape[0] * self.states.shape[1]),
             "state_fractions": {s.name: round(float((flat == s.code).sum()) / total, 4) for s in registered()},
@@ -222,8 +224,10 @@ def generate(
         new[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     costs = costs or CostTable.default()
     real = decoded.states[produced_mask(decoded.states, decoded.lengths)]
-    ratio = costs.compute_ratio(real if real.numel() else decoded.states)
-    return GenerateOutput(torch.cat([input_ids, new], dim=1), decoded.states, ratio, decoded.lengths)
+    counted = real if real.numel() else decoded.states
+    speedup = costs.speedup(counted, engine.backbone.head_precision, decider.traits.decisions if decider else None)
+    return GenerateOutput(torch.cat([input_ids, new], dim=1), decoded.states, costs.compute_ratio(counted),
+                          decoded.lengths, speedup)  # fmt: skip
 
 
 # ---------------------------------------------------------------- lossless mode

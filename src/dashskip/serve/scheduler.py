@@ -328,7 +328,7 @@ class Scheduler:
             row.job.future.set_result(None)
             return
         states = torch.stack(row.states)[None]
-        stats = _stats(self.model, states)
+        stats = _stats(self.model, states, row.decider.traits.decisions)
         row.job.future.set_result(Finished(row.tokens, reason, {"speedup": row.job.speedup, **stats}))
 
     def _lossless(self, job: Job) -> None:
@@ -369,10 +369,11 @@ class Scheduler:
                     job.future.set_exception(exc)
 
 
-def _stats(model: DashModel, states: torch.Tensor) -> dict[str, Any]:
-    out = GenerateOutput(torch.empty(0), states, model.costs.compute_ratio(states))
-    stats = out.stats()
-    return {"compute_ratio": stats["compute_ratio"], "state_fractions": stats["state_fractions"]}
+def _stats(model: DashModel, states: torch.Tensor, decisions: str | None = None) -> dict[str, Any]:
+    """What a finished request reports: its decode speedup as the cost table predicts it, compute ratio, states."""
+    speedup = model.costs.speedup(states, model.backbone.head_precision, decisions)
+    stats = GenerateOutput(torch.empty(0), states, model.costs.compute_ratio(states), speedup=speedup).stats()
+    return {key: stats[key] for key in ("predicted_speedup", "compute_ratio", "state_fractions")}
 
 
 class _Cancelled(Exception):

@@ -212,7 +212,7 @@ class DashRunner:
                 if request.target > 1.0:
                     request.bias = self.policy.bias_for(request.target)
                 if request.target > 1.0 and self.settings.control:
-                    request.control = self.policy.rate_control(request.target, request.bias)
+                    request.control = self.policy.rate_control(request.target, request.bias, self.policy.cost_table())
                     request.control.reset(1)
             full[start:end] = request.target <= 1.0
             if request.target <= 1.0:

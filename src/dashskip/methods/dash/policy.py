@@ -25,12 +25,14 @@ from torch.nn import functional as F
 
 from dashskip.core.context import StateChoice
 from dashskip.core.costs import CostTable
-from dashskip.core.decisions import Decider, StepInfo
+from dashskip.core.decisions import Decider, StepInfo, Traits
 from dashskip.core.files import load_artifact, load_weights, save_artifact
 from dashskip.core.kernels import compiled_rows, extension
 from dashskip.core.states import State, by_name, code_lookup, parse, spec
 from dashskip.errors import DashskipError
+from dashskip.measure.profiling import wall_clock_table
 from dashskip.methods.dash.control import RateControl, curve_slope
+from dashskip.runtime.engine import Engine
 
 RMS_EPS = 1e-6
 POLICY_FORMAT = "dashskip-policy"
@@ -209,7 +211,9 @@ class PolicyDecider(Decider):
         generator: torch.Generator | None = None,
         record: bool = False,
         control: RateControl | None = None,
+        decisions: str | None = None,
     ) -> None:
+        self.traits = Traits(decisions=decisions)  # where a cost table keeps what these decisions cost
         self.model = model
         self.scales = scales
         self.cost_bias = bias * costs  # (states,), subtracted from the scores
@@ -328,18 +332,50 @@ class DashPolicy:
                 return float(b0 + t * (b1 - b0))
         return float(curve[-1][0])
 
-    def decider(self, speedup: float, mode: str | None = None, control: bool = True) -> PolicyDecider:
-        """Greedy decisions at `speedup`; `control` steers each sequence's bias so it runs at that ratio
-        (`methods/dash/control.py`), off: the calibrated bias as it is (the paper's fixed operating point)."""
-        bias = self.bias_for(speedup)
-        return PolicyDecider(self.model, self.scales(), self.costs(), bias, mode=mode,
-                             control=self.rate_control(speedup, bias) if control else None)  # fmt: skip
+    @property
+    def decision_key(self) -> str:
+        """Under what a cost table keeps what this policy's decisions cost per token: its size and mode."""
+        cfg = self.config
+        return f"dash-{cfg.hidden_size}-{cfg.hidden1}-{cfg.hidden2}-{len(cfg.states)}-{cfg.mode}"
 
-    def rate_control(self, speedup: float, bias: float) -> RateControl:
+    def wall_clock_costs(self, engine: Engine, fingerprint: str, head: str) -> CostTable:
+        """This machine's cost table for the model, knowing what a decode token costs beyond its layers with `head`
+        and what these decisions cost (measured the first time, a second or two, and kept with the table)."""
+        return wall_clock_table(engine, fingerprint, head, self.decider(1.0, control=False), self.decision_key)
+
+    def decider(
+        self,
+        speedup: float,
+        mode: str | None = None,
+        control: bool = True,
+        costs: CostTable | None = None,
+        head: str = "full",
+    ) -> PolicyDecider:
+        """Greedy decisions at `speedup`; `control` steers each sequence's bias so it runs at that ratio
+        (`methods/dash/control.py`), off: the calibrated bias as it is (the paper's fixed operating point).
+
+        With `costs`, this machine's table, the speedup is a decode wall clock one against the full path with the
+        same `head`, where the table knows the cost beyond the layers (`CostTable.compute_target`); the ratio is
+        then counted and steered on that table. Without, it is a compute ratio on the policy's own table."""
+        key = self.decision_key
+        target = speedup if costs is None else costs.compute_target(speedup, self.config.num_layers, head, key)
+        if target > self.max_speedup() + 1e-9 and target > speedup:
+            most = 1.0 if costs is None else costs.speedup_at(self.max_speedup(), self.config.num_layers, head, key)
+            raise DashskipError(
+                f"speedup {speedup} is beyond this policy on this machine: it needs a compute ratio of {target:.2f} "
+                f"(the {head} LM head and the policy's decisions take their share of a step) and the policy was "
+                f"calibrated up to {self.max_speedup():.2f}, about {most:.2f}x; ask for at most that"
+            )
+        bias = self.bias_for(target)
+        table = costs if costs is not None else self.cost_table()
+        rate = self.rate_control(target, bias, table) if control else None
+        return PolicyDecider(self.model, self.scales(), self.costs(), bias, mode=mode, control=rate, decisions=key)
+
+    def rate_control(self, target: float, bias: float, table: CostTable) -> RateControl:
         curve = self.meta.get("ratio_curve") or []
         biases = [b for b, _ in curve] or [bias]
         span = max(biases) - min(biases) or 1.0
-        return RateControl(speedup, bias, self.cost_table(), self.config.num_layers, curve_slope(curve, bias),
+        return RateControl(target, bias, table, self.config.num_layers, curve_slope(curve, bias),
                            (min(biases) - span, max(biases) + span))  # fmt: skip
 
     def save(self, path: str | Path) -> None:

@@ -1,0 +1,131 @@
+"""Quality against decode speed on this host: DASH policies at wall-clock speedups against the static schedules
+that decode as fast, over the same WikiText-2 windows.
+
+A speedup S is decode wall clock against the engine's full path with the same LM head, as this machine's cost
+table predicts it (layers, the head and the rest of a step, a policy's decisions: `CostTable.speedup`). For every
+S, each policy runs at S (rate control holding every window); the static per-layer schedules of the paper's
+baselines (sensitivity-greedy: `int8`, `mixed` = INT4/INT8, `mixed-skip` = skip/INT4/INT8) run at the compute
+ratio that predicts the same S (they pay no decisions; a scheme whose states cannot go that fast is left out).
+Each row: the predicted speedup, decode tok/s measured with `dashskip bench`'s in-run clock (32 tokens after a
+64-token prompt, medians of --repeats; one short run per row, so noisy: `dashskip bench` checks predicted against
+measured), WikiText-2 test perplexity ± SE over the windows, and for a policy the paired difference in mean NLL to
+the best static schedule at the same S (± SE over the same windows; negative: the policy is better).
+
+Usage: python benchmarks/frontier.py --model smollm2-135m --policies A.safetensors [B ...] --speedups 1.33 1.67
+       [--limit 40] [--head full] [--out frontier.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from dashskip.api import from_pretrained
+from dashskip.core.decisions import Decider
+from dashskip.core.kernels import host_description
+from dashskip.data import load_text, token_windows
+from dashskip.errors import DashskipError
+from dashskip.eval.bench import time_engine
+from dashskip.eval.evaluation import perplexity_windows, window_nll
+from dashskip.methods.dash.policy import DashPolicy
+from dashskip.methods.quantized import QUANT_METHODS, sensitivity_for, static_mixed
+
+STATIC = ("int8", "mixed", "mixed-skip")
+
+
+def scored(dm, windows: torch.Tensor, decider: Decider | None, batch: int = 4) -> tuple[list[float], float]:
+    """Per-window mean NLL and the predicted speedup of the states that ran (decode costs, this machine)."""
+    nlls, cost, tokens = [], 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, windows.shape[0], batch):
+            window, spent, count = window_nll(dm.engine, windows[start : start + batch], decider, dm.costs)
+            nlls, cost, tokens = nlls + window, cost + spent, tokens + count
+    n, key = dm.backbone.num_layers, decider.traits.decisions if decider is not None else None
+    return nlls, dm.costs.speedup_at(n * tokens / cost, n, dm.backbone.head_precision, key)
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    return float(diff.mean()), float(diff.std(unbiased=True) / math.sqrt(len(diff)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--policies", type=Path, nargs="+", required=True)
+    parser.add_argument("--speedups", type=float, nargs="+", default=[1.33, 1.67])
+    parser.add_argument("--limit", type=int, default=40, help="WikiText-2 test windows of 256 tokens")
+    parser.add_argument("--head", default="full")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    dm = from_pretrained(args.model, head=args.head)
+    policies = {path.parent.name if path.name == "policy.safetensors" else path.stem: DashPolicy.load(path)
+                for path in args.policies}  # fmt: skip
+    for policy in policies.values():
+        policy.check(dm.fingerprint)
+        dm.costs = policy.wall_clock_costs(dm.engine, dm.fingerprint, args.head)  # one table, every policy's key
+    windows = perplexity_windows(dm.tokenizer, load_text("wikitext2"), 256, args.limit)
+    prompt = token_windows(dm.tokenizer, load_text("wikitext2"), 1, 64, seed=0)
+    sensitivity = sensitivity_for(dm.method_context())
+    n = dm.backbone.num_layers
+    rows: list[dict] = []
+
+    def add(speedup: float | None, name: str, decider: Decider | None) -> dict:
+        nlls, predicted = scored(dm, windows, decider)
+        timed = time_engine(name, dm, prompt, decider, 32, args.repeats)
+        row = {"asked": speedup, "name": name, "predicted": round(predicted, 3), "decode_tok_s": timed.decode_tok_s,
+               "ppl": math.exp(statistics.mean(nlls)), "nlls": nlls}  # fmt: skip
+        row["ppl_se"] = row["ppl"] * statistics.stdev(nlls) / math.sqrt(len(nlls))
+        rows.append(row)
+        print(f"{name} at {speedup}: predicted {predicted:.2f}x, {timed.decode_tok_s:.1f} tok/s, ppl {row['ppl']:.2f} "
+              f"± {row['ppl_se']:.2f}", flush=True)  # fmt: skip
+        return row
+
+    full = add(None, "full", None)
+    for speedup in args.speedups:
+        target = dm.costs.compute_target(speedup, n, args.head)
+        statics = []
+        for method in STATIC:
+            try:
+                schedule = static_mixed(sensitivity, dm.costs, target, QUANT_METHODS[method])
+            except DashskipError as exc:  # this static scheme's states cannot go this fast
+                print(f"static {method} at {speedup}: {exc}", flush=True)
+                continue
+            statics.append(add(speedup, f"static {method}", schedule))
+        best = min(statics, key=lambda r: r["ppl"]) if statics else None
+        for name, policy in policies.items():
+            try:
+                decider = policy.decider(speedup, costs=dm.costs, head=args.head)
+            except DashskipError as exc:  # beyond this policy here: say so and go on
+                print(f"dash {name} at {speedup}: {exc}", flush=True)
+                continue
+            row = add(speedup, f"dash {name}", decider)
+            if best is not None:
+                row["vs_static"] = (best["name"], *paired(row["nlls"], best["nlls"]))
+
+    full_tok_s = full["decode_tok_s"]
+    print(f"\nhost: {host_description()}; {args.model}, {args.head} head, {windows.shape[0]} WikiText-2 test windows "
+          f"of 256, decode timed on a 64-token prompt + 32 tokens\n")  # fmt: skip
+    print("| asked | configuration | predicted speedup | decode tok/s (x full) | ppl ± SE | ΔNLL vs best static at "
+          "that speed ± SE (paired) |\n|---|---|---|---|---|---|")  # fmt: skip
+    for r in rows:
+        versus = ""
+        if "vs_static" in r:
+            name, mean, se = r["vs_static"]
+            versus = f"{mean:+.4f} ± {se:.4f} ({name})"
+        asked = "-" if r["asked"] is None else f"{r['asked']:.2f}"
+        print(f"| {asked} | {r['name']} | {r['predicted']:.2f} | {r['decode_tok_s']:.1f} "
+              f"({r['decode_tok_s'] / full_tok_s:.2f}x) | {r['ppl']:.2f} ± {r['ppl_se']:.2f} | {versus} |")
+    if args.out:
+        args.out.write_text(json.dumps({"host": host_description(), "args": vars(args) | {"policies": [
+            str(p) for p in args.policies], "out": str(args.out)}, "rows": rows}, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
