@@ -12,7 +12,7 @@ measured), WikiText-2 test perplexity ± SE over the windows, and for a policy t
 the best static schedule at the same S (± SE over the same windows; negative: the policy is better).
 
 Usage: python benchmarks/frontier.py --model smollm2-135m --policies A.safetensors [B ...] --speedups 1.33 1.67
-       [--limit 40] [--head full] [--out frontier.json]
+       [--limit 40] [--head full] [--out frontier.json] [--plot frontier.png]
 """
 
 from __future__ import annotations
@@ -54,6 +54,26 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return float(diff.mean()), float(diff.std(unbiased=True) / math.sqrt(len(diff)))
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Perplexity (± SE) against predicted decode speedup, a line per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["name"] for r in rows):
+        points = sorted((r for r in rows if r["name"] == name), key=lambda r: r["predicted"])
+        ax.errorbar([r["predicted"] for r in points], [r["ppl"] for r in points], [r["ppl_se"] for r in points],
+                    marker="*" if name == "full" else "o", ms=5, capsize=2, label=name)  # fmt: skip
+    ax.set_xlabel("decode speedup over the full path (predicted, this machine's cost table)")
+    ax.set_ylabel("WikiText-2 test perplexity")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -63,6 +83,7 @@ def main() -> None:
     parser.add_argument("--head", default="full")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--plot", type=Path, help="also draw perplexity against predicted speedup here (.png)")
     args = parser.parse_args()
     dm = from_pretrained(args.model, head=args.head)
     policies = {path.parent.name if path.name == "policy.safetensors" else path.stem: DashPolicy.load(path)
@@ -122,6 +143,8 @@ def main() -> None:
         asked = "-" if r["asked"] is None else f"{r['asked']:.2f}"
         print(f"| {asked} | {r['name']} | {r['predicted']:.2f} | {r['decode_tok_s']:.1f} "
               f"({r['decode_tok_s'] / full_tok_s:.2f}x) | {r['ppl']:.2f} ± {r['ppl_se']:.2f} | {versus} |")
+    if args.plot:
+        plot(rows, args.plot, f"{args.model}, {args.head} head, {host_description()}")
     if args.out:
         args.out.write_text(json.dumps({"host": host_description(), "args": vars(args) | {"policies": [
             str(p) for p in args.policies], "out": str(args.out)}, "rows": rows}, indent=1))  # fmt: skip

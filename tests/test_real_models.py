@@ -56,14 +56,14 @@ def test_shipped_policy_holds_its_operating_point_on_held_out_text():
     from dashskip.data import load_text
     from dashskip.eval.evaluation import perplexity
 
-    dm = from_pretrained("smollm2-135m", speedup=1.67)
+    dm = from_pretrained("smollm2-135m", speedup=1.5)
     ids = dm.tokenizer(load_text("wikitext2-valid"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     tail = ids[int(ids.numel() * 0.9) :]
     windows = tail[40 * 256 : 48 * 256].view(8, 256)
     result = perplexity(dm.engine, windows, dm.decider, dm.costs, progress=False)
-    # 1.67 is decode wall clock on this machine: the compute ratio that delivers it, as the cost table predicts
+    # 1.5 is decode wall clock on this machine: the compute ratio that delivers it, as the cost table predicts
     speedup = dm.costs.speedup_at(result.compute_ratio, dm.backbone.num_layers, "full", dm.policy.decision_key)
-    assert abs(speedup / 1.67 - 1) < 0.03 and result.compute_ratio > 1.67
+    assert abs(speedup / 1.5 - 1) < 0.03 and result.compute_ratio > 1.5
 
 
 def test_rate_control_holds_the_operating_point_where_the_fixed_bias_misses_it():
@@ -72,7 +72,7 @@ def test_rate_control_holds_the_operating_point_where_the_fixed_bias_misses_it()
     from dashskip.api import from_pretrained
     from dashskip.models.chat import chat_input_ids
 
-    dm = from_pretrained("smollm2-135m", speedup=1.67)
+    dm = from_pretrained("smollm2-135m", speedup=1.5)
     chat = chat_input_ids(dm.tokenizer, [{"role": "user", "content": "Give me three tips for a job interview."}])
     code = dm.tokenizer('def merge_intervals(intervals):\n    """Merge overlapping intervals."""\n')["input_ids"]
     for ids in (chat, code):
@@ -91,7 +91,7 @@ def test_rate_control_holds_each_scored_window_at_the_operating_point():
     from dashskip.api import from_pretrained
     from dashskip.data import load_choice_questions
 
-    dm = from_pretrained("smollm2-135m", speedup=1.67)
+    dm = from_pretrained("smollm2-135m", speedup=1.5)
     for item in load_choice_questions("arc-easy")[:4]:
         ids = dm.tokenizer(item.context + " " + item.choices[0], return_tensors="pt")["input_ids"]
         fixed = dm.costs.compute_ratio(dm.engine.score(ids, dm.policy.decider(1.67, control=False)).states)

@@ -184,3 +184,18 @@ def test_arc_questions_load_from_the_shared_data():
     assert choices[answer] == " Sunlight is the source of energy for nearly all ecosystems."
     with pytest.raises(DashskipError, match="unknown multiple-choice set"):
         load_choice_questions("arc-hard")
+
+
+def test_operating_points_are_offered_only_where_the_policy_keeps_its_quality(tmp_path):
+    """With a perplexity budget the ratio curve ends below the first ratio that loses more, targets beyond are
+    dropped and asking for them is refused; without one every target is calibrated."""
+    engine = Engine(Backbone(tiny_model("llama")), scales=torch.full((6,), 1.05))
+    corpus = torch.randint(3, 97, (3000,), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=3, batch_size=2, seq_len=16, heldout_windows=4, heldout_len=32, targets=(1.2, 3.0),
+                      max_ppl_loss=0.02)  # fmt: skip
+    policy = train(engine, corpus, CostTable.default(), cfg, tmp_path, {"fingerprint": "fp"}, progress=False)
+    limit = policy.meta["quality_limit"]
+    assert limit["top_ppl"] <= limit["full_ppl"] * 1.02 + 1e-6 and policy.max_speedup() == limit["top_ratio"]
+    assert "3.00" not in policy.meta["operating_points"] and limit["top_ratio"] < 3.0
+    with pytest.raises(DashskipError, match="above the range this policy was calibrated for"):
+        policy.bias_for(3.0)

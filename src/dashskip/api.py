@@ -258,7 +258,7 @@ class DashModel:
             raise DashskipError(f"unknown drafter '{draft}'; choose dash, {', '.join(QUANTIZED_DRAFTS)}")
         if not has_dash:
             raise DashskipError(
-                "lossless mode with draft='dash' drafts with the DASH path; set a speedup > 1 (e.g. speedup=2.0) "
+                "lossless mode with draft='dash' drafts with the DASH path; set a speedup > 1 (e.g. speedup=1.5) "
                 "to have one, or draft with 'int8'"
             )
         return AtMost(decider, int(State.INT8))  # drafts are verified: full precision buys them little

@@ -75,14 +75,14 @@ def generate(
 
     Example: dashskip generate "The capital of France is" --max-new-tokens 20
 
-    Lossless (the full model's exact output, drafted by DASH): dashskip generate "Once upon" --speedup 2.0 --lossless
+    Lossless (the full model's exact output, drafted by DASH): dashskip generate "Once upon" --speedup 1.5 --lossless
 
     Lossless, fastest on CPUs (INT8 drafts): dashskip generate "Once upon" --lossless --draft int8
     """
     if not prompt.strip():
         raise DashskipError("empty prompt: give some text to continue")
     if lossless and draft == "dash" and speedup <= 1.0:
-        raise DashskipError("--draft dash drafts with the DASH path: add --speedup 2.0 (any value above 1), or use "
+        raise DashskipError("--draft dash drafts with the DASH path: add --speedup 1.5 (any value above 1), or use "
                             "--draft int8")  # fmt: skip
     t0 = time.perf_counter()
     dm = from_pretrained(model, speedup=speedup, policy=policy, calibration=calibration, kv_rule=kv_rule, mode=mode,
@@ -293,6 +293,11 @@ def train(
     checkpoint_every: int = 20,
     heldout_windows: Annotated[int, typer.Option(help="held-out windows for the operating points")] = 12,
     heldout_len: Annotated[int, typer.Option(help="tokens per held-out window")] = 256,
+    max_ppl_loss: Annotated[
+        float | None,
+        typer.Option(help="held-out perplexity an operating point may lose against the full model (0.05 = 5%); "
+                     "the policy's range ends below the first ratio that loses more"),
+    ] = None,
     seed: int = 0,
 ) -> None:
     """Train a DASH policy by policy gradient; re-running the same command resumes from the last checkpoint.
@@ -318,6 +323,7 @@ def train(
         kv_rule=kv_rule,
         mode=mode,
         heldout_windows=heldout_windows,
+        max_ppl_loss=max_ppl_loss,
         heldout_len=heldout_len,
         targets=tuple(sorted(set(speedup or DEFAULT_TARGETS))),
     )
@@ -535,7 +541,7 @@ def bench(
 ) -> None:
     """Time prefill and decode: transformers generate, the engine's full path and a method, in one run.
 
-    Example: dashskip bench --model smollm2-135m --method dash --speedup 2.0 --batch 1 --new-tokens 32
+    Example: dashskip bench --model smollm2-135m --method dash --speedup 1.5 --batch 1 --new-tokens 32
     """
     from dashskip.core.files import atomic_write_text
     from dashskip.eval.bench import run_bench

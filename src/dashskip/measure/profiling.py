@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dashskip.core.context import Rows
 from dashskip.core.costs import CostTable
-from dashskip.core.decisions import Decider
+from dashskip.core.decisions import Decider, FixedStates
 from dashskip.core.files import cache_dir
 from dashskip.core.kernels import activations, host_description, host_fingerprint
 from dashskip.core.states import State, codes, registered
@@ -130,28 +130,37 @@ def measure_beyond_layers(
     context: int = 128,
     steps: int = 16,
 ) -> None:
-    """Time real decode steps (every layer in full, the LM head at `head`, greedy) and put into `table` what a
-    token costs beyond its layers: `outside[head]`, the step less the layers' profiled cost (embedding, norm,
-    head, sampling, the engine's loop); with `decider`, `decisions[key]`, the time its answers took. In full
-    layers, medians over `steps` steps against a `context`-token cache."""
-    full_ms = statistics.mean(table.layer_ms["decode"][str(int(State.FULL))])
+    """Time real decode steps (the LM head at `head`, greedy) and put into `table` what a token costs beyond its
+    layers: `outside[head]` (embedding, norm, head, sampling, the engine's loop); with `decider`, also
+    `decisions[key]`, the time its answers took. Both in full layers, medians over `steps` steps against a
+    `context`-token cache.
+
+    Steps with every layer in full alternate with steps whose inner layers are skipped: their difference is the
+    inner layers' cost at this moment, (L - 2) x (1 - skip cost) full layers, which converts milliseconds into full
+    layers at the same time as they were measured. A shared host runs at different speeds from minute to minute,
+    and the sweep that timed the states ran earlier."""
     bb = engine.backbone
+    n = bb.num_layers
     consulted = _Consulted(decider or Decider())
-    session = engine.new_session(1, context + steps + 3)
+    skipping = FixedStates([int(State.FULL)] + [int(State.SKIP)] * (n - 2) + [int(State.FULL)])
+    session = engine.new_session(1, context + 2 * steps + 5)
     token = bb.logits(engine.step(torch.randint(0, bb.config.vocab_size, (1, context)), session).hidden[:, -1:])
     token = token.argmax(-1)
-    spent, deciding = [], []
+    full_ms, skip_ms, deciding = [], [], []
     for i in range(steps + 2):  # the first two warm up (the head's form, kernel choices)
-        consulted.seconds = 0.0
-        t0 = time.perf_counter()
-        token = bb.logits(engine.step(token, session, consulted).hidden[:, -1:], head).argmax(-1)
-        if i >= 2:
-            spent.append((time.perf_counter() - t0 - consulted.seconds) * 1000)
-            deciding.append(consulted.seconds * 1000)
-    outside = statistics.median(spent) - full_ms * bb.num_layers
-    table.outside[head] = round(max(outside, 0.0) / full_ms, 4)
+        for times, step_decider in ((full_ms, consulted), (skip_ms, skipping)):
+            consulted.seconds = 0.0
+            t0 = time.perf_counter()
+            token = bb.logits(engine.step(token, session, step_decider).hidden[:, -1:], head).argmax(-1)
+            if i >= 2:
+                times.append((time.perf_counter() - t0 - consulted.seconds) * 1000)
+                if step_decider is consulted:
+                    deciding.append(consulted.seconds * 1000)
+    full, skipped = statistics.median(full_ms), statistics.median(skip_ms)
+    layer_ms = max(full - skipped, 1e-6) / ((n - 2) * (1 - table.cost(int(State.SKIP))) or 1)
+    table.outside[head] = round(max(full / layer_ms - n, 0.0), 4)
     if decider is not None and key is not None:
-        table.decisions[key] = round(statistics.median(deciding) / full_ms, 4)
+        table.decisions[key] = round(statistics.median(deciding) / layer_ms, 4)
 
 
 def default_profile_path(fingerprint: str, kv_rule: str) -> Path:

@@ -15,6 +15,7 @@ the uninterrupted one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -74,6 +75,9 @@ class TrainConfig:
     heldout_windows: int = 12
     heldout_len: int = 256
     targets: tuple[float, ...] = DEFAULT_TARGETS
+    # Held-out perplexity an operating point may lose against the full model (0.05: 5%); the ratio curve, and with
+    # it the range a user may ask for, ends below the first point that loses more. None: no limit.
+    max_ppl_loss: float | None = None
     policy: dict[str, Any] = field(default_factory=dict)  # PolicyConfig overrides (layer_dim, hidden1, ...)
     bos_token_id: int | None = None  # put first in every window, for models that expect it (Gemma)
 
@@ -331,7 +335,7 @@ def _finish(model, engine, costs, cfg, out: Path, meta, heldout, heldout_mask, p
             "train_config": asdict(cfg),
         },
     )
-    calibrate_operating_points(policy, engine, heldout, cfg.targets, costs, progress, heldout_mask)
+    calibrate_operating_points(policy, engine, heldout, cfg.targets, costs, progress, heldout_mask, cfg.max_ppl_loss)
     policy.save(out / "policy.safetensors")
     return policy
 
@@ -389,7 +393,7 @@ def _resume(out: Path, cfg: TrainConfig, fingerprint: str, model, opt) -> tuple[
     except Exception as exc:  # a damaged checkpoint must not silently restart from zero
         raise DashskipError(f"checkpoint '{path}' is unreadable ({exc}); delete it to start over") from None
     # Settings that do not change the trained weights may differ on resume (more steps, other operating points).
-    free = {"steps", "heldout_windows", "heldout_len", "targets", "checkpoint_every"}
+    free = {"steps", "heldout_windows", "heldout_len", "targets", "checkpoint_every", "max_ppl_loss"}
     # Settings added after a checkpoint was written count as their defaults (what that run trained with).
     saved = {**asdict(TrainConfig()), **ckpt["config"]}
     saved = {k: v for k, v in saved.items() if k not in free}
@@ -411,10 +415,20 @@ def _resume(out: Path, cfg: TrainConfig, fingerprint: str, model, opt) -> tuple[
 def measure_ratio(
     policy: DashPolicy, engine: Engine, ids: torch.Tensor, bias: float, costs: CostTable, mask=None
 ) -> float:
-    decider = PolicyDecider(policy.model, engine.scales, policy.costs(), bias)
+    return ratio_and_nll(policy, engine, ids, bias, costs, mask)[0]
+
+
+@torch.no_grad()
+def ratio_and_nll(
+    policy: DashPolicy | None, engine: Engine, ids: torch.Tensor, bias: float, costs: CostTable, mask=None
+) -> tuple[float, float]:
+    """Compute ratio and mean next-token NLL of the windows at a cost bias (no policy: every layer in full)."""
+    decider = None if policy is None else PolicyDecider(policy.model, engine.scales, policy.costs(), bias)
     result = engine.step(ids, engine.new_session(*ids.shape), decider, mask)
     states = result.states if mask is None else result.states[mask.bool()]
-    return costs.compute_ratio(states)
+    nll = token_nll(engine.backbone.logits(result.hidden), ids)
+    counted = torch.ones_like(nll) if mask is None else mask[:, 1:].to(nll.dtype)
+    return costs.compute_ratio(states), float((nll * counted).sum() / counted.sum())
 
 
 def calibrate_operating_points(
@@ -425,13 +439,17 @@ def calibrate_operating_points(
     costs: CostTable,
     progress: bool = True,
     mask: torch.Tensor | None = None,
+    max_ppl_loss: float | None = None,
 ) -> None:
-    """Find, by bisection on held-out text, the cost bias that delivers each target compute ratio."""
+    """Find, by bisection on held-out text, the cost bias that delivers each target compute ratio. With
+    `max_ppl_loss`, the curve ends below the first ratio whose held-out perplexity is more than that fraction above
+    the full model's, and targets beyond are dropped: a policy is only offered where it keeps its quality."""
     curve: dict[float, float] = {}
+    nlls: dict[float, float] = {}
 
     def ratio(bias: float) -> float:
         if bias not in curve:
-            curve[bias] = measure_ratio(policy, engine, heldout, bias, costs, mask)
+            curve[bias], nlls[bias] = ratio_and_nll(policy, engine, heldout, bias, costs, mask)
         return curve[bias]
 
     lo, hi = -1.0, 1.0
@@ -452,6 +470,16 @@ def calibrate_operating_points(
                 break
         best = min((a, b, mid), key=lambda x: abs(ratio(x) - target))
         points[f"{target:.2f}"] = best
+    if max_ppl_loss is not None:
+        full = ratio_and_nll(None, engine, heldout, 0.0, costs, mask)[1]
+        limit = full + math.log1p(max_ppl_loss)
+        by_ratio = sorted(curve, key=curve.get)
+        kept = list(itertools.takewhile(lambda b: nlls[b] <= limit, by_ratio)) or by_ratio[:1]
+        top = curve[kept[-1]]
+        points = {t: b for t, b in points.items() if curve[b] <= top + 1e-9}
+        curve = {b: curve[b] for b in kept}
+        policy.meta["quality_limit"] = {"max_ppl_loss": max_ppl_loss, "full_ppl": round(math.exp(full), 3),
+                                        "top_ratio": round(top, 4), "top_ppl": round(math.exp(nlls[kept[-1]]), 3)}
     policy.meta["operating_points"] = points
     policy.meta["ratio_curve"] = sorted([[b, r] for b, r in curve.items()], key=lambda p: p[0])
     policy.meta["operating_point_ratios"] = {k: round(ratio(v), 4) for k, v in points.items()}
