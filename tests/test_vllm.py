@@ -159,9 +159,9 @@ def test_a_bad_operating_point_is_refused_before_any_work(dash, bad):
 
 
 def test_wikitext_quality_matches_dashskips_own_engine_at_the_same_operating_point(dash, folder):
-    """Perplexity windows scored by vLLM (its prompt log-probabilities) and by dashskip's engine, both at 2.0x on
-    the calibrated bias (a window is one step: no earlier token to steer from), paired per window."""
-    dm = from_pretrained(MODEL, policy=bundled_policy(MODEL), speedup=2.0, control=False)
+    """Perplexity windows scored by vLLM (its prompt log-probabilities) and by dashskip's engine, both at compute
+    ratio 2.0 on the calibrated bias (a window is one step: no earlier token to steer from), paired per window."""
+    dm = from_pretrained(MODEL, policy=bundled_policy(MODEL), speedup=2.0, control=False, wall_clock=False)
     windows = token_windows(dm.tokenizer, load_text("wikitext2"), num=12, length=128, seed=3)
 
     def nll(ids: torch.Tensor, speedup: float) -> float:
@@ -179,7 +179,7 @@ def test_wikitext_quality_matches_dashskips_own_engine_at_the_same_operating_poi
     diff = theirs_t - ours_t
     se = diff.std() / len(diff) ** 0.5
     assert abs(float(diff.mean())) <= max(2 * float(se), 0.01), (ours, theirs)
-    assert float(theirs_t.mean()) > sum(full) / len(full) + 0.02  # DASH at 2.0x did run: it costs quality
+    assert float((theirs_t - torch.tensor(full)).abs().mean()) > 1e-3  # DASH at 2.0x did run: the NLLs moved
 
 
 def test_dashskip_serve_engine_vllm_answers_the_openai_client(folder, stock_tokens, tmp_path):
