@@ -80,7 +80,7 @@ def test_rate_control_holds_the_operating_point_where_the_fixed_bias_misses_it()
         for control in (False, True):
             out = dm.generate(torch.tensor([ids]), max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True,
                               decider=dm.policy.decider(1.67, control=control))  # fmt: skip
-            ratios[control] = out.compute_ratio
+            ratios[control] = dm.policy.cost_table().compute_ratio(out.states)  # the table the controller steers
         assert ratios[False] < 1.67 * 0.9, ratios
         assert abs(ratios[True] / 1.67 - 1) < 0.03, ratios
 
@@ -94,6 +94,7 @@ def test_rate_control_holds_each_scored_window_at_the_operating_point():
     dm = from_pretrained("smollm2-135m", speedup=1.5)
     for item in load_choice_questions("arc-easy")[:4]:
         ids = dm.tokenizer(item.context + " " + item.choices[0], return_tensors="pt")["input_ids"]
-        fixed = dm.costs.compute_ratio(dm.engine.score(ids, dm.policy.decider(1.67, control=False)).states)
-        held = dm.costs.compute_ratio(dm.engine.score(ids, dm.policy.decider(1.67)).states)
+        costs = dm.policy.cost_table()  # the policy's own: compute ratios, the table its controller steers on
+        fixed = costs.compute_ratio(dm.engine.score(ids, dm.policy.decider(1.67, control=False)).states)
+        held = costs.compute_ratio(dm.engine.score(ids, dm.policy.decider(1.67)).states)
         assert fixed < 1.67 * 0.9 and abs(held / 1.67 - 1) < 0.03, (fixed, held)

@@ -157,7 +157,11 @@ def measure_beyond_layers(
                 if step_decider is consulted:
                     deciding.append(consulted.seconds * 1000)
     full, skipped = statistics.median(full_ms), statistics.median(skip_ms)
-    layer_ms = max(full - skipped, 1e-6) / ((n - 2) * (1 - table.cost(int(State.SKIP))) or 1)
+    saved = (n - 2) * (1 - table.cost(int(State.SKIP)))  # full layers a skipping step saves
+    # Where skipping saves too little to measure by (a tiny model's layers cost less than the engine's loop),
+    # the sweep's own full-layer time converts instead.
+    sweep_ms = statistics.mean(table.layer_ms["decode"][str(int(State.FULL))])
+    layer_ms = (full - skipped) / saved if saved >= 1 and full > skipped else sweep_ms
     table.outside[head] = round(max(full / layer_ms - n, 0.0), 4)
     if decider is not None and key is not None:
         table.decisions[key] = round(statistics.median(deciding) / layer_ms, 4)
