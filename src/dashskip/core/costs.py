@@ -84,9 +84,7 @@ class CostTable:
     def speedup(self, states: torch.Tensor, head: str = "full", decisions: str | None = None) -> float:
         """Decode wall clock of the full path (same head) over that of `states` (..., L), as this table predicts
         it; the compute ratio where the table does not know the cost beyond the layers."""
-        outside, deciding = self._beyond(head, decisions)
-        spent = float(self.token_costs(states).float().mean()) + outside + deciding
-        return (states.shape[-1] + outside) / max(spent, 1e-9)
+        return self.speedup_at(self.compute_ratio(states), states.shape[-1], head, decisions)
 
     def speedup_at(self, ratio: float, layers: int, head: str = "full", decisions: str | None = None) -> float:
         """The decode speedup (as `speedup` predicts it) of paths at compute ratio `ratio`."""
