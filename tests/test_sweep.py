@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from transformers import AutoTokenizer
@@ -112,14 +113,20 @@ def test_cli_eval_task_and_sweep(setup):
 
     runner = CliRunner()
     model = str(setup / "model")
-    # 1.2, not 1.33: the tiny model's cost table is measured on the host, and one CI host let random skipping
-    # reach only 1.28 (its skips, which still project K/V, cost much of a tiny layer)
-    args = ["--method", "random", "--speedup", "1.2", "--task", "sst2", "--limit", "3", "--json"]
-    result = runner.invoke(app, ["eval", "--model", model, *args])
+    # The tiny model's cost table is measured on the host, and how far random skipping reaches varies with it
+    # (1.13 to 1.4 on CI hosts seen: a tiny layer's skip, which still projects K/V, costs much of it). So an
+    # unreachable request must name the reach in one line, and a request inside that reach must be met.
+    args = ["--method", "random", "--task", "sst2", "--limit", "3", "--json"]
+    refused = runner.invoke(app, ["eval", "--model", model, *args, "--speedup", "9"])
+    assert isinstance(refused.exception, DashskipError), refused.output
+    top = float(re.search(r"up to (\d+\.\d+)", str(refused.exception)).group(1))
+    target = round(1 + (top - 1) / 2, 2)
+    result = runner.invoke(app, ["eval", "--model", model, *args, "--speedup", str(target)])
     assert result.exit_code == 0, result.output
     json_line = next(line for line in result.output.splitlines() if '{"model"' in line)  # after progress bars
     row = json.loads(json_line[json_line.index('{"model"') :])
-    assert row["task"] == "sst2" and row["examples"] == 3 and row["compute_ratio"] == pytest.approx(1.2, rel=0.03)
+    assert row["task"] == "sst2" and row["examples"] == 3
+    assert row["compute_ratio"] == pytest.approx(target, rel=0.03)
     out = setup / "cli-sweep"
     args = ["--methods", "random", "--speedups", "1.33", "--tasks", "rte", "--limit", "2", "--no-plots"]
     result = runner.invoke(app, ["sweep", "--model", model, *args, "--out", str(out)])
