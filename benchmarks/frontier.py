@@ -9,10 +9,14 @@ ratio that predicts the same S (they pay no decisions; a scheme whose states can
 Each row: the predicted speedup, decode tok/s measured with `dashskip bench`'s in-run clock (32 tokens after a
 64-token prompt, medians of --repeats; one short run per row, so noisy: `dashskip bench` checks predicted against
 measured), WikiText-2 test perplexity ± SE over the windows, and for a policy the paired difference in mean NLL to
-the best static schedule at the same S (± SE over the same windows; negative: the policy is better).
+the best static schedule at the same S (± SE over the same windows; negative: the policy is better). With
+--tasks (arc-easy, hellaswag, ...), each row also scores those tasks (lm-eval's prompts, `dashskip eval`'s
+scorer, the first --task-limit examples) and a policy's row gives its paired difference in the task's primary
+metric to the best static schedule on that task at the same S (positive: the policy is better).
 
 Usage: python benchmarks/frontier.py --model smollm2-135m --policies A.safetensors [B ...] --speedups 1.33 1.67
-       [--limit 40] [--head full] [--out frontier.json] [--plot frontier.png]
+       [--limit 40] [--head full] [--tasks arc-easy hellaswag --task-limit 100] [--out frontier.json]
+       [--plot frontier.png]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dashskip.data import load_text, token_windows
 from dashskip.errors import DashskipError
 from dashskip.eval.bench import time_engine
 from dashskip.eval.evaluation import perplexity_windows, window_nll
+from dashskip.eval.tasks import TaskSettings, paired_difference, run_task
 from dashskip.methods.dash.policy import DashPolicy
 from dashskip.methods.quantized import QUANT_METHODS, sensitivity_for, static_mixed
 
@@ -49,9 +54,9 @@ def scored(dm, windows: torch.Tensor, decider: Decider | None, batch: int = 4) -
     return nlls, dm.costs.speedup_at(n * tokens / cost, n, dm.backbone.head_precision, key)
 
 
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    return float(diff.mean()), float(diff.std(unbiased=True) / math.sqrt(len(diff)))
+def versus(paired: tuple[str, float, float] | None, digits: int) -> str:
+    """A paired difference to the best static schedule as a table cell (empty where there is none)."""
+    return "" if paired is None else f"{paired[1]:+.{digits}f} ± {paired[2]:.{digits}f} ({paired[0]})"
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -82,6 +87,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=40, help="WikiText-2 test windows of 256 tokens")
     parser.add_argument("--head", default="full")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tasks", nargs="*", default=[], help="tasks scored beside WikiText-2 (arc-easy, ...)")
+    parser.add_argument("--task-limit", type=int, default=100, help="examples per task, the first ones")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, help="also draw perplexity against predicted speedup here (.png)")
     args = parser.parse_args()
@@ -103,21 +110,32 @@ def main() -> None:
         row = {"asked": speedup, "name": name, "predicted": round(predicted, 3), "decode_tok_s": timed.decode_tok_s,
                "ppl": math.exp(statistics.mean(nlls)), "nlls": nlls}  # fmt: skip
         row["ppl_se"] = row["ppl"] * statistics.stdev(nlls) / math.sqrt(len(nlls))
+        for task in args.tasks:
+            result = run_task(dm.engine, dm.tokenizer, task, decider, dm.costs, TaskSettings(limit=args.task_limit),
+                              progress=False)  # fmt: skip
+            metric = result.metrics[result.primary]
+            row[task] = {"metric": result.primary, "value": metric.value, "se": metric.se, "scores": result.scores}
         rows.append(row)
+        tasks = "".join(f", {t} {row[t]['value']:.3f} ± {row[t]['se']:.3f}" for t in args.tasks)
         print(f"{name} at {speedup}: predicted {predicted:.2f}x, {timed.decode_tok_s:.1f} tok/s, ppl {row['ppl']:.2f} "
-              f"± {row['ppl_se']:.2f}", flush=True)  # fmt: skip
+              f"± {row['ppl_se']:.2f}{tasks}", flush=True)  # fmt: skip
         return row
 
     full = add(None, "full", None)
     for speedup in args.speedups:
         target = dm.costs.compute_target(speedup, n, args.head)
-        statics = []
+        statics, seen = [], {}
         for method in STATIC:
             try:
                 schedule = static_mixed(sensitivity, dm.costs, target, QUANT_METHODS[method])
             except DashskipError as exc:  # this static scheme's states cannot go this fast
                 print(f"static {method} at {speedup}: {exc}", flush=True)
                 continue
+            states = tuple(schedule.states)
+            if states in seen:  # a scheme that did not use its extra states: the same schedule again
+                print(f"static {method} at {speedup}: the same schedule as static {seen[states]}", flush=True)
+                continue
+            seen[states] = method
             statics.append(add(speedup, f"static {method}", schedule))
         best = min(statics, key=lambda r: r["ppl"]) if statics else None
         for name, policy in policies.items():
@@ -128,21 +146,24 @@ def main() -> None:
                 continue
             row = add(speedup, f"dash {name}", decider)
             if best is not None:
-                row["vs_static"] = (best["name"], *paired(row["nlls"], best["nlls"]))
+                row["vs_static"] = (best["name"], *paired_difference(row["nlls"], best["nlls"]))
+            for task in args.tasks if statics else ():  # higher is better: the best static is the highest
+                top = max(statics, key=lambda r, t=task: r[t]["value"])
+                row[task]["vs_static"] = (top["name"], *paired_difference(row[task]["scores"], top[task]["scores"]))
 
     full_tok_s = full["decode_tok_s"]
     print(f"\nhost: {host_description()}; {args.model}, {args.head} head, {windows.shape[0]} WikiText-2 test windows "
           f"of 256, decode timed on a 64-token prompt + 32 tokens\n")  # fmt: skip
+    heads = "".join(f" {t} ± SE | Δ vs best static ± SE |" for t in args.tasks)
     print("| asked | configuration | predicted speedup | decode tok/s (x full) | ppl ± SE | ΔNLL vs best static at "
-          "that speed ± SE (paired) |\n|---|---|---|---|---|---|")  # fmt: skip
+          f"that speed ± SE (paired) |{heads}\n|---|---|---|---|---|---|{'---|---|' * len(args.tasks)}")  # fmt: skip
     for r in rows:
-        versus = ""
-        if "vs_static" in r:
-            name, mean, se = r["vs_static"]
-            versus = f"{mean:+.4f} ± {se:.4f} ({name})"
+        cells = [f"{r['ppl']:.2f} ± {r['ppl_se']:.2f}", versus(r.get("vs_static"), 4)]
+        for task in args.tasks:
+            cells += [f"{r[task]['value']:.3f} ± {r[task]['se']:.3f}", versus(r[task].get("vs_static"), 3)]
         asked = "-" if r["asked"] is None else f"{r['asked']:.2f}"
         print(f"| {asked} | {r['name']} | {r['predicted']:.2f} | {r['decode_tok_s']:.1f} "
-              f"({r['decode_tok_s'] / full_tok_s:.2f}x) | {r['ppl']:.2f} ± {r['ppl_se']:.2f} | {versus} |")
+              f"({r['decode_tok_s'] / full_tok_s:.2f}x) | " + " | ".join(cells) + " |")
     if args.plot:
         plot(rows, args.plot, f"{args.model}, {args.head} head, {host_description()}")
     if args.out:

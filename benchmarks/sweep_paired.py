@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dashskip.eval.tasks import PRIMARY, _choice_correct, mean_and_se
+from dashskip.eval.tasks import PRIMARY, _choice_correct, paired_difference
 
 
 def scores(folder: Path, task: str) -> list[float]:
@@ -40,7 +40,7 @@ def main() -> None:
         if not (other / f"{cell['task']}.jsonl").exists():
             continue
         a, b = scores(dash, cell["task"]), scores(other, cell["task"])
-        mean, se = mean_and_se([x - y for x, y in zip(a, b, strict=True)])
+        mean, se = paired_difference(a, b)
         unit = "NLL" if cell["task"] == "wikitext2" else cell["metric"]
         print(
             f"{cell['target']}x {cell['task']:10s} dash - {args.against} = {mean:+.4f} ± {se:.4f} ({unit}, n={len(a)})"

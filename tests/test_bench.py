@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from dashskip import Backbone, Engine
-from dashskip.core.decisions import BatchMajority, Decider, StepInfo, TokenStates
+from dashskip.core.decisions import BatchMajority, Decider, StepInfo, TimedDecider, TokenStates
 from dashskip.core.states import spec
 from dashskip.errors import DashskipError
 from dashskip.eval import bench
-from dashskip.eval.bench import TimedDecider, bytes_per_step, check_bench_args, head_bytes, layer_bytes
+from dashskip.eval.bench import bytes_per_step, check_bench_args, head_bytes, layer_bytes
 from tests.conftest import tiny_model
 
 

@@ -18,11 +18,11 @@ from dashskip.core.decisions import (
     FullFor,
     StepInfo,
     SublayerSkip,
+    TimedDecider,
     TokenStates,
     Traits,
 )
 from dashskip.errors import DashskipError
-from dashskip.eval.bench import TimedDecider
 from dashskip.measure.calibration import Calibration
 from dashskip.methods import METHODS, MethodOptions, build_decider, exits, quantized
 from dashskip.methods import context as method_context

@@ -14,6 +14,7 @@ plan of skipped attention / MLP sublayers (AdaSkip), permission to skip the last
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -108,6 +109,33 @@ class Wrapper(Decider):
 
     def again(self, states: torch.Tensor, valid: torch.Tensor | None) -> bool:
         return self.decider.again(states, valid)
+
+
+class TimedDecider(Wrapper):
+    """Wraps a decider and adds up the wall time spent deciding in decode steps (the policy overhead)."""
+
+    def __init__(self, decider: Decider) -> None:
+        super().__init__(decider)
+        self.seconds, self.steps, self.prefill = 0.0, 0, True
+
+    def reset(self) -> None:
+        self.seconds, self.steps = 0.0, 0
+
+    def begin(self, step: StepInfo) -> None:
+        self.prefill = step.prefill
+        self.steps += not step.prefill
+        self.decider.begin(step)
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        t0 = time.perf_counter()
+        answer = self.decider(layer, hidden, previous)
+        if not self.prefill:
+            self.seconds += time.perf_counter() - t0
+        return answer
+
+    @property
+    def ms_per_step(self) -> float:
+        return self.seconds * 1000 / max(self.steps, 1)
 
 
 class FixedStates(Decider):

@@ -23,8 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dashskip.core import kernels
-from dashskip.core.context import StateChoice
-from dashskip.core.decisions import BatchMajority, Decider, StepInfo, Wrapper, inner_layers
+from dashskip.core.decisions import BatchMajority, Decider, TimedDecider, inner_layers
 from dashskip.core.states import State, codes, spec
 from dashskip.errors import DashskipError
 from dashskip.methods import MethodOptions, build_decider, check_method
@@ -76,33 +75,6 @@ def quantized_extra_mb(backbone) -> float:
     """Memory the quantized forms and the kernels' packed layouts add to the model, in MB (they exist once used:
     a state never run costs nothing)."""
     return sum(linear.extra_bytes() for linear in [*backbone.linears(), backbone.head]) / 2**20
-
-
-class TimedDecider(Wrapper):
-    """Wraps a decider and adds up the wall time spent deciding in decode steps (the policy overhead)."""
-
-    def __init__(self, decider: Decider) -> None:
-        super().__init__(decider)
-        self.seconds, self.steps, self.prefill = 0.0, 0, True
-
-    def reset(self) -> None:
-        self.seconds, self.steps = 0.0, 0
-
-    def begin(self, step: StepInfo) -> None:
-        self.prefill = step.prefill
-        self.steps += not step.prefill
-        self.decider.begin(step)
-
-    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
-        t0 = time.perf_counter()
-        answer = self.decider(layer, hidden, previous)
-        if not self.prefill:
-            self.seconds += time.perf_counter() - t0
-        return answer
-
-    @property
-    def ms_per_step(self) -> float:
-        return self.seconds * 1000 / max(self.steps, 1)
 
 
 @dataclass

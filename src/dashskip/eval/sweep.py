@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from dashskip.core import states
 from dashskip.core.files import atomic_write_text
 from dashskip.errors import DashskipError
-from dashskip.eval.tasks import TASKS, TaskResult, TaskSettings, mean_and_se, run_task
+from dashskip.eval.tasks import TASKS, TaskResult, TaskSettings, paired_difference, run_task
 from dashskip.methods import MethodOptions, build, check_method
 from dashskip.methods.context import calibration_for
 
@@ -177,7 +177,7 @@ class Sweep:
         full = self.full.get(result.task)
         delta, delta_se = (0.0, 0.0)
         if full is not None and method != "full":
-            delta, delta_se = mean_and_se([a - b for a, b in zip(result.scores, full.scores, strict=True)])
+            delta, delta_se = paired_difference(result.scores, full.scores)
         wall = None
         if result.new_tokens and full is not None and full.new_tokens:
             wall = full.seconds / result.seconds

@@ -120,6 +120,12 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
     return float(x.mean()), se
 
 
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a - b over the same examples and its SE: much tighter than the two SEs apart, since the examples'
+    own difficulty cancels."""
+    return mean_and_se([x - y for x, y in zip(a, b, strict=True)])
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's split: trailing spaces of the context move to the continuation, and the continuation's tokens
     are those of the whole string after the context's (BOS first where the model expects it)."""

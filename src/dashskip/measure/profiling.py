@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dashskip.core.context import Rows
 from dashskip.core.costs import CostTable
-from dashskip.core.decisions import Decider, FixedStates
+from dashskip.core.decisions import Decider, FixedStates, TimedDecider
 from dashskip.core.files import cache_dir
 from dashskip.core.kernels import activations, host_description, host_fingerprint
 from dashskip.core.states import State, codes, registered
@@ -102,23 +102,12 @@ def profile(
     return table
 
 
-class _Consulted(Decider):
-    """Asks `inner` at every layer as decode does, timing its answers, and runs every layer in full."""
-
-    def __init__(self, inner: Decider) -> None:
-        self.inner, self.seconds = inner, 0.0
-
-    def begin(self, step) -> None:
-        self.inner.begin(step)
+class _Consulted(TimedDecider):
+    """Asks the decider at every layer as decode does, timing its answers, and runs every layer in full."""
 
     def __call__(self, layer: int, hidden: torch.Tensor, previous) -> int:
-        t0 = time.perf_counter()
-        self.inner(layer, hidden, previous)
-        self.seconds += time.perf_counter() - t0
+        super().__call__(layer, hidden, previous)
         return int(State.FULL)
-
-    def end(self, states: torch.Tensor) -> None:
-        self.inner.end(states)
 
 
 def measure_beyond_layers(

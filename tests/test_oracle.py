@@ -1,0 +1,75 @@
+"""Hindsight oracles: the Lagrangian pick is optimal at its own budget, granularities differ where they should,
+and the ladder's NLLs are the engine's."""
+
+import itertools
+
+import pytest
+import torch
+
+from dashskip import Backbone, Engine
+from dashskip.core.costs import CostTable
+from dashskip.errors import DashskipError
+from dashskip.eval.evaluation import token_nll
+from dashskip.eval.oracle import ladder_scores, lagrangian_choice, oracle, schedule_ladder
+from tests.conftest import tiny_model
+from tests.test_baselines import COSTS, synthetic
+
+
+def test_lagrangian_choice_is_the_best_assignment_within_its_budget():
+    gen = torch.Generator().manual_seed(0)
+    loss = torch.rand(6, 3, generator=gen, dtype=torch.float64)
+    cost = torch.tensor([1.0, 2.0, 3.5], dtype=torch.float64)
+    for budget in (1.2, 1.9, 2.6, 3.4):
+        choice = lagrangian_choice(loss, cost, budget)
+        spent = float(cost[choice].mean())
+        assert spent <= budget + 1e-9
+        got = float(loss.gather(1, choice[:, None]).sum())
+        brute = min(  # every assignment that costs no more than the one found
+            sum(float(loss[u, o]) for u, o in enumerate(pick))
+            for pick in itertools.product(range(3), repeat=6)
+            if float(cost[list(pick)].mean()) <= spent + 1e-9
+        )
+        assert got == pytest.approx(brute)
+    with pytest.raises(DashskipError, match="no schedule is as cheap"):
+        lagrangian_choice(loss, cost, 0.5)
+
+
+def test_per_token_choice_spends_compute_on_the_hard_tokens():
+    # two schedules: cheap (cost 1) and dear (cost 3) over 2 windows x 4 tokens; the cheap one loses only on the
+    # odd tokens. At a budget of 2 full layers per token one schedule for all must be the cheap one; per token,
+    # the dear one goes to exactly the tokens where it helps.
+    dear = torch.ones(2, 4, dtype=torch.float64)
+    cheap = dear.clone()
+    cheap[:, 1::2] += 1.0
+    nll, cost = torch.stack([dear, cheap]), torch.tensor([3.0, 1.0])
+    static = oracle(nll, cost, 3, 1.5, "schedule")
+    assert static.window_nll == pytest.approx([1.5, 1.5]) and static.ratio == pytest.approx(3.0)
+    per_token = oracle(nll, cost, 3, 1.5, "token")
+    assert per_token.window_nll == pytest.approx([1.0, 1.0]) and per_token.ratio == pytest.approx(1.5)
+    per_window = oracle(nll, cost, 3, 1.5, "window")  # both windows alike: no window is worth the dear schedule
+    assert per_window.window_nll == pytest.approx([1.5, 1.5])
+
+
+def test_ladder_starts_at_full_and_its_nlls_are_the_engines():
+    ladder = schedule_ladder(synthetic(4), COSTS, {"int8": (2,), "mixed-skip": (0, 1, 2)}, [1.2, 1.6, 2.0, 9.0])
+    assert ladder[0] == [4] * 6 and len({tuple(s) for s in ladder}) == len(ladder) > 3
+    engine = Engine(Backbone(tiny_model("llama")))
+    windows = torch.randint(3, 97, (3, 10), generator=torch.Generator().manual_seed(0))
+    nll, kl = ladder_scores(engine, windows, ladder[:3], batch=2)
+    assert nll.shape == kl.shape == (3, 3, 9)
+    with torch.no_grad():
+        reference = token_nll(engine.backbone.logits(engine.score(windows, None).hidden), windows)
+    torch.testing.assert_close(nll[0], reference.double(), rtol=1e-5, atol=1e-5)
+    assert float(kl[0].abs().max()) < 1e-5 and float(kl[-1].min()) > 0  # full is the reference; cheaper moves it
+    assert not torch.allclose(nll[0], nll[-1])
+    assert CostTable.default().token_costs(torch.tensor(ladder)).shape == (len(ladder),)
+
+
+def test_fidelity_criterion_picks_by_closeness_to_full_not_by_luck():
+    # the cheap schedule is luckily right on token 0 (NLL below the dear one's) but moves the prediction far
+    # there; on token 1 it is harmless. Chosen by NLL, token 0 goes cheap; chosen by KL, token 1 does.
+    nll = torch.tensor([[[1.0, 1.0]], [[0.5, 1.0]]], dtype=torch.float64)
+    kl = torch.tensor([[[0.0, 0.0]], [[0.8, 0.01]]], dtype=torch.float64)
+    cost = torch.tensor([3.0, 1.0])
+    assert oracle(nll, cost, 3, 1.5, "token").window_nll == pytest.approx([0.75])
+    assert oracle(nll, cost, 3, 1.5, "token", criterion=kl).window_nll == pytest.approx([1.0])
