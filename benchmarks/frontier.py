@@ -167,8 +167,8 @@ def main() -> None:
     if args.plot:
         plot(rows, args.plot, f"{args.model}, {args.head} head, {host_description()}")
     if args.out:
-        args.out.write_text(json.dumps({"host": host_description(), "args": vars(args) | {"policies": [
-            str(p) for p in args.policies], "out": str(args.out)}, "rows": rows}, indent=1))  # fmt: skip
+        args.out.write_text(json.dumps({"host": host_description(), "args": vars(args), "rows": rows}, indent=1,
+                                       default=str))  # paths as text  # fmt: skip
 
 
 if __name__ == "__main__":
