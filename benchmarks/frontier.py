@@ -36,6 +36,7 @@ from dashskip.data import load_text, token_windows
 from dashskip.errors import DashskipError
 from dashskip.eval.bench import time_engine
 from dashskip.eval.evaluation import perplexity_windows, window_nll
+from dashskip.eval.plots import perplexity_lines
 from dashskip.eval.tasks import TaskSettings, paired_difference, run_task
 from dashskip.methods.dash.policy import DashPolicy
 from dashskip.methods.quantized import QUANT_METHODS, sensitivity_for, static_mixed
@@ -57,26 +58,6 @@ def scored(dm, windows: torch.Tensor, decider: Decider | None, batch: int = 4) -
 def versus(paired: tuple[str, float, float] | None, digits: int) -> str:
     """A paired difference to the best static schedule as a table cell (empty where there is none)."""
     return "" if paired is None else f"{paired[1]:+.{digits}f} ± {paired[2]:.{digits}f} ({paired[0]})"
-
-
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Perplexity (± SE) against predicted decode speedup, a line per configuration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["name"] for r in rows):
-        points = sorted((r for r in rows if r["name"] == name), key=lambda r: r["predicted"])
-        ax.errorbar([r["predicted"] for r in points], [r["ppl"] for r in points], [r["ppl_se"] for r in points],
-                    marker="*" if name == "full" else "o", ms=5, capsize=2, label=name)  # fmt: skip
-    ax.set_xlabel("decode speedup over the full path (predicted, this machine's cost table)")
-    ax.set_ylabel("WikiText-2 test perplexity")
-    ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -165,7 +146,9 @@ def main() -> None:
         print(f"| {asked} | {r['name']} | {r['predicted']:.2f} | {r['decode_tok_s']:.1f} "
               f"({r['decode_tok_s'] / full_tok_s:.2f}x) | " + " | ".join(cells) + " |")
     if args.plot:
-        plot(rows, args.plot, f"{args.model}, {args.head} head, {host_description()}")
+        perplexity_lines(rows, "predicted", args.plot,
+                         "decode speedup over the full path (predicted, this machine's cost table)",
+                         f"{args.model}, {args.head} head, {host_description()}")  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps({"host": host_description(), "args": vars(args), "rows": rows}, indent=1,
                                        default=str))  # paths as text  # fmt: skip

@@ -33,6 +33,7 @@ from dashskip.data import load_text
 from dashskip.errors import DashskipError
 from dashskip.eval.evaluation import perplexity_windows, window_nll
 from dashskip.eval.oracle import GRANULARITIES, ladder_scores, oracle, schedule_ladder
+from dashskip.eval.plots import perplexity_lines
 from dashskip.eval.tasks import paired_difference
 from dashskip.methods.dash.policy import DashPolicy
 from dashskip.methods.quantized import QUANT_METHODS, sensitivity_for
@@ -50,28 +51,6 @@ def dash_row(dm, policy: DashPolicy, windows: torch.Tensor, target: float) -> di
             window, spent, count = window_nll(dm.engine, windows[start : start + 4], decider, dm.costs)
             nlls, cost, tokens = nlls + window, cost + spent, tokens + count
     return {"name": "dash", "target": target, "ratio": dm.backbone.num_layers * tokens / cost, "nlls": nlls}
-
-
-def plot(rows: list[dict], full_ppl: float, path: Path, title: str) -> None:
-    """Perplexity against compute ratio, a line per oracle (and the policy)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["name"] for r in rows):
-        points = sorted((r for r in rows if r["name"] == name), key=lambda r: r["ratio"])
-        ax.errorbar([r["ratio"] for r in points], [r["ppl"] for r in points], [r["ppl_se"] for r in points],
-                    marker="o", ms=4, capsize=2, label=name)  # fmt: skip
-    ax.axhline(full_ppl, color="grey", lw=0.8, ls=":", label="full model")
-    ax.set_xlabel("compute ratio (this machine's cost table)")
-    ax.set_ylabel("WikiText-2 test perplexity")
-    ax.set_yscale("log")
-    ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -133,7 +112,8 @@ def main() -> None:
         print(f"| {r['target']:.2f} | {r['name']} | {r['ratio']:.2f} | {r['ppl']:.2f} ± {r['ppl_se']:.2f} | "
               "{:+.4f} ± {:.4f} | ".format(*r["vs_full"]) + versus + " |")
     if args.plot:
-        plot(rows, full_ppl, args.plot, f"{args.model}, hindsight oracles, {host_description()}")
+        perplexity_lines(rows, "ratio", args.plot, "compute ratio (this machine's cost table)",
+                         f"{args.model}, hindsight oracles, {host_description()}", full_ppl, log=True)  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps({"host": host_description(), "args": {k: str(v) for k, v in vars(args).items()},
                                         "ladder": ladder, "rows": rows}, indent=1))  # fmt: skip

@@ -88,3 +88,30 @@ def state_map_plot(dm, deciders: dict, cosine: list[float], path: Path, data_dir
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def perplexity_lines(
+    rows: list[dict], x: str, path: Path, xlabel: str, title: str, full_ppl: float | None = None, log: bool = False
+) -> None:
+    """Perplexity (± SE) against `x`, a line per row name (rows: dicts with name, x, ppl, ppl_se); the full model's
+    perplexity as a dotted line where given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["name"] for r in rows):
+        points = sorted((r for r in rows if r["name"] == name), key=lambda r: r[x])
+        ax.errorbar([r[x] for r in points], [r["ppl"] for r in points], [r["ppl_se"] for r in points],
+                    marker="*" if name == "full" else "o", ms=5, capsize=2, label=name)  # fmt: skip
+    if full_ppl is not None:
+        ax.axhline(full_ppl, color="grey", lw=0.8, ls=":", label="full model")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("WikiText-2 test perplexity")
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
