@@ -148,7 +148,8 @@ def main() -> None:
     if args.plot:
         perplexity_lines(rows, "predicted", args.plot,
                          "decode speedup over the full path (predicted, this machine's cost table)",
-                         f"{args.model}, {args.head} head, {host_description()}")  # fmt: skip
+                         f"{args.model}, {args.head} head, {host_description()}",
+                         cap=1.15 * full["ppl"])  # a collapsed schedule is marked, not drawn to scale  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps({"host": host_description(), "args": vars(args), "rows": rows}, indent=1,
                                        default=str))  # paths as text  # fmt: skip

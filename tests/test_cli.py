@@ -100,6 +100,16 @@ def test_lossless_generate_prints_the_full_models_text_with_draft_statistics():
         assert data["stats"]["lossless"]["rounds"] >= 1
 
 
+def test_train_refuses_bad_settings_in_one_line_before_loading_the_model(tmp_path):
+    for args, message in (
+        (("--reward", "nll"), "accuracy reward must be 'label' or 'fidelity', got 'nll'"),
+        (("--ratio-ramp", "2"), "ratio ramp is a fraction of the steps in [0, 1], got 2.0"),
+    ):
+        out = run("train", "--out", str(tmp_path / "run"), *args)
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_lossless_errors_are_one_line():
     out = run("generate", "hi", "--lossless", "--draft", "int2")
     assert out.returncode == 2 and "unknown drafter 'int2'" in out.stderr and "Traceback" not in out.stderr

@@ -73,3 +73,25 @@ def test_fidelity_criterion_picks_by_closeness_to_full_not_by_luck():
     cost = torch.tensor([3.0, 1.0])
     assert oracle(nll, cost, 3, 1.5, "token").window_nll == pytest.approx([0.75])
     assert oracle(nll, cost, 3, 1.5, "token", criterion=kl).window_nll == pytest.approx([1.0])
+
+
+def test_perplexity_plot_marks_a_collapse_instead_of_scaling_to_it(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from dashskip.eval.plots import perplexity_lines
+
+    limits = []
+    save = Figure.savefig
+
+    def recording(fig, *args, **kwargs):
+        limits.append(fig.axes[0].get_ylim())
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
+    rows = [{"name": "static int8", "s": s, "ppl": 31.5, "ppl_se": 2.0} for s in (1.2, 1.4)]
+    rows.append({"name": "static mixed-skip", "s": 1.7, "ppl": 305.0, "ppl_se": 26.0})
+    perplexity_lines(rows, "s", tmp_path / "capped.png", "speedup", "t", cap=36.0)
+    perplexity_lines(rows, "s", tmp_path / "scaled.png", "speedup", "t")
+    assert limits[0][1] == 36.0 and limits[0][0] < 29.5  # the differences that matter keep the axis
+    assert limits[1][1] > 305.0  # without a cap the collapse sets the scale
+    assert all((tmp_path / f).read_bytes()[:4] == b"\x89PNG" for f in ("capped.png", "scaled.png"))

@@ -13,15 +13,18 @@ from safetensors.torch import load_file
 
 from dashskip import Backbone, Engine
 from dashskip.core.costs import CostTable
+from dashskip.core.losses import token_kl
 from dashskip.errors import DashskipError
 from dashskip.methods.dash.policy import DashPolicy
 from dashskip.methods.dash.training import (
     TrainConfig,
     classification_reward,
     decision_rewards,
+    fidelity_reward,
     lm_accuracy_reward,
     measure_ratio,
     position_weights,
+    ratio_target_at,
     temperature,
     train,
 )
@@ -34,6 +37,15 @@ def test_temperature_schedule_decays_exponentially():
     assert temperature(0, 2.0, 0.01) == 2.0
     assert temperature(100, 2.0, 0.01) == pytest.approx(2.0 * math.exp(-1.0))
     assert temperature(50, 1.0, 0.0) == 1.0
+
+
+def test_ratio_target_ramps_from_one_then_holds():
+    cfg = TrainConfig(steps=100, ratio_target=2.5, ratio_ramp=0.5)
+    assert [ratio_target_at(s, cfg) for s in (0, 24, 49, 50, 99)] == pytest.approx([1.03, 1.75, 2.5, 2.5, 2.5])
+    assert ratio_target_at(0, TrainConfig(ratio_target=2.5)) == 2.5  # no ramp: the target from step one
+    assert ratio_target_at(10, TrainConfig(ratio_target=None, ratio_ramp=0.5)) is None  # fixed beta
+    with pytest.raises(DashskipError, match="ratio ramp"):
+        TrainConfig(ratio_ramp=1.5).check()
 
 
 def test_position_weights_by_hand():
@@ -52,6 +64,32 @@ def test_accuracy_rewards_by_hand():
     assert float(lm_accuracy_reward(torch.tensor([1.0]), torch.tensor([1.0]), 0.05, -4)) == pytest.approx(0.05)
     assert float(lm_accuracy_reward(torch.tensor([1.0]), torch.tensor([9.0]), 0.05, -4)) == -4
     assert classification_reward(torch.tensor([True, False])).tolist() == [1.0, -1.0]
+
+
+def test_fidelity_reward_and_token_kl_by_hand():
+    # KL(p || q) for p = (0.5, 0.5), q = (0.9, 0.1): 0.5 log(0.5/0.9) + 0.5 log(0.5/0.1)
+    p, q = torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.9, 0.1]))
+    kl = token_kl(torch.stack([p, p])[None], torch.stack([q, p])[None])
+    assert kl.shape == (1, 1)
+    assert float(kl) == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(5.0), rel=1e-5)
+    assert float(token_kl(torch.stack([p, p])[None], torch.stack([p + 3.0, q])[None])) == pytest.approx(0, abs=1e-7)
+    # KL 0 earns eps; exp(KL) = 1.1 loses 0.1 of it, like a token whose perplexity rose 10%; the floor clips
+    r = fidelity_reward(torch.tensor([0.0, math.log(1.1), 50.0]), eps=0.05, floor=-4)
+    assert r.tolist() == pytest.approx([0.05, -0.05, -4.0], abs=1e-6)
+
+
+def test_fidelity_training_logs_the_paths_divergence_and_refuses_unknown_rewards(tmp_path):
+    engine = Engine(Backbone(tiny_model("llama")), scales=torch.full((6,), 1.05))
+    corpus = torch.randint(3, 97, (3000,), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(
+        steps=3, batch_size=2, seq_len=16, heldout_windows=2, heldout_len=32, targets=(1.5,), reward="fidelity"
+    )
+    train(engine, corpus, CostTable.default(), cfg, tmp_path, {"fingerprint": "fp"}, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    # paths sampled at temperature 1 take cheaper states on some tokens, so their predictions move off the full one
+    assert all(e["kl"] >= 0 for e in log) and any(e["kl"] > 0 for e in log)
+    with pytest.raises(DashskipError, match="'label' or 'fidelity'"):
+        train(engine, corpus, CostTable.default(), TrainConfig(reward="nll"), tmp_path / "x", {"fingerprint": "x"})
 
 
 def test_decision_rewards_combine_accuracy_and_efficiency():

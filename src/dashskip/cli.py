@@ -285,7 +285,15 @@ def train(
     ratio_target: Annotated[
         float, typer.Option(help="compute ratio the sampled paths are held at (0: fixed beta)")
     ] = 1.5,
+    ratio_ramp: Annotated[
+        float, typer.Option(help="fraction of the steps over which the ratio target rises from 1.0 (0: none)")
+    ] = 0.0,
     eps: Annotated[float, typer.Option(help="tolerated relative perplexity change per token")] = 2.0,
+    reward: Annotated[
+        str,
+        typer.Option(help="accuracy reward on text: 'label' (perplexity of the next token, METHOD.md eq. 13) or "
+                     "'fidelity' (the same ratio over the full model's predicted distribution, exp(KL))"),
+    ] = "label",
     tau0: float = 1.0,
     tau_decay: float = 0.005,
     mode: Annotated[str, typer.Option(help="decision mode the policy is trained in: async or sync")] = "async",
@@ -315,7 +323,9 @@ def train(
         efficiency=efficiency,
         policy={} if states is None else {"allowed": _parse_states(states)},
         ratio_target=ratio_target or None,
+        ratio_ramp=ratio_ramp,
         eps=eps,
+        reward=reward,
         tau0=tau0,
         tau_decay=tau_decay,
         seed=seed,

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from dashskip.core.costs import CostTable
 from dashskip.core.decisions import FixedStates
+from dashskip.core.losses import token_kl, token_nll
 from dashskip.errors import DashskipError
-from dashskip.eval.evaluation import token_nll
 from dashskip.methods.quantized import Sensitivity, static_mixed
 from dashskip.runtime.engine import Engine
 
@@ -73,12 +73,11 @@ def ladder_scores(
     with tqdm(total=len(ladder) * windows.shape[0], desc="schedules x windows", disable=not progress) as bar:
         for start in range(0, windows.shape[0], batch):
             ids = windows[start : start + batch]
-            reference = torch.log_softmax(engine.backbone.logits(engine.score(ids, None).hidden)[:, :-1].float(), -1)
+            reference = engine.backbone.logits(engine.score(ids, None).hidden)
             for s, decider in enumerate(deciders):
                 logits = engine.backbone.logits(engine.score(ids, decider).hidden)
                 nll[s, start : start + batch] = token_nll(logits, ids).double()
-                logp = torch.log_softmax(logits[:, :-1].float(), -1)
-                kl[s, start : start + batch] = (reference.exp() * (reference - logp)).sum(-1).clamp(min=0).double()
+                kl[s, start : start + batch] = token_kl(reference, logits).double()
                 bar.update(ids.shape[0])
     return nll, kl
 

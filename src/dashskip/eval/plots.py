@@ -91,10 +91,18 @@ def state_map_plot(dm, deciders: dict, cosine: list[float], path: Path, data_dir
 
 
 def perplexity_lines(
-    rows: list[dict], x: str, path: Path, xlabel: str, title: str, full_ppl: float | None = None, log: bool = False
+    rows: list[dict],
+    x: str,
+    path: Path,
+    xlabel: str,
+    title: str,
+    full_ppl: float | None = None,
+    log: bool = False,
+    cap: float | None = None,
 ) -> None:
     """Perplexity (± SE) against `x`, a line per row name (rows: dicts with name, x, ppl, ppl_se); the full model's
-    perplexity as a dotted line where given."""
+    perplexity as a dotted line where given. With `cap`, the axis ends there and a collapsed row is a labelled mark
+    at the top edge, so one collapse does not flatten the differences that matter into one line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,6 +119,13 @@ def perplexity_lines(
     ax.set_ylabel("WikiText-2 test perplexity")
     if log:
         ax.set_yscale("log")
+    if cap is not None and any(r["ppl"] > cap for r in rows):
+        low = min(r["ppl"] - r["ppl_se"] for r in rows)
+        ax.set_ylim(low - 0.05 * (cap - low), cap)
+        for r in rows:
+            if r["ppl"] > cap:
+                ax.annotate(f"{r['ppl']:.3g}", (r[x], cap), xytext=(0, -12), textcoords="offset points",
+                            ha="center", fontsize=7, arrowprops={"arrowstyle": "->"})  # fmt: skip
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
