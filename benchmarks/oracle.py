@@ -19,7 +19,6 @@ Usage: python benchmarks/oracle.py --model smollm2-135m [--policy P.safetensors]
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import math
@@ -27,16 +26,13 @@ import statistics
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from dashskip.api import from_pretrained
-from dashskip.core.files import atomic_path
 from dashskip.core.kernels import host_description
 from dashskip.data import load_text
 from dashskip.errors import DashskipError
 from dashskip.eval.evaluation import perplexity_windows, window_nll
-from dashskip.eval.oracle import GRANULARITIES, ladder_scores, oracle, schedule_ladder
+from dashskip.eval.oracle import GRANULARITIES, kept_ladder_scores, oracle, schedule_ladder
 from dashskip.eval.plots import perplexity_lines
 from dashskip.eval.tasks import paired_difference
 from dashskip.methods.dash.policy import DashPolicy
@@ -55,32 +51,6 @@ def dash_row(dm, policy: DashPolicy, windows: torch.Tensor, target: float) -> di
             window, spent, count = window_nll(dm.engine, windows[start : start + 4], decider, dm.costs)
             nlls, cost, tokens = nlls + window, cost + spent, tokens + count
     return {"name": "dash", "target": target, "ratio": dm.backbone.num_layers * tokens / cost, "nlls": nlls}
-
-
-def scores(dm, windows: torch.Tensor, ladder: list[list[int]], path: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ladder's per-token NLL and KL. Scoring is the long part of this benchmark (~18 min on SmolLM2), so with
-    `path` every schedule's scores are kept there, for this model and these windows, and a later run scores only
-    the schedules it has not seen (other --targets add a few)."""
-    key = hashlib.sha256(json.dumps([dm.fingerprint, windows.tolist()]).encode()).hexdigest()
-    kept: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-    if path is not None and path.exists():
-        with safe_open(path, "pt") as fh:
-            meta = fh.metadata()
-            if meta.get("key") == key:
-                nll, kl = fh.get_tensor("nll"), fh.get_tensor("kl")
-                kept = {tuple(sch): (nll[i], kl[i]) for i, sch in enumerate(json.loads(meta["ladder"]))}
-            else:
-                print(f"{path} holds another model's or other windows' scores; replacing them", flush=True)
-    missing = [sch for sch in ladder if tuple(sch) not in kept]
-    if missing:
-        nll, kl = ladder_scores(dm.engine, windows, missing, progress=True)
-        kept |= {tuple(sch): (nll[i], kl[i]) for i, sch in enumerate(missing)}
-        if path is not None:
-            every = list(kept)
-            tensors = {name: torch.stack([kept[s][i] for s in every]) for i, name in enumerate(("nll", "kl"))}
-            with atomic_path(path) as tmp:
-                save_file(tensors, tmp, metadata={"key": key, "ladder": json.dumps([list(s) for s in every])})
-    return torch.stack([kept[tuple(s)][0] for s in ladder]), torch.stack([kept[tuple(s)][1] for s in ladder])
 
 
 def main() -> None:
@@ -103,7 +73,7 @@ def main() -> None:
     cost = dm.costs.token_costs(torch.tensor(ladder)).double()
     print(f"{len(ladder)} static schedules, compute ratios {n / float(cost.max()):.2f} to {n / float(cost.min()):.2f};"
           f" scoring {windows.shape[0]} windows under each", flush=True)  # fmt: skip
-    nll, kl = scores(dm, windows, ladder, args.scores)
+    nll, kl = kept_ladder_scores(dm.engine, windows, ladder, args.scores, dm.fingerprint, progress=True)
     full = nll[0].mean(-1).tolist()
     rows: list[dict] = []
     for target in args.targets:

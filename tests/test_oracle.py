@@ -9,8 +9,9 @@ import torch
 from dashskip import Backbone, Engine
 from dashskip.core.costs import CostTable
 from dashskip.errors import DashskipError
+from dashskip.eval import oracle as oracle_module
 from dashskip.eval.evaluation import token_nll
-from dashskip.eval.oracle import ladder_scores, lagrangian_choice, oracle, schedule_ladder
+from dashskip.eval.oracle import kept_ladder_scores, ladder_scores, lagrangian_choice, oracle, schedule_ladder
 from tests.conftest import tiny_model
 from tests.test_baselines import COSTS, synthetic
 
@@ -63,6 +64,32 @@ def test_ladder_starts_at_full_and_its_nlls_are_the_engines():
     assert float(kl[0].abs().max()) < 1e-5 and float(kl[-1].min()) > 0  # full is the reference; cheaper moves it
     assert not torch.allclose(nll[0], nll[-1])
     assert CostTable.default().token_costs(torch.tensor(ladder)).shape == (len(ladder),)
+
+
+def test_kept_scores_are_reused_per_schedule_and_only_for_the_same_model_and_windows(tmp_path, monkeypatch):
+    ladder = schedule_ladder(synthetic(4), COSTS, {"int8": (2,), "mixed-skip": (0, 1, 2)}, [1.2, 1.6, 2.0, 9.0])[:4]
+    engine = Engine(Backbone(tiny_model("llama")))
+    windows = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    scored = []
+    real = oracle_module.ladder_scores
+
+    def counting(e, w, lad, **kwargs):
+        scored.append(len(lad))
+        return real(e, w, lad)
+
+    monkeypatch.setattr(oracle_module, "ladder_scores", counting)
+    path = tmp_path / "ladder.safetensors"
+    first = kept_ladder_scores(engine, windows, ladder[:3], path, "model-a")
+    again = kept_ladder_scores(engine, windows, ladder[1:], path, "model-a")  # two seen, one new
+    assert scored == [3, 1]
+    torch.testing.assert_close(again[0][:2], first[0][1:])
+    torch.testing.assert_close(again[1][:2], first[1][1:])
+    torch.testing.assert_close(again[0], real(engine, windows, ladder[1:])[0])
+    kept_ladder_scores(engine, windows, ladder[:2], path, "model-a")
+    assert scored == [3, 1]  # all four are kept now: nothing scored
+    kept_ladder_scores(engine, windows, ladder[:2], path, "model-b")  # another model: scored again, file replaced
+    kept_ladder_scores(engine, windows[:1], ladder[:2], path, "model-b")  # other windows: the same
+    assert scored == [3, 1, 2, 2]
 
 
 def test_fidelity_criterion_picks_by_closeness_to_full_not_by_luck():

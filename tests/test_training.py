@@ -43,7 +43,9 @@ def test_ratio_target_ramps_from_one_then_holds():
     cfg = TrainConfig(steps=100, ratio_target=2.5, ratio_ramp=0.5)
     assert [ratio_target_at(s, cfg) for s in (0, 24, 49, 50, 99)] == pytest.approx([1.03, 1.75, 2.5, 2.5, 2.5])
     assert ratio_target_at(0, TrainConfig(ratio_target=2.5)) == 2.5  # no ramp: the target from step one
-    assert ratio_target_at(10, TrainConfig(ratio_target=None, ratio_ramp=0.5)) is None  # fixed beta
+    assert ratio_target_at(10, TrainConfig(ratio_target=None)) is None  # fixed beta
+    with pytest.raises(DashskipError, match="needs a ratio target"):
+        TrainConfig(ratio_target=None, ratio_ramp=0.5).check()
     with pytest.raises(DashskipError, match="ratio ramp"):
         TrainConfig(ratio_ramp=1.5).check()
 
@@ -82,12 +84,17 @@ def test_fidelity_training_logs_the_paths_divergence_and_refuses_unknown_rewards
     engine = Engine(Backbone(tiny_model("llama")), scales=torch.full((6,), 1.05))
     corpus = torch.randint(3, 97, (3000,), generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(
-        steps=3, batch_size=2, seq_len=16, heldout_windows=2, heldout_len=32, targets=(1.5,), reward="fidelity"
-    )
+        steps=3, batch_size=2, seq_len=16, heldout_windows=2, heldout_len=32, targets=(1.5,), reward="fidelity",
+        ratio_target=2.0, ratio_ramp=1.0,
+    )  # fmt: skip
     train(engine, corpus, CostTable.default(), cfg, tmp_path, {"fingerprint": "fp"}, progress=False)
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     # paths sampled at temperature 1 take cheaper states on some tokens, so their predictions move off the full one
     assert all(e["kl"] >= 0 for e in log) and any(e["kl"] > 0 for e in log)
+    assert [e["ratio_target"] for e in log] == [round(ratio_target_at(s, cfg), 4) for s in range(3)]  # ramped
+    longer = TrainConfig(**{**cfg.__dict__, "steps": 6})  # more steps would move a ramp's targets: refused
+    with pytest.raises(DashskipError, match="different training run"):
+        train(engine, corpus, CostTable.default(), longer, tmp_path, {"fingerprint": "fp"}, progress=False)
     with pytest.raises(DashskipError, match="'label' or 'fidelity'"):
         train(engine, corpus, CostTable.default(), TrainConfig(reward="nll"), tmp_path / "x", {"fingerprint": "x"})
 
@@ -112,6 +119,7 @@ def test_training_is_reproducible_and_writes_log_checkpoint_and_policy(tmp_path)
     log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, 7))
     assert {"reward", "compute_ratio", "ppl_gap", "temperature"} <= set(log[0])
+    assert "kl" not in log[0]  # the label reward (the default) never computes the divergence
     assert (tmp_path / "a" / "checkpoint.pt").exists()
     policy = DashPolicy.load(tmp_path / "a" / "policy.safetensors")
     assert set(policy.meta["operating_points"]) == {"1.50", "2.00"}

@@ -28,14 +28,20 @@ policies, not a proof about every policy.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dashskip.core.costs import CostTable
 from dashskip.core.decisions import FixedStates
+from dashskip.core.files import atomic_path
 from dashskip.core.losses import token_kl, token_nll
 from dashskip.errors import DashskipError
 from dashskip.methods.quantized import Sensitivity, static_mixed
@@ -80,6 +86,39 @@ def ladder_scores(
                 kl[s, start : start + batch] = token_kl(reference, logits).double()
                 bar.update(ids.shape[0])
     return nll, kl
+
+
+def kept_ladder_scores(
+    engine: Engine,
+    windows: torch.Tensor,
+    ladder: list[list[int]],
+    path: Path | None,
+    model_id: str,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ladder_scores`, kept in `path` (safetensors) between runs. Scoring a ladder is the long part of an oracle
+    (~18 min on SmolLM2), so every schedule's scores are stored for this model (`model_id`, its calibration, K/V
+    rule and head) and these windows, and a later run scores only the schedules it has not seen; a file made for
+    anything else is replaced."""
+    identity = [model_id, engine.scales.tolist(), str(engine.kv_rule), engine.backbone.head_precision, windows.tolist()]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+    kept: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    if path is not None and path.exists():
+        with safe_open(path, "pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("key") == key:
+                nll, kl = fh.get_tensor("nll"), fh.get_tensor("kl")
+                kept = {tuple(s): (nll[i], kl[i]) for i, s in enumerate(json.loads(meta["ladder"]))}
+    missing = [s for s in ladder if tuple(s) not in kept]
+    if missing:
+        nll, kl = ladder_scores(engine, windows, missing, progress=progress)
+        kept |= {tuple(s): (nll[i], kl[i]) for i, s in enumerate(missing)}
+        if path is not None:
+            every = list(kept)
+            tensors = {name: torch.stack([kept[s][i] for s in every]) for i, name in enumerate(("nll", "kl"))}
+            with atomic_path(Path(path)) as tmp:
+                save_file(tensors, tmp, metadata={"key": key, "ladder": json.dumps([list(s) for s in every])})
+    return torch.stack([kept[tuple(s)][0] for s in ladder]), torch.stack([kept[tuple(s)][1] for s in ladder])
 
 
 def lagrangian_choice(loss: torch.Tensor, cost: torch.Tensor, budget: float) -> torch.Tensor:

@@ -98,6 +98,8 @@ class TrainConfig:
             raise DashskipError("checkpoint interval must be >= 1 step")
         if not 0.0 <= self.ratio_ramp <= 1.0:
             raise DashskipError(f"ratio ramp is a fraction of the steps in [0, 1], got {self.ratio_ramp}")
+        if self.ratio_ramp > 0 and self.ratio_target is None:
+            raise DashskipError("a ratio ramp needs a ratio target to ramp to; give --ratio-target or drop the ramp")
         if self.reward not in ("label", "fidelity"):
             raise DashskipError(f"accuracy reward must be 'label' or 'fidelity', got '{self.reward}'")
         if self.efficiency not in ("measured", "bits"):
@@ -268,7 +270,7 @@ def train(
         logits_full = bb.logits(engine.step(ids, engine.new_session(*ids.shape)).hidden)
         run = engine.step(ids, engine.new_session(*ids.shape), decider)
         logits = bb.logits(run.hidden)
-        nll_full, nll_skip, kl = token_nll(logits_full, ids), token_nll(logits, ids), token_kl(logits_full, logits)
+        nll_full, nll_skip = token_nll(logits_full, ids), token_nll(logits, ids)
         states = run.states[:, :-1].long()  # the last token has no next token to be rewarded on
         ppl_full, ppl_policy = round(math.exp(float(nll_full.mean())), 3), round(math.exp(float(nll_skip.mean())), 3)
         log = {
@@ -276,9 +278,10 @@ def train(
             "ppl_policy": ppl_policy,
             "state_fractions": {s.name: round(float((states == s.code).float().mean()), 4) for s in registered()},
             "ppl_gap": round(ppl_policy - ppl_full, 3),
-            "kl": round(float(kl.mean()), 5),
         }
-        if cfg.reward == "fidelity":
+        if cfg.reward == "fidelity":  # the KL needs the full vocabulary's softmax twice: only when it is the reward
+            kl = token_kl(logits_full, logits)
+            log["kl"] = round(float(kl.mean()), 5)
             r_acc = fidelity_reward(kl, cfg.eps, cfg.reward_floor)
         else:
             r_acc = lm_accuracy_reward(nll_full, nll_skip, cfg.eps, cfg.reward_floor)
@@ -382,8 +385,8 @@ def _checkpoint(out: Path, step: int, model, opt, cfg: TrainConfig, meta, beta: 
 
 
 def ratio_target_at(step: int, cfg: TrainConfig) -> float | None:
-    """The compute ratio the sampled paths are held at after `step` steps: ratio_target, reached linearly from 1.0
-    over the first ratio_ramp of training."""
+    """The compute ratio the sampled paths are held at once step `step` (0-based) is done: ratio_target, reached
+    linearly from 1.0 over the first ratio_ramp of the steps."""
     if cfg.ratio_target is None or cfg.ratio_ramp <= 0:
         return cfg.ratio_target
     progress = min(1.0, (step + 1) / (cfg.ratio_ramp * cfg.steps))
@@ -431,6 +434,8 @@ def _resume(out: Path, cfg: TrainConfig, fingerprint: str, model, opt) -> tuple[
         raise DashskipError(f"checkpoint '{path}' is unreadable ({exc}); delete it to start over") from None
     # Settings that do not change the trained weights may differ on resume (more steps, other operating points).
     free = {"steps", "heldout_windows", "heldout_len", "targets", "checkpoint_every", "max_ppl_loss"}
+    if cfg.ratio_ramp > 0:
+        free.discard("steps")  # the ramp's length is a fraction of the steps: more steps would move its targets
     # Settings added after a checkpoint was written count as their defaults (what that run trained with).
     saved = {**asdict(TrainConfig()), **ckpt["config"]}
     saved = {k: v for k, v in saved.items() if k not in free}
