@@ -35,7 +35,7 @@ from dashskip.core.kernels import host_description
 from dashskip.data import load_text, token_windows
 from dashskip.errors import DashskipError
 from dashskip.eval.bench import time_engine
-from dashskip.eval.evaluation import perplexity_windows, window_nll
+from dashskip.eval.evaluation import perplexity, perplexity_windows
 from dashskip.eval.plots import perplexity_lines
 from dashskip.eval.tasks import TaskSettings, paired_difference, run_task
 from dashskip.methods.dash.policy import DashPolicy
@@ -44,15 +44,11 @@ from dashskip.methods.quantized import QUANT_METHODS, sensitivity_for, static_mi
 STATIC = ("int8", "mixed", "mixed-skip")
 
 
-def scored(dm, windows: torch.Tensor, decider: Decider | None, batch: int = 4) -> tuple[list[float], float]:
+def scored(dm, windows: torch.Tensor, decider: Decider | None) -> tuple[list[float], float]:
     """Per-window mean NLL and the predicted speedup of the states that ran (decode costs, this machine)."""
-    nlls, cost, tokens = [], 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, windows.shape[0], batch):
-            window, spent, count = window_nll(dm.engine, windows[start : start + batch], decider, dm.costs)
-            nlls, cost, tokens = nlls + window, cost + spent, tokens + count
+    result = perplexity(dm.engine, windows, decider, dm.costs, progress=False)
     n, key = dm.backbone.num_layers, decider.traits.decisions if decider is not None else None
-    return nlls, dm.costs.speedup_at(n * tokens / cost, n, dm.backbone.head_precision, key)
+    return result.window_nlls, dm.costs.speedup_at(result.compute_ratio, n, dm.backbone.head_precision, key)
 
 
 def versus(paired: tuple[str, float, float] | None, digits: int) -> str:

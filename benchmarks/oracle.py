@@ -31,7 +31,7 @@ from dashskip.api import from_pretrained
 from dashskip.core.kernels import host_description
 from dashskip.data import load_text
 from dashskip.errors import DashskipError
-from dashskip.eval.evaluation import perplexity_windows, window_nll
+from dashskip.eval.evaluation import perplexity, perplexity_windows
 from dashskip.eval.oracle import GRANULARITIES, kept_ladder_scores, oracle, schedule_ladder
 from dashskip.eval.plots import perplexity_lines
 from dashskip.eval.tasks import paired_difference
@@ -44,13 +44,8 @@ CRITERIA = {"label": False, "fidelity": True}  # hindsight on the NLL itself, or
 
 def dash_row(dm, policy: DashPolicy, windows: torch.Tensor, target: float) -> dict:
     """The policy at compute ratio `target` (rate control on), per-window NLL and the ratio it ran at."""
-    decider = policy.decider(target)
-    nlls, cost, tokens = [], 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, windows.shape[0], 4):
-            window, spent, count = window_nll(dm.engine, windows[start : start + 4], decider, dm.costs)
-            nlls, cost, tokens = nlls + window, cost + spent, tokens + count
-    return {"name": "dash", "target": target, "ratio": dm.backbone.num_layers * tokens / cost, "nlls": nlls}
+    result = perplexity(dm.engine, windows, policy.decider(target), dm.costs, progress=False)
+    return {"name": "dash", "target": target, "ratio": result.compute_ratio, "nlls": result.window_nlls}
 
 
 def main() -> None:

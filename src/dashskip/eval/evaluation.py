@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -25,9 +25,10 @@ class PerplexityResult:
     tokens: int
     compute_ratio: float
     context: int
+    window_nlls: list[float] = field(default_factory=list)  # per window, for paired comparisons over the same ones
 
     def as_dict(self) -> dict:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items() if k != "window_nlls"}
 
 
 def perplexity_windows(tokenizer, text: str, context: int, limit: int | None = None) -> torch.Tensor:
@@ -102,4 +103,5 @@ def perplexity(
         tokens=windows.shape[0] * (windows.shape[1] - 1),
         compute_ratio=engine.backbone.num_layers * run / max(total_cost, 1e-9),
         context=windows.shape[1],
+        window_nlls=per_window,
     )
