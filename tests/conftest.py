@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+from dashskip.api import DashModel
+from dashskip.methods.dash.policy import DashPolicy, PolicyConfig, ScoringModel
+from dashskip.models.loading import fingerprint
+from dashskip.serve.server import Security, ServerLimits, Service, create_app, listen, make_server
 
 
 def pytest_configure(config) -> None:
@@ -82,3 +91,58 @@ def tokenizer():
     from dashskip.models.loading import resolve
 
     return AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
+
+
+# ---------------------------------------------------------------- serving helpers (tests/test_server*.py)
+
+NAME = "tiny"  # the served name of the test servers
+
+
+def tiny_smol(tokenizer, seed: int = 0):
+    """A 6-layer random Llama with SmolLM2's vocabulary and special tokens."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**COMMON, "vocab_size": len(tokenizer), "max_position_embeddings": 4096, "pad_token_id": 2})
+    return spread_weights(AutoModelForCausalLM.from_config(config))
+
+
+def tiny_policy(model) -> DashPolicy:
+    """An untrained scoring model with a made-up ratio curve: enough to move the operating point."""
+    torch.manual_seed(0)
+    meta = {
+        "fingerprint": fingerprint(model),
+        "scales": [1.0] * 6,
+        "cost_table": {"0": 0.0, "1": 0.4, "2": 0.5, "4": 1.0},
+        "kv_rule": "project",
+        "operating_points": {},
+        "ratio_curve": [[0.0, 1.0], [1.0, 1.5], [4.0, 3.0]],
+    }
+    return DashPolicy(ScoringModel(PolicyConfig(64, 6)), meta)
+
+
+@contextmanager
+def running(
+    model: DashModel, limits: ServerLimits, security: Security | None = None
+) -> Iterator[tuple[str, Service]]:
+    """A real uvicorn server on a free loopback port, in a background thread."""
+    app = create_app(model, NAME, limits, security)
+    server = make_server(app, listen("127.0.0.1", 0), log_level="warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.port}", app.state.service
+    finally:
+        server.stop()
+        thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2 as a user loads it: the shipped policy, `speedup` as decode wall clock on this host, the
+    fp32 head. Loaded once per session; tests that change it (its head, its default point) load their own."""
+    from dashskip.api import bundled_policy, from_pretrained
+
+    return from_pretrained("smollm2-135m", policy=bundled_policy("smollm2-135m"))

@@ -10,10 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import openai
@@ -21,59 +18,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dashskip.api import DashModel
-from dashskip.methods.dash.policy import DashPolicy, PolicyConfig, ScoringModel
 from dashskip.models.chat import chat_input_ids
-from dashskip.models.loading import fingerprint
 from dashskip.serve.scheduler import BatchLimits, Busy, Job, Scheduler
-from dashskip.serve.server import Security, ServerLimits, Service, create_app, listen, make_server
-from tests.conftest import COMMON, spread_weights
+from dashskip.serve.server import ServerLimits
+from tests.conftest import NAME, running, tiny_policy, tiny_smol
 
-NAME = "tiny"
 MAX_TOKENS = 1000
-
-
-def tiny_smol(tokenizer, seed: int = 0):
-    """A 6-layer random Llama with SmolLM2's vocabulary and special tokens."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(**{**COMMON, "vocab_size": len(tokenizer), "max_position_embeddings": 4096, "pad_token_id": 2})
-    return spread_weights(AutoModelForCausalLM.from_config(config))
-
-
-def tiny_policy(model) -> DashPolicy:
-    """An untrained scoring model with a made-up ratio curve: enough to move the operating point."""
-    torch.manual_seed(0)
-    meta = {
-        "fingerprint": fingerprint(model),
-        "scales": [1.0] * 6,
-        "cost_table": {"0": 0.0, "1": 0.4, "2": 0.5, "4": 1.0},
-        "kv_rule": "project",
-        "operating_points": {},
-        "ratio_curve": [[0.0, 1.0], [1.0, 1.5], [4.0, 3.0]],
-    }
-    return DashPolicy(ScoringModel(PolicyConfig(64, 6)), meta)
-
-
-@contextmanager
-def running(
-    model: DashModel, limits: ServerLimits, security: Security | None = None
-) -> Iterator[tuple[str, Service]]:
-    """A real uvicorn server on a free loopback port, in a background thread."""
-    app = create_app(model, NAME, limits, security)
-    server = make_server(app, listen("127.0.0.1", 0), log_level="warning")
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{server.port}", app.state.service
-    finally:
-        server.stop()
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +254,7 @@ def test_a_client_giving_up_on_a_plain_request_stops_its_generation(url):
 
 
 def job(tokens: int, prompt: int = 3, **kw) -> Job:
-    return Job([5] * prompt, max_new_tokens=tokens, temperature=0.0, top_p=1.0, seed=None, speedup=1.0, **kw)
+    return Job([5] * prompt, max_new_tokens=tokens, temperature=0.0, top_p=1.0, seed=None, point=1.0, **kw)
 
 
 def test_a_full_queue_answers_429_with_retry_after(tokenizer):
@@ -415,11 +367,8 @@ def test_random_payloads_get_2xx_or_4xx_and_the_server_stays_up(fuzz_url, reques
 
 
 @pytest.mark.real
-def test_the_default_model_and_its_shipped_policy_over_http():
-    from dashskip.api import bundled_policy, from_pretrained
-
-    model = from_pretrained("smollm2-135m", policy=bundled_policy("smollm2-135m"))
-    with running(model, ServerLimits()) as (url, _):
+def test_the_default_model_and_its_shipped_policy_over_http(smollm2):
+    with running(smollm2, ServerLimits()) as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         question = [{"role": "user", "content": "What is the capital of France?"}]
         full = client.chat.completions.create(model=NAME, messages=question, max_tokens=12, temperature=0)

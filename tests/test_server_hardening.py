@@ -17,7 +17,7 @@ from dashskip.api import DashModel
 from dashskip.models.chat import chat_input_ids
 from dashskip.serve.scheduler import BatchLimits, Job, Scheduler
 from dashskip.serve.server import Security, ServerLimits
-from tests.test_server import NAME, running, tiny_policy, tiny_smol
+from tests.conftest import NAME, running, tiny_policy, tiny_smol
 
 HEADERS = {"content-type": "application/json"}
 COMPLETION = {"model": NAME, "prompt": "hi", "max_tokens": 4, "temperature": 0}

@@ -10,8 +10,10 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from dashskip.core import operating
 from dashskip.core.costs import CostTable
 from dashskip.core.decisions import AtMost, Decider, inner_layers
+from dashskip.core.operating import OperatingPoint, Unit, check_number, resolve
 from dashskip.core.states import State
 from dashskip.errors import DashskipError
 from dashskip.measure.calibration import Calibration
@@ -93,7 +95,7 @@ class DashModel:
             kv_rule = trained_rule
         self.engine = Engine(self.backbone, scales, kv_rule or "project")
         self.costs = self._cost_table()
-        self.speedup = 1.0
+        self.point = operating.full()
         self.decider: Decider = Decider()
         self.set_speedup(speedup)
         self.last_output: GenerateOutput | None = None
@@ -110,22 +112,27 @@ class DashModel:
         profile = default_profile_path(self.fingerprint, str(self.engine.kv_rule))
         return CostTable.load(profile, self.fingerprint) if profile.exists() else CostTable.default()
 
-    def decider_for(self, speedup: float, mode: str | None = None) -> Decider:
-        """A new decider at an operating point; 1.0 runs every layer in full. With a policy the speedup is decode
-        wall clock against the full path with the LM head set now (`wall_clock=False`: a compute ratio). Each
-        request gets its own decider: it keeps the state of the sequences it decides for."""
-        if not speedup >= 1.0:
-            raise DashskipError(f"speedup must be >= 1.0 (1.0 = every layer in full), got {speedup}")
-        if speedup > 1.0 and self.policy is None:
-            raise DashskipError(
-                f"speedup {speedup} needs a trained policy and none is loaded; pass policy=FILE "
-                "(train one with `dashskip train`), or use speedup=1.0"
-            )
-        if speedup <= 1.0:
-            return Decider()
+    def operating_point(self, speedup: float | OperatingPoint) -> OperatingPoint:
+        """`speedup` checked and resolved on this machine, once: decode wall clock against the full path with the
+        LM head set now (`wall_clock=False`: a compute ratio). Out of reach: one `DashskipError` naming the reach.
+        A point already resolved is returned as it is."""
+        if isinstance(speedup, OperatingPoint):
+            return speedup
         head = self.backbone.head_precision
+        if self.policy is None:
+            unit = Unit.SPEEDUP if self.wall_clock else Unit.RATIO
+            return resolve(speedup, unit, None, self.costs, self.backbone.num_layers, head)
+        return self.policy.operating_point(speedup, self._wall_clock_costs() if self.wall_clock else None, head)
+
+    def decider_for(self, speedup: float | OperatingPoint, mode: str | None = None) -> Decider:
+        """A new decider at an operating point (a number is resolved by `operating_point`); 1.0 runs every layer
+        in full. Each request gets its own decider: it keeps the state of the sequences it decides for."""
+        point = self.operating_point(speedup)
+        if point.full:
+            return Decider()
         costs = self._wall_clock_costs() if self.wall_clock else None
-        return self.policy.decider(speedup, mode or self.mode, control=self.control, costs=costs, head=head)
+        return self.policy.decider(point, mode or self.mode, control=self.control, costs=costs,
+                                   head=self.backbone.head_precision)  # fmt: skip
 
     def _wall_clock_costs(self) -> CostTable:
         """This machine's table, knowing what decode costs beyond the layers with the head set now."""
@@ -134,10 +141,16 @@ class DashModel:
             self.costs = self.policy.wall_clock_costs(self.engine, self.fingerprint, head)
         return self.costs
 
-    def set_speedup(self, speedup: float) -> None:
+    def set_speedup(self, speedup: float | OperatingPoint) -> None:
         """Move the model's default operating point (what `generate` and `__call__` run without `speedup=`)."""
-        self.decider = self.decider_for(speedup)
-        self.speedup = float(speedup)
+        point = self.operating_point(speedup)
+        self.decider = self.decider_for(point)
+        self.point = point
+
+    @property
+    def speedup(self) -> float:
+        """The default operating point as it was asked (`point` has what it resolved to)."""
+        return self.point.asked
 
     def set_head(self, precision: str) -> None:
         """Run the LM head in full, bf16 or INT8 (`Backbone.set_head`), and hold the operating point with it: a
@@ -145,7 +158,7 @@ class DashModel:
         self.backbone.set_head(precision)
         if self.policy is not None and self.wall_clock:
             self._wall_clock_costs()
-        self.set_speedup(self.speedup)
+        self.set_speedup(self.point.asked)  # resolved again: with this head the same speedup is another ratio
 
     @property
     def config(self) -> Any:
@@ -156,7 +169,7 @@ class DashModel:
         return MethodContext(self.engine, self.tokenizer, self.model, self.fingerprint, self.costs, self.policy,
                              data_dir, progress, self.wall_clock)  # fmt: skip
 
-    def _pick(self, speedup: float | None, decider: Decider | None) -> Decider:
+    def _pick(self, speedup: float | OperatingPoint | None, decider: Decider | None) -> Decider:
         if decider is not None:
             return decider
         return self.decider if speedup is None else self.decider_for(speedup)
@@ -300,9 +313,7 @@ def from_pretrained(
     instead. `control` (on by default) steers every generated sequence to it; off runs the policy's calibrated
     bias as it is (the paper's fixed operating point, which moves with the text).
     """
-    if not speedup >= 1.0:
-        raise DashskipError(f"speedup must be >= 1.0 (1.0 = every layer in full), got {speedup}")
-    chosen = _policy(policy, name_or_path, speedup)
+    chosen = _policy(policy, name_or_path, check_number(speedup))
     model, tokenizer = load_model(name_or_path, dtype=dtype)
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration.load(calibration)

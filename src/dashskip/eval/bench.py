@@ -263,7 +263,7 @@ def check_bench_args(batch: int, prompt_len: int, new_tokens: int, repeats: int)
 def run_bench(
     name: str,
     method: str = "dash",
-    speedup: float = 2.0,
+    speedup: float = 1.33,
     batch: int = 1,
     prompt_len: int = 64,
     new_tokens: int = 32,

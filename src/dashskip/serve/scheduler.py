@@ -9,6 +9,11 @@ own decider; a request whose prompt is done joins the batch, and (3) runs one de
 the rows' caches are one left-padded session, their deciders one `PerRow` decider, and every row samples with
 its own settings. A request's states and compute ratio are its own rows'. Lossless requests (one sequence at a
 time by nature) run alone between batch steps.
+
+The loop cannot die silently. A job arrives with its operating point resolved (`OperatingPoint`, checked by the
+server before queueing), and anything that still fails while admitting it ends that job alone; a failing step
+ends the requests in it and the loop goes on. Should the thread ever stop, every waiting and running request
+ends with an error at once, `alive` turns False (the server's `/health` answers 503) and new jobs are refused.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +31,7 @@ import torch
 
 from dashskip.api import DashModel
 from dashskip.core.decisions import Decider, PerRow
+from dashskip.core.operating import OperatingPoint
 from dashskip.runtime.engine import Session
 from dashskip.runtime.generation import GenerateOutput, GenerationConfig, next_token
 
@@ -56,7 +62,7 @@ class Job:
     temperature: float
     top_p: float
     seed: int | None
-    speedup: float
+    point: OperatingPoint | float  # a number is resolved by `Scheduler.submit` (the server resolves it first)
     lossless: bool = False
     on_token: Callable[[int], None] | None = None  # called on the scheduler's thread
     on_start: Callable[[], None] | None = None  # called on the scheduler's thread when the job leaves the queue
@@ -107,7 +113,8 @@ class Scheduler:
         self.seconds_per_token = 0.05  # running estimate, for Retry-After
         self.long_turn = False  # whether the last prefill unit was a long prompt's chunk
         self.prefill_steps = self.largest_prefill = 0
-        self.thread = threading.Thread(target=self._loop, name="dashskip-scheduler", daemon=True)
+        self.failure: BaseException | None = None  # why the loop stopped, if it ever did
+        self.thread = threading.Thread(target=self._run, name="dashskip-scheduler", daemon=True)
         self.thread.start()
 
     # ------------------------------------------------------------ called from the server's threads
@@ -125,9 +132,19 @@ class Scheduler:
         rows = max(1, min(self.limits.max_batch, self.jobs))
         return max(1, round((self.queued_work() + extra) * self.seconds_per_token / rows))
 
+    @property
+    def alive(self) -> bool:
+        """Whether the loop runs (and so whether a queued job will ever start)."""
+        return self.thread.is_alive() and not self.stopped and self.failure is None
+
     def submit(self, job: Job) -> Future:
-        """Queue a job; its future resolves to `Finished`, to None if it was cancelled, or to an exception."""
+        """Queue a job; its future resolves to `Finished`, to None if it was cancelled, or to an exception. An
+        operating point given as a number is resolved here (`DashModel.operating_point`): one out of reach raises
+        `DashskipError` to the caller, never in the scheduler's thread."""
+        job.point = self.model.operating_point(job.point)
         with self.wake:
+            if not self.alive:
+                raise Busy("the server's generation loop has stopped; restart the server", 60, status=503)
             if self.jobs >= self.limits.max_queue:
                 raise Busy(f"server busy: {self.jobs} requests queued; retry later", self.retry_after())
             if self.queued_work() + job.work > self.limits.max_queued_tokens:
@@ -150,6 +167,7 @@ class Scheduler:
 
     def health(self) -> dict[str, Any]:
         return {
+            "scheduler": "running" if self.alive else "stopped",
             "queued": self.jobs,
             "waiting": len(self.waiting),
             "running": len(self.prefilling) + len(self.batch),
@@ -164,6 +182,17 @@ class Scheduler:
         }
 
     # ------------------------------------------------------------ the scheduler's thread
+
+    def _run(self) -> None:
+        """The thread: the loop, and if it ever ends by an error, every request ended with it."""
+        try:
+            self._loop()
+        except BaseException as exc:
+            log.exception("the scheduler's loop stopped; every request now fails (restart the server)")
+            self.failure = exc
+            self._fail_all(exc if isinstance(exc, Exception) else RuntimeError("the generation loop stopped"), True)
+            return
+        self._fail_all(None, True)
 
     def _loop(self) -> None:
         while True:
@@ -185,7 +214,6 @@ class Scheduler:
             except Exception as exc:  # the server must outlive a failing step; its requests end with the error
                 log.exception("generation step failed")
                 self._fail_all(exc)
-        self._fail_all(None)
 
     def _expire(self) -> None:
         """Drop waiting jobs whose client left; refuse those that waited past the limit."""
@@ -194,14 +222,13 @@ class Scheduler:
             if job.cancel.is_set():
                 self.waiting.remove(job)
                 self.cancelled += 1
-                job.future.set_result(None)
+                _settle(job.future, None)
             elif now - job.queued_at > self.limits.max_queue_seconds:
                 self.waiting.remove(job)
                 self.refused += 1
-                job.future.set_exception(
-                    Busy(f"the request waited {now - job.queued_at:.0f} s without starting (limit "
-                         f"{self.limits.max_queue_seconds:.0f} s); retry later", self.retry_after(), status=503)
-                )  # fmt: skip
+                _settle(job.future, Busy(f"the request waited {now - job.queued_at:.0f} s without starting (limit "
+                                         f"{self.limits.max_queue_seconds:.0f} s); retry later", self.retry_after(),
+                                         status=503))  # fmt: skip
 
     def _admit(self) -> Job | None:
         """Start waiting jobs while the batch has room; a lossless one is returned to run alone."""
@@ -211,17 +238,23 @@ class Scheduler:
                 return None  # it runs alone: the running ones finish first (new jobs wait behind it)
             self.waiting.popleft()
             job.started.set()
-            if job.on_start is not None:
-                job.on_start()
-            if job.lossless:
-                return job
-            generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
-            config = self.model.generation_config(
-                max_new_tokens=job.max_new_tokens, do_sample=job.temperature > 0, temperature=job.temperature or 1.0,
-                top_p=job.top_p, eos_token_id=self.eos,
-            )  # fmt: skip
-            self.prefilling.append(Row(job, self.model.decider_for(job.speedup), config, generator))
+            try:
+                _call(job.on_start)
+                if job.lossless:
+                    return job
+                self.prefilling.append(self._row(job))
+            except Exception as exc:  # this job's problem alone: it ends with the error, the others go on
+                log.exception("a request could not start")
+                _settle(job.future, exc)
         return None
+
+    def _row(self, job: Job) -> Row:
+        generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
+        config = self.model.generation_config(
+            max_new_tokens=job.max_new_tokens, do_sample=job.temperature > 0, temperature=job.temperature or 1.0,
+            top_p=job.top_p, eos_token_id=self.eos,
+        )  # fmt: skip
+        return Row(job, self.model.decider_for(job.point), config, generator)
 
     def _prefill(self) -> None:
         """One unit of prefill: the short prompts together, or one chunk of a long one; they take turns."""
@@ -315,8 +348,9 @@ class Scheduler:
         row.tokens.append(token)
         row.states.append(states)
         self.generated_tokens += 1
-        if job.on_token is not None:
-            job.on_token(token)
+        if not _call(job.on_token, token):  # the server can no longer pass it on: nobody reads this request
+            self._finish(row, None)
+            return True
         if token in self.eos or len(row.tokens) >= job.max_new_tokens:
             self._finish(row, "stop" if token in self.eos else "length")
             return True
@@ -325,11 +359,11 @@ class Scheduler:
     def _finish(self, row: Row, reason: str | None) -> None:
         if reason is None:
             self.cancelled += 1
-            row.job.future.set_result(None)
+            _settle(row.job.future, None)
             return
         states = torch.stack(row.states)[None]
         stats = _stats(self.model, states, row.decider.traits.decisions)
-        row.job.future.set_result(Finished(row.tokens, reason, {"speedup": row.job.speedup, **stats}))
+        _settle(row.job.future, Finished(row.tokens, reason, _report(row.job, stats)))
 
     def _lossless(self, job: Job) -> None:
         """A lossless request alone: drafts and verification of one sequence."""
@@ -339,34 +373,59 @@ class Scheduler:
             out = self.model.generate(
                 torch.tensor([job.ids]), max_new_tokens=job.max_new_tokens, do_sample=job.temperature > 0,
                 temperature=job.temperature or 1.0, top_p=job.top_p, eos_token_id=self.eos, streamer=stream,
-                return_dict_in_generate=True, generator=generator, speedup=job.speedup, lossless=True,
+                return_dict_in_generate=True, generator=generator, speedup=job.point, lossless=True,
             )  # fmt: skip
         except _Cancelled:
             self.cancelled += 1
-            job.future.set_result(None)
+            _settle(job.future, None)
             return
         except Exception as exc:
-            job.future.set_exception(exc)
+            _settle(job.future, exc)
             return
         tokens = out.sequences[0, len(job.ids) :].tolist()
         stats = {**_stats(self.model, out.states), "lossless": self.model.last_speculative.as_dict()}
         reason = "stop" if tokens and tokens[-1] in self.eos else "length"
-        job.future.set_result(Finished(tokens, reason, {"speedup": job.speedup, **stats}))
+        _settle(job.future, Finished(tokens, reason, _report(job, stats)))
 
-    def _fail_all(self, exc: Exception | None) -> None:
-        """Every running request ends with `exc` (or as cancelled when the server stops)."""
+    def _fail_all(self, exc: Exception | None, waiting: bool = False) -> None:
+        """Every running request (and, `waiting`, every queued one) ends with `exc`, or as cancelled (None)."""
         with self.wake:
             rows = [*self.prefilling, *self.batch]
-            jobs = [*(r.job for r in rows), *(self.waiting if exc is None else [])]
+            jobs = [*(r.job for r in rows), *(self.waiting if waiting else [])]
             self.prefilling, self.batch, self.session = [], [], None
-            if exc is None:
+            if waiting:
                 self.waiting.clear()
         for job in jobs:
-            if not job.future.done():
-                if exc is None:
-                    job.future.set_result(None)
-                else:
-                    job.future.set_exception(exc)
+            _settle(job.future, exc)
+
+
+def _settle(future: Future, outcome: Finished | BaseException | None) -> None:
+    """Resolve a job's future once (an exception is raised to its waiter); one already settled or cancelled by its
+    waiter is left as it is."""
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except InvalidStateError:
+        pass
+
+
+def _call(callback: Callable[..., None] | None, *args: Any) -> bool:
+    """Run a job's callback; False when it failed (the server's event loop is gone), which ends that job only."""
+    if callback is None:
+        return True
+    try:
+        callback(*args)
+    except Exception:
+        log.warning("a request's callback failed; the request is dropped", exc_info=True)
+        return False
+    return True
+
+
+def _report(job: Job, stats: dict[str, Any]) -> dict[str, Any]:
+    """What a finished request reports: the operating point it asked for (and what it resolved to) and ran at."""
+    return {"speedup": job.point.asked, "operating_point": job.point.as_dict(), **stats}
 
 
 def _stats(model: DashModel, states: torch.Tensor, decisions: str | None = None) -> dict[str, Any]:
@@ -393,8 +452,8 @@ class _Stream:
             self.prompt_seen = True
             return
         self.scheduler.generated_tokens += 1
-        if self.job.on_token is not None:
-            self.job.on_token(int(value.reshape(-1)[0]))
+        if not _call(self.job.on_token, int(value.reshape(-1)[0])):
+            raise _Cancelled
 
     def end(self) -> None:
         """Nothing to flush: the answer is the tokens passed on."""

@@ -18,6 +18,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dashskip.api import DashModel
+from dashskip.core.operating import OperatingPoint
 from dashskip.errors import DashskipError
 from dashskip.models.chat import chat_input_ids
 from dashskip.serve.scheduler import BatchLimits, Busy, Finished, Job, Scheduler
@@ -344,8 +347,11 @@ class Service:
         self.name = served_name
         self.limits = limits
         self.security = security
-        self.default_speedup = model.speedup
+        self.default_point = model.point
         self.scheduler = Scheduler(model, eos_token_ids(model), limits.batch)
+        # Tokenizing a long prompt takes tens of ms: never on the event loop, which streams the other requests.
+        # One thread: a fast tokenizer refuses concurrent use ("Already borrowed").
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="dashskip-tokenize")
         self.context = getattr(model.config, "max_position_embeddings", None)
 
     def check_model(self, name: str) -> None:
@@ -357,22 +363,28 @@ class Service:
                 "model_not_found",
             )
 
-    def check_speedup(self, speedup: float) -> None:
-        """Refuse an unreachable operating point before queueing, so the client gets a 400, not a broken stream."""
-        if speedup == 1.0:
-            return
-        if self.model.policy is None:
+    def operating_point(self, speedup: float | None) -> OperatingPoint:
+        """The request's operating point, resolved as the model resolves any (`DashModel.operating_point`: decode
+        wall clock on this machine unless the model was built for compute ratios). An unreachable one is refused
+        here, before queueing, so the client gets a 400 naming the reach, and the scheduler never sees it."""
+        if speedup is None:
+            return self.default_point
+        if speedup != 1.0 and self.model.policy is None:
             raise APIError(
                 400,
-                f"speedup {speedup} needs a trained policy and this server has none; "
+                f"speedup {speedup:g} needs a trained policy and this server has none; "
                 "start it with `dashskip serve --policy FILE`, or ask for speedup 1.0",
                 "speedup",
                 "unsupported",
             )
         try:
-            self.model.policy.bias_for(speedup)
+            return self.model.operating_point(speedup)
         except DashskipError as exc:
             raise APIError(400, str(exc), "speedup", "invalid_value") from None
+
+    async def tokenized(self, fn: Callable[..., list[int]], *args: Any) -> list[int]:
+        """`fn(*args)` (tokenizing a prompt or chat) on the tokenizing thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -406,8 +418,7 @@ class Service:
                 "prompt",
                 "prompt_too_long",
             )
-        speedup = req.speedup if req.speedup is not None else self.default_speedup
-        self.check_speedup(speedup)
+        point = self.operating_point(req.speedup)
         limit = self.limits.max_tokens
         if asked is not None and asked > limit:
             raise APIError(
@@ -429,7 +440,7 @@ class Service:
                     "max_tokens" if room >= 1 else "prompt",
                     "context_length_exceeded",
                 )
-        return Job(ids, max_new, req.temperature, req.top_p, req.seed, speedup, req.lossless)
+        return Job(ids, max_new, req.temperature, req.top_p, req.seed, point, req.lossless)
 
     def submit(self, job: Job) -> asyncio.Future:
         try:
@@ -602,6 +613,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         service.scheduler.close()
+        service.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="dashskip", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
@@ -616,14 +628,21 @@ def create_app(
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
         return error_response(APIError(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}"))
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(_: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # the client left while sending its body: nobody reads an answer
+
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
         return error_response(APIError(500, f"internal error ({type(exc).__name__})", kind="server_error"))
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": service.name, **service.scheduler.health()}
+    async def health() -> JSONResponse:
+        """200 while the generation loop runs; 503 once it stopped (a load balancer then takes this one out)."""
+        alive = service.scheduler.alive
+        body = {"status": "ok" if alive else "unavailable", "model": service.name, **service.scheduler.health()}
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     def model_card() -> dict[str, Any]:
         return {"id": service.name, "object": "model", "created": 0, "owned_by": "dashskip"}
@@ -641,7 +660,7 @@ def create_app(
     async def completions(request: Request) -> Response:
         req = _parse(await read_json(request, service.limits.max_body_bytes), CompletionRequest)
         service.check_model(req.model)
-        job = service.job(req, service.prompt_ids(req.prompt), req.max_tokens, default=16)
+        job = service.job(req, await service.tokenized(service.prompt_ids, req.prompt), req.max_tokens, default=16)
         return await service.answer(request, req, job, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -649,7 +668,8 @@ def create_app(
         req = _parse(await read_json(request, service.limits.max_body_bytes), ChatRequest)
         service.check_model(req.model)
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        job = service.job(req, service.chat_ids(req.messages), asked, default=service.limits.max_tokens)
+        ids = await service.tokenized(service.chat_ids, req.messages)
+        job = service.job(req, ids, asked, default=service.limits.max_tokens)
         return await service.answer(request, req, job, chat=True)
 
     return app

@@ -28,6 +28,7 @@ from dashskip.core.costs import CostTable
 from dashskip.core.decisions import Decider, StepInfo, Traits
 from dashskip.core.files import load_artifact, load_weights, save_artifact
 from dashskip.core.kernels import compiled_rows, extension
+from dashskip.core.operating import OperatingPoint, Unit, resolve
 from dashskip.core.states import State, by_name, code_lookup, parse, spec
 from dashskip.errors import DashskipError
 from dashskip.measure.profiling import wall_clock_table
@@ -343,33 +344,32 @@ class DashPolicy:
         and what these decisions cost (measured the first time, a second or two, and kept with the table)."""
         return wall_clock_table(engine, fingerprint, head, self.decider(1.0, control=False), self.decision_key)
 
+    def operating_point(self, asked: Any, costs: CostTable | None = None, head: str = "full") -> OperatingPoint:
+        """`asked` as an operating point of this policy: with `costs`, this machine's table, a decode wall-clock
+        speedup against the full path with the same `head` (the table knows the cost beyond the layers); without,
+        a compute ratio on the policy's own table. Refused here, with one message, when out of reach."""
+        unit = Unit.RATIO if costs is None else Unit.SPEEDUP
+        table = self.cost_table() if costs is None else costs
+        return resolve(asked, unit, self.max_speedup(), table, self.config.num_layers, head, self.decision_key)
+
     def decider(
         self,
-        speedup: float,
+        speedup: float | OperatingPoint,
         mode: str | None = None,
         control: bool = True,
         costs: CostTable | None = None,
         head: str = "full",
     ) -> PolicyDecider:
-        """Greedy decisions at `speedup`; `control` steers each sequence's bias so it runs at that ratio
-        (`methods/dash/control.py`), off: the calibrated bias as it is (the paper's fixed operating point).
-
-        With `costs`, this machine's table, the speedup is a decode wall clock one against the full path with the
-        same `head`, where the table knows the cost beyond the layers (`CostTable.compute_target`); the ratio is
-        then counted and steered on that table. Without, it is a compute ratio on the policy's own table."""
-        key = self.decision_key
-        target = speedup if costs is None else costs.compute_target(speedup, self.config.num_layers, head, key)
-        if target > self.max_speedup() + 1e-9 and target > speedup:
-            most = 1.0 if costs is None else costs.speedup_at(self.max_speedup(), self.config.num_layers, head, key)
-            raise DashskipError(
-                f"speedup {speedup} is beyond this policy on this machine: it needs a compute ratio of {target:.2f} "
-                f"(the {head} LM head and the policy's decisions take their share of a step) and the policy was "
-                f"calibrated up to {self.max_speedup():.2f}, about {most:.2f}x; ask for at most that"
-            )
-        bias = self.bias_for(target)
+        """Greedy decisions at `speedup` (a number, resolved by `operating_point`, or a point resolved already
+        with the same `costs`); `control` steers each sequence's bias so it runs at the point's compute ratio
+        (`methods/dash/control.py`), off: the calibrated bias as it is (the paper's fixed operating point). The
+        ratio is counted and steered on `costs` where given, else on the policy's own table."""
+        point = speedup if isinstance(speedup, OperatingPoint) else self.operating_point(speedup, costs, head)
+        bias = self.bias_for(point.ratio)
         table = costs if costs is not None else self.cost_table()
-        rate = self.rate_control(target, bias, table) if control else None
-        return PolicyDecider(self.model, self.scales(), self.costs(), bias, mode=mode, control=rate, decisions=key)
+        rate = self.rate_control(point.ratio, bias, table) if control else None
+        return PolicyDecider(self.model, self.scales(), self.costs(), bias, mode=mode, control=rate,
+                             decisions=self.decision_key)  # fmt: skip
 
     def rate_control(self, target: float, bias: float, table: CostTable) -> RateControl:
         curve = self.meta.get("ratio_curve") or []

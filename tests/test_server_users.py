@@ -1,0 +1,164 @@
+"""The server on the settings users run, and what must never happen to it.
+
+Users run the real model with its shipped policy and `speedup` as decode wall clock on their host (the default),
+not the compute ratios of a random policy the other server tests use. There, a request at a speedup between the
+host's wall-clock reach and the policy's compute-ratio reach once passed the server's check (read as a ratio) and
+killed the scheduler's thread (read as a speedup): every later request hung while `/health` said "ok". Here:
+any operating point, valid or not, is answered within a bound while valid requests run beside it; a failing
+engine step ends its own requests with a 500 and the server goes on; a scheduler that does stop says so (503 on
+`/health` and at once to new requests) and ends every stream with an error event and `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from dashskip.api import DashModel
+from dashskip.serve.server import ServerLimits
+from tests.conftest import NAME, running, tiny_policy, tiny_smol
+
+BOUND = 120  # seconds any one request may take here (a generous bound for a slow 2-core host, not a timing check)
+
+
+def _ask(url: str, body: dict | str, stream: bool = False) -> tuple[int, str]:
+    """(status, body text) of one completion request, bounded in time; a hang fails the test instead of stalling."""
+    content = body if isinstance(body, str) else json.dumps(body)
+    with httpx.Client(base_url=url, timeout=BOUND) as http:
+        response = http.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+        return response.status_code, response.text
+
+
+def _stream_ended(text: str) -> bool:
+    """A stream's last event is [DONE] (an error, if any, comes as an event before it)."""
+    return text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.real
+def test_every_operating_point_is_answered_and_the_server_keeps_serving(smollm2):
+    """The stall of issue 34: values between the wall-clock reach and the ratio reach, the reach's edges, and
+    nonsense, sent while valid requests (plain and streamed) run; every request ends within the bound, the
+    unreachable ones with a 400 naming the reach, the others with 200; afterwards the server still serves."""
+    reach = smollm2.operating_point(1.1).reach  # decode wall clock on this host, fp32 head
+    ratio_reach = smollm2.policy.max_speedup()
+    assert reach < ratio_reach  # the head and the decisions cost time: the gap where the old server stalled
+    between = [round(reach + f * (ratio_reach - reach), 3) for f in (0.1, 0.5, 0.9)]
+    edges = [1.0, 1.0 + 1e-9, math.floor(reach * 1000) / 1000, math.ceil(reach * 1000 + 1) / 1000, ratio_reach]
+    odd = [0, 0.5, -1, 1e9, 1e308, "2", True, [1.5], {"x": 1}]
+    points: list[object] = [*between, *edges, *odd, 1.9, 2.0, 2.2, 2.3]
+    valid = {"model": NAME, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    work = [({**valid, "speedup": p}, False) for p in points]
+    work += [({**valid, "speedup": 1.2, "stream": s}, s) for s in (False, True, False, True)]
+    work += [({**valid, "speedup": p, "stream": True}, True) for p in between]
+    with running(smollm2, ServerLimits()) as (url, _), ThreadPoolExecutor(8) as pool:
+        t0 = time.monotonic()
+        answers = list(pool.map(lambda w: (*_ask(url, w[0]), w), work))
+        assert time.monotonic() - t0 < BOUND * 2
+        for status, text, (body, stream) in answers:
+            asked = body["speedup"]
+            reachable = isinstance(asked, int | float) and not isinstance(asked, bool) and 1.0 <= asked <= reach
+            if reachable:
+                assert status == 200, (asked, text)
+                if stream:
+                    assert _stream_ended(text), (asked, text)
+                else:
+                    report = json.loads(text)["dashskip"]
+                    assert report["speedup"] == asked
+                    assert report["operating_point"]["reach"] == pytest.approx(reach, abs=1e-4)
+            else:
+                assert status == 400, (asked, text)
+                error = json.loads(text)["error"]
+                assert error["param"] == "speedup" and "\n" not in error["message"]
+                if asked in between:  # the reach on this machine, as a speedup, is named
+                    assert f"about {reach:.2f}x" in error["message"] or "out of reach" in error["message"], error
+        health = httpx.get(f"{url}/health", timeout=BOUND)
+        assert health.status_code == 200 and health.json()["scheduler"] == "running"
+        assert health.json()["queued"] == 0
+        status, text = _ask(url, {**valid, "speedup": 1.2})
+        assert status == 200 and json.loads(text)["choices"][0]["text"]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("speedup", [1.2, 1.4])
+def test_a_request_at_a_speedup_reports_that_speedup(smollm2, speedup):
+    """What a request asks is what it reports: the cost table's predicted decode speedup of the states it ran
+    within 3% of the one asked, and the compute ratio within 3% of the one the point resolved to (rate control)."""
+    question = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+    body = {"model": NAME, "messages": question, "max_tokens": 48, "temperature": 0, "speedup": speedup}
+    with running(smollm2, ServerLimits()) as (url, _):
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=BOUND)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 48  # enough tokens for the controller to hold
+    report = response.json()["dashskip"]
+    assert abs(report["predicted_speedup"] / speedup - 1) < 0.03, report
+    assert abs(report["compute_ratio"] / report["operating_point"]["compute_ratio"] - 1) < 0.03, report
+
+
+@pytest.fixture
+def tiny_server(tokenizer):
+    smol = tiny_smol(tokenizer)
+    model = DashModel(smol, tokenizer, policy=tiny_policy(smol), wall_clock=False)
+    with running(model, ServerLimits(max_tokens=200)) as (url, service):
+        yield url, service
+
+
+def test_a_failing_step_ends_its_requests_with_a_500_and_the_server_goes_on(tiny_server, monkeypatch):
+    """An engine step that raises (our bug, not the client's): the requests in it get a 500 (a stream: an error
+    event, then [DONE]); the loop survives and the next request is served."""
+    url, service = tiny_server
+    engine = service.model.engine
+    real_step, failed = engine.step, []
+
+    def failing_step(input_ids, *args, **kwargs):
+        if input_ids.shape[1] == 1 and not failed:  # the first decode step
+            failed.append(True)
+            raise RuntimeError("planted failure")
+        return real_step(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    body = {"model": NAME, "prompt": "Hello there", "max_tokens": 6, "temperature": 0}
+    status, text = _ask(url, body)
+    assert status == 500 and json.loads(text)["error"]["type"] == "server_error"
+    assert "planted" not in text  # our internals are not the client's business
+    failed.clear()
+    status, text = _ask(url, {**body, "stream": True})
+    assert status == 200 and _stream_ended(text) and '"server_error"' in text
+    assert "finish_reason" not in text.split('"server_error"')[1]
+    status, text = _ask(url, body)
+    assert status == 200 and json.loads(text)["choices"][0]["finish_reason"] == "length"
+    assert httpx.get(f"{url}/health").json()["scheduler"] == "running"
+
+
+def test_a_stopped_scheduler_is_a_503_everywhere_and_ends_every_stream(tiny_server, monkeypatch):
+    """A planted error that escapes the loop (outside any step) stops the scheduler: the streams running then end
+    with an error event and [DONE], `/health` answers 503, and a new request is refused at once, never queued."""
+    url, service = tiny_server
+    scheduler = service.scheduler
+    body = {"model": NAME, "prompt": "Go on and on", "max_tokens": 200, "temperature": 0, "stream": True}
+    original = scheduler._expire
+    with httpx.Client(base_url=url, timeout=BOUND) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # tokens flow
+
+            def broken() -> None:
+                original()
+                raise SystemExit("planted: the loop itself fails")
+
+            monkeypatch.setattr(scheduler, "_expire", broken)
+            with scheduler.wake:
+                scheduler.wake.notify()
+            rest = "\n".join(lines)
+        assert rest.rstrip().endswith("data: [DONE]") and '"error"' in rest
+        scheduler.thread.join(BOUND)
+        health = http.get("/health")
+        assert health.status_code == 503 and health.json()["scheduler"] == "stopped"
+        t0 = time.monotonic()
+        refused = http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})
+        assert refused.status_code == 503 and "restart the server" in refused.json()["error"]["message"]
+        assert time.monotonic() - t0 < BOUND / 2
