@@ -270,3 +270,89 @@ def test_a_model_with_a_policy_measures_its_wall_clock_costs_per_head():
     dm.set_head("int8")  # measured now, unless an earlier run of the tests measured and kept it
     assert dm.backbone.head_precision == "int8" and dm.costs.wall_clock("int8", policy.decision_key)
     assert not DashModel(model, policy=policy, wall_clock=False).costs.wall_clock("full", None)
+
+
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ("{not json", "has unreadable metadata"),
+        ("[1, 2]", "metadata that is not a JSON object"),
+        ("drop:kv_rule", "lacks 'kv_rule' in its metadata"),
+        ("drop:policy_config", "lacks 'policy_config' in its metadata"),
+        ("config:colour=1", "has an unusable policy_config"),
+        ("config:hidden_size=32", "does not match its own config"),
+    ],
+)
+def test_a_broken_policy_file_is_one_line_naming_the_file(tmp_path, meta, message):
+    """Whatever is wrong inside a policy file, loading it is a `DashskipError` of one line naming the file, never
+    a raw JSONDecodeError, KeyError or TypeError; through the CLI it is one line and exit 2."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tests.test_cli import run
+
+    good = tmp_path / "good.safetensors"
+    make_policy().save(good)
+    with safe_open(str(good), framework="pt") as handle:
+        raw = json.loads(handle.metadata()["dashskip"])
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
+    if meta.startswith("drop:"):
+        raw.pop(meta[5:])
+        meta = json.dumps(raw)
+    elif meta.startswith("config:"):
+        key, value = meta[7:].split("=")
+        raw["policy_config"][key] = int(value)
+        meta = json.dumps(raw)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={"dashskip": meta})
+    with pytest.raises(DashskipError, match=message) as info:
+        DashPolicy.load(bad)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+    if message == "has unreadable metadata":  # the user's view, once
+        out = run("generate", "hi", "--speedup", "1.2", "--policy", str(bad))
+        assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and message in out.stderr
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_rows_of_one_policy_are_decided_together_as_each_alone(tokens):
+    """`per_row` fuses requests of one policy at their own operating points (and requests in full) into one
+    scoring call per layer; every row's states are exactly those it gets alone, each row keeps its own controller,
+    and a row at 1.0x runs in full. Rows at far-apart biases make a row routed to another's bias visible."""
+    from dashskip.core.decisions import Decider, PerRow, per_row
+    from dashskip.methods.dash.policy import PolicyRows
+
+    policy = make_policy()
+    engine = Engine(Backbone(tiny_model("llama")), scales=policy.scales())
+    ids = torch.randint(3, 97, (4, 6), generator=torch.Generator().manual_seed(1))
+    points = [1.3, None, 2.9, 1.9]  # None: a request at 1.0x
+
+    def deciders() -> list[Decider]:
+        return [Decider() if p is None else policy.decider(p) for p in points]
+
+    alone = []
+    for r, decider in enumerate(deciders()):
+        session = engine.new_session(1)
+        steps = [engine.step(ids[r : r + 1], session, decider)]
+        for _ in range(tokens):
+            steps.append(engine.step(torch.tensor([[5]]), session, decider))
+        alone.append((torch.cat([s.states for s in steps], 1), decider))
+    together = deciders()
+    fused = per_row(together)
+    assert isinstance(fused, PolicyRows)
+    session = engine.new_session(4)
+    steps = [engine.step(ids, session, fused)]
+    for _ in range(tokens):
+        steps.append(engine.step(torch.full((4, 1), 5), session, per_row(together)))
+    states = torch.cat([s.states for s in steps], 1)
+    for r, (expected, decider) in enumerate(alone):
+        assert torch.equal(states[r], expected[0]), f"row {r}"
+        if points[r] is None:
+            assert bool(states[r].eq(4).all())
+        else:
+            assert torch.equal(together[r].control.spent, decider.control.spent)  # its own controller only
+    table = policy.cost_table()  # each row at its own point: a row given another's bias would move its ratio
+    assert table.compute_ratio(states[0]) < table.compute_ratio(states[3]) < table.compute_ratio(states[2])
+    assert isinstance(per_row([Decider(), Decider()]), Decider) and isinstance(per_row(together[:1]), type(together[0]))
+    assert isinstance(per_row([policy.decider(1.3), make_policy().decider(1.3)]), PerRow)  # two scoring models

@@ -90,6 +90,29 @@ class Decider:
         controller moved its operating point toward the one asked. `valid` (batch, tokens): real tokens."""
         return False
 
+    @classmethod
+    def fuse(cls, rows: Sequence[Decider]) -> Decider | None:
+        """One decider answering for every row of a step in one call per layer, where row r's own decider is
+        `rows[r]` (of this kind, or a plain `Decider`: that row in full), each row decided as it would be alone;
+        None where this kind cannot (then `PerRow` asks each row's decider in turn)."""
+        return None
+
+
+def per_row(deciders: Sequence[Decider]) -> Decider:
+    """The decider of a step whose rows each bring their own (requests at their own operating points): one row's
+    as it is; rows all in full, one plain `Decider`; rows of one kind that can `fuse`, fused (one scoring call per
+    layer); else `PerRow`."""
+    if len(deciders) == 1:
+        return deciders[0]
+    kinds = {type(d) for d in deciders} - {Decider}
+    if not kinds:
+        return deciders[0]
+    if len(kinds) == 1:
+        fused = kinds.pop().fuse(deciders)
+        if fused is not None:
+            return fused
+    return PerRow(deciders)
+
 
 class Wrapper(Decider):
     """A decider that changes the answers of another; traits, `begin` and `end` pass through to it."""

@@ -75,7 +75,12 @@ def load_artifact(
         raise DashskipError(f"{kind} file '{path}' is truncated or corrupt ({exc}); {remedy}") from None
     if raw is None:
         raise DashskipError(f"'{path}' is a safetensors file but not a dashskip {kind} (no metadata)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise DashskipError(f"{kind} file '{path}' has unreadable metadata ({exc}); {remedy}") from None
+    if not isinstance(meta, dict):
+        raise DashskipError(f"{kind} file '{path}' has metadata that is not a JSON object; {remedy}")
     if meta.get("format") != fmt or meta.get("version") not in versions:
         raise DashskipError(
             f"{kind} file '{path}' has format {meta.get('format')} version {meta.get('version')}; this dashskip "
@@ -84,11 +89,19 @@ def load_artifact(
     return tensors, meta
 
 
+def require(meta: dict[str, Any], keys: tuple[str, ...], kind: str, path: str | Path, remedy: str) -> None:
+    """A one-line error naming the file and the first of `keys` its metadata lacks."""
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise DashskipError(f"{kind} file '{path}' lacks '{missing[0]}' in its metadata; {remedy}")
+
+
 def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], kind: str, path: str | Path) -> None:
     try:
         module.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise DashskipError(f"{kind} file '{path}' does not match its own config ({exc})") from None
+    except RuntimeError as exc:  # torch lists every mismatch on lines of their own: the first says enough
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc).strip())
+        raise DashskipError(f"{kind} file '{path}' does not match its own config ({first}); retrain it") from None
     module.eval()
 
 

@@ -6,7 +6,8 @@ long, and admits waiting requests while the batch has room, (2) prefills: the sh
 in one left-padded step (up to `prefill_chunk` tokens with padding), or, taking turns with them, the next chunk
 of a long prompt (long prompts in turn, so none holds the others up by more than a chunk), each row with its
 own decider; a request whose prompt is done joins the batch, and (3) runs one decode step for the whole batch:
-the rows' caches are one left-padded session, their deciders one `PerRow` decider, and every row samples with
+the rows' caches are one left-padded session, their deciders one (`per_row`: a policy's rows fused into one
+scoring call per layer, each with its own bias and controller), and every row samples with
 its own settings. A request's states and compute ratio are its own rows'. Lossless requests (one sequence at a
 time by nature) run alone between batch steps.
 
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from dashskip.api import DashModel
-from dashskip.core.decisions import Decider, PerRow
+from dashskip.core.decisions import Decider, per_row
 from dashskip.core.operating import OperatingPoint
 from dashskip.runtime.engine import Session
 from dashskip.runtime.generation import GenerateOutput, GenerationConfig, next_token
@@ -280,7 +281,7 @@ class Scheduler:
         ids = torch.tensor([[0] * (width - len(r.job.ids)) + r.job.ids for r in rows])
         mask = torch.tensor([[0] * (width - len(r.job.ids)) + [1] * len(r.job.ids) for r in rows])
         session = self.model.engine.new_session(len(rows), capacity=width + max(r.job.max_new_tokens for r in rows))
-        decider = rows[0].decider if len(rows) == 1 else PerRow([r.decider for r in rows])
+        decider = per_row([r.decider for r in rows])
         result = self.model.engine.step(ids, session, decider, None if bool(mask.all()) else mask)
         self.prefill_steps += 1
         self.largest_prefill = max(self.largest_prefill, len(rows))
@@ -323,7 +324,7 @@ class Scheduler:
         t0 = time.perf_counter()
         rows, session = self.batch, self.session
         tokens = torch.tensor([r.tokens[-1] for r in rows])
-        decider = rows[0].decider if len(rows) == 1 else PerRow([r.decider for r in rows])
+        decider = per_row([r.decider for r in rows])  # one scoring call per layer for the batch, a bias per row
         result = self.model.engine.step(tokens[:, None], session, decider, torch.ones(len(rows), 1, dtype=torch.long))
         logits = self.model.backbone.logits(result.hidden[:, -1]).float()
         keep = []

@@ -248,8 +248,11 @@ std::vector<int64_t> decide(const torch::Tensor& x, const torch::Tensor& w1, con
                             const torch::Tensor& b3, double eps) {
   for (const torch::Tensor* t : {&x, &w1, &b1, &w2, &b2, &w3, &b3}) check_rows(*t, "decide");
   const int64_t d = x.size(-1), rows = x.numel() / d, h1 = w1.size(1), h2 = w2.size(1), states = w3.size(1);
+  // b3: one bias row for every row, or (rows, states): a row's own (its previous state and its cost bias), so a
+  // batch of requests is decided in one call, each row exactly as it would be alone.
   TORCH_CHECK(w1.size(0) == d && w2.size(0) == h1 && w3.size(0) == h2 && b1.numel() == h1 && b2.numel() == h2 &&
-                  b3.numel() == states, "decide: weights do not match");
+                  (b3.numel() == states || b3.numel() == rows * states), "decide: weights do not match");
+  const int64_t b3_stride = b3.numel() == states ? 0 : states;
   std::vector<int64_t> out(rows);
   std::vector<float> a(h1), b(h2);
   const auto gelu = [](float v) { return 0.5f * v * (1.f + std::erf(v * static_cast<float>(M_SQRT1_2))); };
@@ -265,7 +268,7 @@ std::vector<int64_t> decide(const torch::Tensor& x, const torch::Tensor& w1, con
     for (int64_t k = 0; k < states; ++k) {
       float score = 0.f;
       for (int64_t i = 0; i < h2; ++i) score += b[i] * w3.data_ptr<float>()[i * states + k];
-      score += b3.data_ptr<float>()[k];
+      score += b3.data_ptr<float>()[r * b3_stride + k];
       if (score > top) top = score, best = k;  // the first of equal maxima, as torch.argmax
     }
     out[r] = best;

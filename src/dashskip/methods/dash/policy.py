@@ -15,6 +15,7 @@ its real input h_{i+1}.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from torch.nn import functional as F
 from dashskip.core.context import StateChoice
 from dashskip.core.costs import CostTable
 from dashskip.core.decisions import Decider, StepInfo, Traits
-from dashskip.core.files import load_artifact, load_weights, save_artifact
+from dashskip.core.files import load_artifact, load_weights, require, save_artifact
 from dashskip.core.kernels import compiled_rows, extension
 from dashskip.core.operating import OperatingPoint, Unit, resolve
 from dashskip.core.states import State, by_name, code_lookup, parse, spec
@@ -180,6 +181,25 @@ class GreedyScorer:
             scores = scores - shift[:, None] * self.costs
         return self.states(scores.argmax(-1), hidden.shape[:-1])
 
+    def rows(self, hidden: torch.Tensor, current: int, previous: StateChoice, bias: torch.Tensor) -> StateChoice:
+        """Decisions for a (batch, tokens) step whose rows each have their own cost bias (batch,), every row's
+        exactly what it would get alone: one compiled call with a bias row per row where the rows fit it (the
+        kernel computes each row on its own), else row by row, as each would run alone."""
+        batch, tokens = hidden.shape[:2]
+        flat = hidden.reshape(-1, self.dim)
+        if compiled_rows(flat):
+            prev = self.config.index_of(torch.as_tensor(previous).expand(batch, tokens).reshape(-1))
+            b3 = (self.b3_base[prev] - bias.float().repeat_interleave(tokens)[:, None] * self.costs).contiguous()
+            index = extension().decide(flat.contiguous(), self.w1, self.b1[current], self.w2, self.b2, self.w3, b3,
+                                       RMS_EPS)  # fmt: skip
+            return self.states(index, hidden.shape[:-1])
+        answers = []
+        for r in range(batch):
+            self.set_bias(bias[r])
+            answers.append(self(hidden[r : r + 1], current, previous[r : r + 1] if isinstance(previous, torch.Tensor)
+                                else previous))  # fmt: skip
+        return torch.cat([torch.as_tensor(a).expand(1, tokens) for a in answers])
+
     def states(self, index: list[int] | torch.Tensor, shape: torch.Size) -> StateChoice:
         """Output indices as states: a plain int for one row keeps the engine on its uniform fast path."""
         if len(index) == 1:
@@ -198,8 +218,36 @@ class Record:
     index: torch.Tensor  # chosen output index, (batch, tokens)
 
 
-class PolicyDecider(Decider):
-    """Decides states with a scoring model: greedy (inference) or sampled at a temperature (training)."""
+class Lookahead(Decider):
+    """When a policy decides: asynchronous mode (the default, eq. 19-20) decides layer i+1 from the input of
+    layer i as layer i starts, so the decision overlaps the layer; sync mode decides each layer from its own
+    input. Subclasses say what to decide (`choose`); the first and last layer always run in full."""
+
+    mode: str
+    last: int
+    scales: torch.Tensor
+    pending: StateChoice | None = None
+    scaled_input: bool = False  # whether `choose` wants the async input times scale_i (training), or as it is
+
+    def choose(self, hidden: torch.Tensor, current: int, nxt: int, previous: StateChoice) -> StateChoice:
+        raise NotImplementedError
+
+    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
+        if self.mode == "sync":
+            if layer in (0, self.last):
+                return int(State.FULL)
+            return self.choose(hidden, layer - 1, layer, previous)
+        current = self.pending if self.pending is not None else int(State.FULL)
+        self.pending = None
+        if layer + 1 < self.last:  # decide layer+1 now, from the scaled input of this layer
+            scaled = hidden * self.scales[layer] if self.scaled_input else hidden  # the greedy scorer cancels it
+            self.pending = self.choose(scaled, layer, layer + 1, current)
+        return current
+
+
+class PolicyDecider(Lookahead):
+    """Decides states with a scoring model: greedy (inference) or sampled at a temperature (training). One per
+    sequence (a request): it holds the sequence's state, its operating point's bias and its rate controller."""
 
     def __init__(
         self,
@@ -217,6 +265,7 @@ class PolicyDecider(Decider):
         self.traits = Traits(decisions=decisions)  # where a cost table keeps what these decisions cost
         self.model = model
         self.scales = scales
+        self.bias = bias
         self.cost_bias = bias * costs  # (states,), subtracted from the scores
         self.control = control
         self.counting = False
@@ -228,6 +277,7 @@ class PolicyDecider(Decider):
         self.pending: StateChoice | None = None
         self.last = model.config.num_layers - 1
         self.greedy = GreedyScorer(model, costs, bias) if temperature is None and not record else None
+        self.scaled_input = self.greedy is None
         if control is not None and self.greedy is None:
             raise DashskipError("rate control steers greedy decisions; sampled or recorded ones train at a fixed bias")
 
@@ -245,6 +295,19 @@ class PolicyDecider(Decider):
     def end(self, states: torch.Tensor) -> None:
         if self.control is not None and self.counting:
             self.control.observe(states)
+
+    def step_bias(self) -> torch.Tensor:
+        """(1,) the cost bias this sequence's current step runs at (after `begin`): its controller's, or fixed."""
+        return self.control.applied.reshape(-1)[:1] if self.control is not None else torch.tensor([float(self.bias)])
+
+    @classmethod
+    def fuse(cls, rows: Sequence[Decider]) -> Decider | None:
+        """Greedy deciders of one scoring model (requests of one policy at any operating points), as `PolicyRows`."""
+        policies = [d for d in rows if isinstance(d, PolicyDecider)]
+        lead = policies[0]
+        same = all(d.greedy is not None and d.model is lead.model and d.mode == lead.mode for d in policies)
+        known = all(isinstance(d, PolicyDecider) or type(d) is Decider for d in rows)
+        return PolicyRows(rows) if same and known else None
 
     def again(self, states: torch.Tensor, valid: torch.Tensor | None) -> bool:
         return self.control is not None and self.control.retarget(states, valid)
@@ -264,17 +327,37 @@ class PolicyDecider(Decider):
             self.records.append(Record(hidden.detach().clone(), current, nxt, prev.clone(), index))
         return self.model.config.codes[index]
 
-    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
-        if self.mode == "sync":
-            if layer in (0, self.last):
-                return int(State.FULL)
-            return self.choose(hidden, layer - 1, layer, previous)
-        current = self.pending if self.pending is not None else int(State.FULL)
+
+
+class PolicyRows(Lookahead):
+    """The rows of one step, row r deciding as its own sequence's `PolicyDecider` would (its operating point, its
+    controller) or in full (a plain `Decider`: a request at 1.0x), in one scoring call per layer with a cost bias
+    per row (`GreedyScorer.rows`). The per-sequence state stays in each row's decider; this holds only the step."""
+
+    def __init__(self, rows: Sequence[Decider]) -> None:
+        lead = next(d for d in rows if isinstance(d, PolicyDecider))
+        self.rows = list(rows)
+        self.traits, self.mode, self.last, self.scales = lead.traits, lead.mode, lead.last, lead.scales
+        self.scorer = lead.greedy
+        self.full = torch.tensor([not isinstance(d, PolicyDecider) for d in self.rows])
+        self.bias = torch.zeros(len(self.rows))
+
+    def begin(self, step: StepInfo) -> None:
         self.pending = None
-        if layer + 1 < self.last:  # decide layer+1 now, from the scaled input of this layer
-            scaled = hidden if self.greedy is not None else hidden * self.scales[layer]  # the scorer cancels it
-            self.pending = self.choose(scaled, layer, layer + 1, current)
-        return current
+        for r, d in enumerate(self.rows):
+            d.begin(step.rows(slice(r, r + 1)))
+        self.bias = torch.cat([d.step_bias() if isinstance(d, PolicyDecider) else torch.zeros(1) for d in self.rows])
+
+    def end(self, states: torch.Tensor) -> None:
+        for r, d in enumerate(self.rows):
+            d.end(states[r : r + 1])
+
+    @torch.no_grad()
+    def choose(self, hidden: torch.Tensor, current: int, nxt: int, previous: StateChoice) -> StateChoice:
+        answer = self.scorer.rows(hidden, current, previous, self.bias)
+        if not bool(self.full.any()):
+            return answer
+        return torch.where(self.full[:, None], int(State.FULL), torch.as_tensor(answer).expand(hidden.shape[:2]))
 
 
 @dataclass
@@ -386,9 +469,13 @@ class DashPolicy:
     def load(cls, path: str | Path) -> DashPolicy:
         remedy = "train one with `dashskip train` (or re-copy the file)"
         tensors, meta = load_artifact(path, "policy", POLICY_FORMAT, (1, POLICY_VERSION), remedy)
+        require(meta, ("policy_config", "scales", "cost_table", "kv_rule", "fingerprint"), "policy", path, remedy)
         config = meta.pop("policy_config")
-        if meta.get("version") == 1 and "allowed" in config:  # outputs for codes 0, 1, 2, 4; allowed by code
-            config["allowed"] = [spec(int(c)).name for c in config["allowed"]]
-        model = ScoringModel(PolicyConfig(**config))
+        try:
+            if meta.get("version") == 1 and "allowed" in config:  # outputs for codes 0, 1, 2, 4; allowed by code
+                config["allowed"] = [spec(int(c)).name for c in config["allowed"]]
+            model = ScoringModel(PolicyConfig(**config))
+        except (TypeError, ValueError, KeyError) as exc:  # a config this dashskip cannot build a scoring model from
+            raise DashskipError(f"policy file '{path}' has an unusable policy_config ({exc}); {remedy}") from None
         load_weights(model, tensors, "policy", path)
         return cls(model, meta)
