@@ -52,7 +52,7 @@ def _int8_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _vnni_rows(x: torch.Tensor) -> bool:
-    return activations() == "int8" and K.compiled_rows(x, K.INT_DOT_ROWS) and K.extension().has_vnni()
+    return activations() == "int8" and K.compiled_rows(x, K.INT_DOT_ROWS) and K.vnni()
 
 
 # The integer dot-product kernels in their two prefetch plans (int_dot.cpp): the same packed layout, measured apart.
@@ -162,7 +162,7 @@ class Int8WeightOnly(Handler):
         if K.needs_grad(x):
             return ["gemm"]
         names = ["torch", "gemm"]
-        if K.compiled_rows(x) and K.extension().has_int8():
+        if K.compiled_rows(x) and K.avx512():
             names.append("packed")
         return [*names, *VNNI] if _vnni_rows(x) else names
 

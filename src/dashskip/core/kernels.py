@@ -9,9 +9,10 @@ kept, and the choices are stored beside the cost tables under a fingerprint of t
 threads, torch version). `dashskip profile` prints them.
 
 `DASHSKIP_SMALL_GEMM` overrides the choice: `0` runs torch's ops only (and does not build the extension), `1`
-runs dashskip's kernels wherever they apply without measuring (the integer VNNI ones first). The extension is
-compiled on first use with torch's C++ extension builder (a C++ compiler and ninja) into the dashskip cache,
-announced with one line; where it cannot run (no AVX/FMA, not x86-64 Linux, no compiler, a GPU tensor, autograd)
+runs dashskip's kernels wherever they apply without measuring (the integer VNNI ones first). `DASHSKIP_ISA=avx2`
+hides the AVX-512 and VNNI kernels: what an AVX2-only CPU runs, on any host (the tests run both switches). The
+extension is compiled on first use with torch's C++ extension builder (a C++ compiler and ninja) into the dashskip
+cache, announced with one line; where it cannot run (no AVX/FMA, not x86-64 Linux, no compiler, a GPU tensor, autograd)
 torch's ops run.
 """
 
@@ -133,6 +134,19 @@ def extension() -> ModuleType | None:
         stacklevel=2,
     )
     return None
+
+
+def avx512() -> bool:
+    """Whether the AVX-512 kernels (the packed INT8 and the VNNI integer ones) may run: the extension is built, the
+    CPU has AVX-512, and `DASHSKIP_ISA=avx2` does not hide them. That switch runs, on any host, what an AVX2-only
+    CPU runs (the extension's AVX2 kernels and torch's ops), so the paths most users' CPUs take are tested here."""
+    ext = extension()
+    return ext is not None and os.environ.get("DASHSKIP_ISA", "") != "avx2" and bool(ext.has_int8())
+
+
+def vnni() -> bool:
+    """Whether the integer dot-product (AVX512-VNNI) kernels may run (`avx512`, and the CPU has VNNI)."""
+    return avx512() and bool(extension().has_vnni())
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:

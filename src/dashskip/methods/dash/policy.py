@@ -28,7 +28,7 @@ from dashskip.core.context import StateChoice
 from dashskip.core.costs import CostTable
 from dashskip.core.decisions import Decider, StepInfo, Traits
 from dashskip.core.files import load_artifact, load_weights, require, save_artifact
-from dashskip.core.kernels import compiled_rows, extension
+from dashskip.core.kernels import SMALL_ROWS, compiled_rows, extension
 from dashskip.core.operating import OperatingPoint, Unit, resolve
 from dashskip.core.states import State, by_name, code_lookup, parse, spec
 from dashskip.errors import DashskipError
@@ -182,17 +182,23 @@ class GreedyScorer:
         return self.states(scores.argmax(-1), hidden.shape[:-1])
 
     def rows(self, hidden: torch.Tensor, current: int, previous: StateChoice, bias: torch.Tensor) -> StateChoice:
-        """Decisions for a (batch, tokens) step whose rows each have their own cost bias (batch,), every row's
-        exactly what it would get alone: one compiled call with a bias row per row where the rows fit it (the
-        kernel computes each row on its own), else row by row, as each would run alone."""
+        """Decisions for a (batch, tokens) step whose rows each have their own cost bias (batch,).
+
+        A decode step of few rows is one compiled call with a bias row per row: the kernel scores each row on its
+        own, so every row gets exactly what it gets alone. A decode step of more rows is one batched product (a
+        GEMM, which may round a row otherwise than alone: docs/serving.md gives the measured rate). Anything
+        else (prefill, or no compiled kernel here) is scored row by row, each row exactly as alone."""
         batch, tokens = hidden.shape[:2]
         flat = hidden.reshape(-1, self.dim)
-        if compiled_rows(flat):
+        if tokens == 1 and compiled_rows(flat):
             prev = self.config.index_of(torch.as_tensor(previous).expand(batch, tokens).reshape(-1))
-            b3 = (self.b3_base[prev] - bias.float().repeat_interleave(tokens)[:, None] * self.costs).contiguous()
+            b3 = (self.b3_base[prev] - bias.float()[:, None] * self.costs).contiguous()
             index = extension().decide(flat.contiguous(), self.w1, self.b1[current], self.w2, self.b2, self.w3, b3,
                                        RMS_EPS)  # fmt: skip
             return self.states(index, hidden.shape[:-1])
+        if tokens == 1 and batch > SMALL_ROWS:
+            self.set_bias(bias)
+            return self(hidden, current, previous)
         answers = []
         for r in range(batch):
             self.set_bias(bias[r])
