@@ -152,6 +152,18 @@ def test_requests_at_different_operating_points_share_a_batch(dash):
     assert abs(ratios[2.0] / 2.0 - 1) < 0.03
 
 
+def test_an_operating_point_beyond_the_policy_is_refused_not_served_at_another(monkeypatch):
+    """With the policy named to the API process (as `dashskip serve --engine vllm` does), a request beyond its
+    reach is refused where requests are validated, with the reach in the message; within it, accepted."""
+    from dashskip.vllm.requests import POLICY_ENV, requested_speedup
+
+    monkeypatch.setenv(POLICY_ENV, str(bundled_policy(MODEL)))
+    assert requested_speedup(SamplingParams(extra_args={"dash_speedup": 2.0})) == 2.0
+    for beyond in (9.0, 2.5):
+        with pytest.raises(VLLMValidationError, match="above the range this policy was calibrated for"):
+            requested_speedup(SamplingParams(extra_args={"dash_speedup": beyond}))
+
+
 @pytest.mark.parametrize("bad", ["fast", 0.5, float("nan"), True])
 def test_a_bad_operating_point_is_refused_before_any_work(dash, bad):
     with pytest.raises(VLLMValidationError, match="dash_speedup must be a number >= 1.0"):
@@ -222,6 +234,9 @@ def test_dashskip_serve_engine_vllm_answers_the_openai_client(folder, stock_toke
         with pytest.raises(openai.BadRequestError, match="dash_speedup must be a number"):
             client.completions.create(model=MODEL, prompt="Hi", max_tokens=2,
                                       extra_body={"vllm_xargs": {"dash_speedup": "fast"}})  # fmt: skip
+        with pytest.raises(openai.BadRequestError, match="above the range this policy was calibrated for"):
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2,
+                                      extra_body={"vllm_xargs": {"dash_speedup": 9.0}})  # fmt: skip
         assert server.poll() is None
     finally:
         server.terminate()

@@ -11,8 +11,10 @@ each request spent, which is reported when the request leaves the batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,12 +24,19 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from dashskip.errors import DashskipError
+from dashskip.methods.dash.policy import DashPolicy
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 log = logging.getLogger("vllm.dashskip")  # under vLLM's logger: its handlers and format
 
 SPEEDUP_KEY = "dash_speedup"  # the per-request operating point, in `vllm_xargs` / `SamplingParams.extra_args`
+# The policy file the model runs, for the API process, which validates requests but never loads the model:
+# `dashskip serve --engine vllm` sets it, so a request beyond the policy's reach is a 400 there, not served
+# at another point than asked (without it, the model runs such a request at its reach and logs a warning).
+POLICY_ENV = "DASHSKIP_VLLM_POLICY"
 REPORTS_KEPT = 4096
 
 
@@ -43,7 +52,18 @@ def requested_speedup(params: SamplingParams) -> float | None:
     if not (math.isfinite(speedup) and speedup >= 1.0) or isinstance(value, bool):
         raise VLLMValidationError(f"{SPEEDUP_KEY} must be a number >= 1.0 (1.0 = every layer in full), got {value!r}",
                                   parameter=SPEEDUP_KEY, value=value)  # fmt: skip
+    policy = os.environ.get(POLICY_ENV)
+    if policy and speedup > 1.0:  # out of the policy's reach: refused here (400), as dashskip's own server does
+        try:
+            _policy(policy).operating_point(speedup)
+        except DashskipError as exc:
+            raise VLLMValidationError(f"{SPEEDUP_KEY}: {exc}", parameter=SPEEDUP_KEY, value=value) from None
     return speedup
+
+
+@functools.cache
+def _policy(path: str) -> DashPolicy:
+    return DashPolicy.load(path)
 
 
 @dataclass
