@@ -31,7 +31,7 @@ from dashskip.data import load_text, token_windows
 from dashskip.models.loading import load_model, resolve
 from dashskip.vllm import serve_command
 
-ENGINES = ("vllm-stock", "vllm-dash", "vllm-dash-majority", "dashskip")
+ENGINES = ("vllm-stock", "vllm-dash", "vllm-dash-majority", "dashskip", "dashskip-majority")
 RATIO_LINE = re.compile(r"after (\d+) tokens at compute ratio ([0-9.]+) \(asked ([0-9.]+)\)")
 
 
@@ -140,9 +140,11 @@ def main() -> None:
     rows = []
     for engine in args.engines:
         port = free_port()
-        if engine == "dashskip":
+        if engine.startswith("dashskip"):
             command = [str(Path(sys.executable).parent / "dashskip"), "serve", "--model", args.model, "--port",
                        str(port), "--max-batch", str(top)]  # fmt: skip
+            if engine == "dashskip-majority":
+                command += ["--batch-states", "majority"]
         else:
             states = "majority" if engine == "vllm-dash-majority" else "token"
             command = serve_command(folder, 1.0, None, True, "127.0.0.1", port, args.model, top, 512, 1 << 30, states)

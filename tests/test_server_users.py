@@ -162,3 +162,40 @@ def test_a_stopped_scheduler_is_a_503_everywhere_and_ends_every_stream(tiny_serv
         refused = http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})
         assert refused.status_code == 503 and "restart the server" in refused.json()["error"]["message"]
         assert time.monotonic() - t0 < BOUND / 2
+
+
+def test_batch_majority_runs_one_state_per_layer_and_keeps_a_full_request_full(tokenizer, monkeypatch):
+    """`--batch-states majority`: every decode step of several requests runs one state per layer for the requests
+    above 1.0x (one set of weight reads), while a request at 1.0x stays in full; a bad value is one line."""
+    from dashskip.errors import DashskipError
+    from dashskip.serve.scheduler import BatchLimits, Job, Scheduler
+
+    with pytest.raises(DashskipError, match="batch states must be one of token, majority"):
+        BatchLimits(batch_states="vote")
+    smol = tiny_smol(tokenizer)
+    model = DashModel(smol, tokenizer, policy=tiny_policy(smol), wall_clock=False)
+    steps = []
+    real_step = model.engine.step
+
+    def recording(input_ids, *args, **kwargs):
+        result = real_step(input_ids, *args, **kwargs)
+        if input_ids.shape == (4, 1):
+            steps.append(result.states[:, 0])
+        return result
+
+    monkeypatch.setattr(model.engine, "step", recording)
+    scheduler = Scheduler(model, [2], BatchLimits(max_batch=4, batch_states="majority"))
+    try:
+        prompts = {"Hello": 2.5, "The capital of France is": 2.9, "Once upon a time": 1.0, "1 2 3": 2.5}
+        with scheduler.wake:  # all four start together
+            jobs = [Job(tokenizer(p)["input_ids"], 8, 0.0, 1.0, None, s) for p, s in prompts.items()]
+            for job in jobs:
+                scheduler.submit(job)
+        assert all(job.future.result(BOUND).tokens for job in jobs)
+    finally:
+        scheduler.close()
+    assert steps, "the four requests never decoded together"
+    for states in steps:  # (rows, layers)
+        assert bool((states[[0, 1, 3]] == states[0]).all())  # one state per layer for the batch
+        assert bool(states[2].eq(4).all())  # the 1.0x request in full
+    assert any(bool((s[0] != 4).any()) for s in steps)  # and the batch did run cheaper states

@@ -614,7 +614,10 @@ def serve(
     ] = "dashskip",
     kv_cache_gib: Annotated[float, typer.Option(min=0.1, help="--engine vllm: memory for vLLM's K/V cache")] = 2.0,
     batch_states: Annotated[
-        str, typer.Option(help="--engine vllm: token (each token its own states) or majority (one per layer a step)")
+        str,
+        typer.Option(help="token (each request its own states) or majority (a decode step runs, per layer, the "
+                     "state most of its requests chose: one set of weight reads; a request's text then depends on "
+                     "what it is batched with)"),
     ] = "token",
 ) -> None:
     """Serve an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (both streaming), /v1/models.
@@ -651,7 +654,7 @@ def serve(
         typer.echo(f"note: listening on {host} exposes the server beyond this machine; {auth}", err=True)
     security = Security(hosts, api_key, special_tokens_in_content)
     batch = BatchLimits(max_batch=max_batch, max_queue=max_queue, max_queued_tokens=max_queued_tokens,
-                        max_queue_seconds=max_queue_seconds)  # fmt: skip
+                        max_queue_seconds=max_queue_seconds, batch_states=batch_states)  # fmt: skip
     limits = ServerLimits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, batch=batch)
     sock = listen(host, port)  # a busy port fails before the model loads
     # with the shipped policy loaded, requests can move the operating point even when the default is 1.0

@@ -31,12 +31,15 @@ from typing import Any
 import torch
 
 from dashskip.api import DashModel
-from dashskip.core.decisions import Decider, per_row
+from dashskip.core.decisions import BatchMajority, Decider, FullFor, per_row
 from dashskip.core.operating import OperatingPoint
+from dashskip.errors import DashskipError
 from dashskip.runtime.engine import Session
 from dashskip.runtime.generation import GenerateOutput, GenerationConfig, next_token
 
 log = logging.getLogger("dashskip.serve.scheduler")
+
+BATCH_STATES = ("token", "majority")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,14 @@ class BatchLimits:
     max_queue: int = 256  # requests waiting or running
     max_queued_tokens: int = 65536  # prompt + new tokens of every request waiting or running
     max_queue_seconds: float = 60.0  # a request not started by then is refused (503)
+    # "token": each request its own states; "majority": per layer, a decode step runs the state most of its rows
+    # chose (the RL-adapter paper's batch-majority voting): one set of weight reads for the batch, each request's
+    # controller steering what the batch ran, and a request's text then depends on what it is batched with.
+    batch_states: str = "token"
+
+    def __post_init__(self) -> None:
+        if self.batch_states not in BATCH_STATES:
+            raise DashskipError(f"batch states must be one of {', '.join(BATCH_STATES)}, got '{self.batch_states}'")
 
 
 class Busy(Exception):
@@ -325,6 +336,9 @@ class Scheduler:
         rows, session = self.batch, self.session
         tokens = torch.tensor([r.tokens[-1] for r in rows])
         decider = per_row([r.decider for r in rows])  # one scoring call per layer for the batch, a bias per row
+        if self.limits.batch_states == "majority" and len(rows) > 1:  # a request at 1.0x stays in full
+            full = torch.tensor([type(r.decider) is Decider for r in rows])[:, None]
+            decider = FullFor(BatchMajority(decider), full) if bool(full.any()) else BatchMajority(decider)
         result = self.model.engine.step(tokens[:, None], session, decider, torch.ones(len(rows), 1, dtype=torch.long))
         logits = self.model.backbone.logits(result.hidden[:, -1]).float()
         keep = []
