@@ -18,7 +18,7 @@ included. One round:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -97,6 +97,19 @@ def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.
         return logits.argmax(-1)
     probs = warp_logits(logits.float(), config.temperature, config.top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def next_tokens(
+    engine: Engine,
+    result: StepResult,
+    configs: Sequence[GenerationConfig],
+    generators: Sequence[torch.Generator | None],
+) -> list[int]:
+    """Each row's next token from a step's last position, each row sampled with its own settings and generator
+    (a server's requests in one batch)."""
+    logits = engine.backbone.logits(result.hidden[:, -1]).float()
+    return [int(next_token(logits[i : i + 1], config, generator)[0])
+            for i, (config, generator) in enumerate(zip(configs, generators, strict=True))]  # fmt: skip
 
 
 def prefill(

@@ -34,8 +34,14 @@ from dashskip.api import DashModel
 from dashskip.core.decisions import BatchMajority, Decider, FullFor, per_row
 from dashskip.core.operating import OperatingPoint
 from dashskip.errors import DashskipError
-from dashskip.runtime.engine import Session
-from dashskip.runtime.generation import GenerateOutput, GenerationConfig, next_token
+from dashskip.runtime.engine import Session, StepResult
+from dashskip.runtime.generation import (
+    GenerateOutput,
+    GenerationConfig,
+    decode_one_token,
+    next_tokens,
+    prefill,
+)
 
 log = logging.getLogger("dashskip.serve.scheduler")
 
@@ -292,21 +298,21 @@ class Scheduler:
         ids = torch.tensor([[0] * (width - len(r.job.ids)) + r.job.ids for r in rows])
         mask = torch.tensor([[0] * (width - len(r.job.ids)) + [1] * len(r.job.ids) for r in rows])
         session = self.model.engine.new_session(len(rows), capacity=width + max(r.job.max_new_tokens for r in rows))
-        decider = per_row([r.decider for r in rows])
-        result = self.model.engine.step(ids, session, decider, None if bool(mask.all()) else mask)
+        result = prefill(self.model.engine, session, ids, per_row([r.decider for r in rows]),
+                         None if bool(mask.all()) else mask)  # fmt: skip
         self.prefill_steps += 1
         self.largest_prefill = max(self.largest_prefill, len(rows))
         for row in rows:
             row.done = len(row.job.ids)
             self.prefilling.remove(row)
-        self._prompts_done(rows, session, result.hidden[:, -1], result.states[:, -1])
+        self._prompts_done(rows, session, result)
 
     def _prefill_chunk(self, row: Row) -> None:
         """The next chunk of one long prompt, alone; it then goes to the back of the prefilling rows."""
         if row.session is None:
             row.session = self.model.engine.new_session(1, capacity=len(row.job.ids) + row.job.max_new_tokens)
         chunk = row.job.ids[row.done : row.done + self.limits.prefill_chunk]
-        result = self.model.engine.step(torch.tensor([chunk]), row.session, row.decider)
+        result = prefill(self.model.engine, row.session, torch.tensor([chunk]), row.decider)
         self.prefill_steps += 1
         row.done += len(chunk)
         self.prefilling.remove(row)
@@ -314,16 +320,11 @@ class Scheduler:
             self.prefilling.append(row)
             return
         session, row.session = row.session, None
-        self._prompts_done([row], session, result.hidden[:, -1], result.states[:, -1])
+        self._prompts_done([row], session, result)
 
-    def _prompts_done(self, rows: list[Row], session: Session, last: torch.Tensor, states: torch.Tensor) -> None:
-        """Each row's first token from its prompt's last hidden state; the rows that go on join the batch."""
-        logits = self.model.backbone.logits(last).float()
-        keep = []
-        for i, row in enumerate(rows):
-            token = int(next_token(logits[i : i + 1], row.config, row.generator)[0])
-            if not self._emit(row, token, states[i]):
-                keep.append(i)
+    def _prompts_done(self, rows: list[Row], session: Session, result: StepResult) -> None:
+        """Each row's first token from its prompt's last position; the rows that go on join the batch."""
+        keep = self._advance(rows, result)
         if not keep:
             return
         if len(keep) < len(rows):
@@ -339,13 +340,7 @@ class Scheduler:
         if self.limits.batch_states == "majority" and len(rows) > 1:  # a request at 1.0x stays in full
             full = torch.tensor([type(r.decider) is Decider for r in rows])[:, None]
             decider = FullFor(BatchMajority(decider), full) if bool(full.any()) else BatchMajority(decider)
-        result = self.model.engine.step(tokens[:, None], session, decider, torch.ones(len(rows), 1, dtype=torch.long))
-        logits = self.model.backbone.logits(result.hidden[:, -1]).float()
-        keep = []
-        for i, row in enumerate(rows):
-            token = int(next_token(logits[i : i + 1], row.config, row.generator)[0])
-            if not self._emit(row, token, result.states[i, -1]):
-                keep.append(i)
+        keep = self._advance(rows, decode_one_token(self.model.engine, session, tokens, decider))
         self.steps += 1
         self.batched_rows += len(rows)
         self.largest_batch = max(self.largest_batch, len(rows))
@@ -353,6 +348,12 @@ class Scheduler:
         if len(keep) < len(rows):
             self.batch = [rows[i] for i in keep]
             self.session = session.keep(keep, room=16) if keep else None
+
+    def _advance(self, rows: list[Row], result: StepResult) -> list[int]:
+        """Each row's next token from the step's last position, sampled with its own settings, passed on; the
+        indices of the rows that go on."""
+        tokens = next_tokens(self.model.engine, result, [r.config for r in rows], [r.generator for r in rows])
+        return [i for i, row in enumerate(rows) if not self._emit(row, tokens[i], result.states[i, -1])]
 
     def _emit(self, row: Row, token: int, states: torch.Tensor) -> bool:
         """Pass one new token on; True when the row has finished (EOS, its length, or its client left)."""
