@@ -140,13 +140,16 @@ def test_each_request_runs_at_the_ratio_it_asks(dash, stock_tokens, speedup):
     assert tokens != [t[:48] for t in stock_tokens]  # layers were skipped or quantized: the text moved
 
 
-def test_requests_at_different_operating_points_share_a_batch(dash):
+def test_requests_at_different_operating_points_share_a_batch(dash, stock_tokens):
+    """A 1.0x and a 2.0x request in one batch: each runs at its own ratio, and the 1.0x one gives vLLM's stock
+    tokens (its rows run every layer in full, whatever the other row's states)."""
     TABLE.reports.clear()
     prompts = PROMPTS[:2]
     params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, extra_args={"dash_speedup": s})
               for s in (1.0, 2.0)]  # fmt: skip
-    dash.generate(prompts, params, use_tqdm=False)
+    outs = dash.generate(prompts, params, use_tqdm=False)
     _flush(dash)
+    assert list(outs[0].outputs[0].token_ids)[:32] == stock_tokens[0]
     ratios = {r.target: r.compute_ratio for r in TABLE.reports if r.tokens == 40}
     assert ratios[1.0] == pytest.approx(1.0)
     assert abs(ratios[2.0] / 2.0 - 1) < 0.03
