@@ -260,12 +260,12 @@ def job(tokens: int, prompt: int = 3, **kw) -> Job:
 def test_a_full_queue_answers_429_with_retry_after(tokenizer):
     scheduler = Scheduler(DashModel(tiny_smol(tokenizer), tokenizer), [2], BatchLimits(max_queue=1))
     try:
-        first = scheduler.submit(job(3000))
+        first_job = job(3000)
+        first = scheduler.submit(first_job)
         with pytest.raises(Busy, match="server busy: 1 requests queued") as info:
             scheduler.submit(job(2))
         assert info.value.status == 429 and info.value.retry_after >= 1
-        first_job = scheduler.waiting[0] if scheduler.waiting else (scheduler.prefilling + scheduler.batch)[0].job
-        first_job.cancel.set()
+        first_job.cancel.set()  # the job itself, not a read of the scheduler's lists while its thread moves it
         assert first.result(60) is None and scheduler.jobs == 0
         assert scheduler.submit(job(2)).result(60).tokens  # room again
     finally:

@@ -187,13 +187,19 @@ class DashModel:
     ) -> DashOutput:
         """A forward pass as transformers' causal LMs have it: logits for every position, each token with its own
         states. `past_key_values` (a `Session` from an earlier call) continues a sequence; `attention_mask`
-        covers the new tokens (left padding)."""
+        covers the new tokens (left padding). A new sequence is scored as a window (`Engine.score`): with rate
+        control its rows are scored again until each runs at the operating point asked (within 1%)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
             raise DashskipError("input_ids must be a (batch, tokens) tensor of token ids")
-        session = past_key_values if past_key_values is not None else self.engine.new_session(*input_ids.shape)
-        if not isinstance(session, Session):
+        if past_key_values is not None and not isinstance(past_key_values, Session):
             raise DashskipError("past_key_values must be the Session an earlier call of this model returned")
-        result = self.engine.step(input_ids, session, self._pick(speedup, decider), attention_mask)
+        chosen = self._pick(speedup, decider)
+        if past_key_values is None:  # a new sequence: scored as a window, held at the operating point asked
+            result = self.engine.score(input_ids, chosen, attention_mask)
+            session = result.session
+        else:
+            session = past_key_values
+            result = self.engine.step(input_ids, session, chosen, attention_mask)
         logits = self.backbone.logits(result.hidden)
         ratio = self.costs.compute_ratio(result.states, "prefill" if input_ids.shape[1] > 1 else "decode")
         return DashOutput(logits=logits, past_key_values=session if use_cache else None, states=result.states,

@@ -59,6 +59,7 @@ def key_begins(key_valid: torch.Tensor | None, end: int) -> torch.Tensor | None:
 class StepResult:
     hidden: torch.Tensor  # (batch, tokens, hidden), after the last layer (before norm)
     states: torch.Tensor  # (batch, tokens, layers) int8 states actually run
+    session: Session | None = None  # `Engine.score`: the fresh session the kept pass filled (to continue from)
 
 
 @dataclass
@@ -262,7 +263,9 @@ class Engine:
         if valid is None and attention_mask is not None:
             valid = attention_mask.bool()
         while True:
-            result = self.step(input_ids, self.new_session(*input_ids.shape), decider, attention_mask)
+            session = self.new_session(*input_ids.shape)
+            result = self.step(input_ids, session, decider, attention_mask)
             if not decider.again(result.states, valid):
+                result.session = session
                 return result
 
