@@ -199,3 +199,23 @@ def test_batch_majority_runs_one_state_per_layer_and_keeps_a_full_request_full(t
         assert bool((states[[0, 1, 3]] == states[0]).all())  # one state per layer for the batch
         assert bool(states[2].eq(4).all())  # the 1.0x request in full
     assert any(bool((s[0] != 4).any()) for s in steps)  # and the batch did run cheaper states
+
+
+def test_a_client_leaving_mid_upload_is_dropped_quietly(tiny_server, caplog):
+    """A body cut off by the client's disconnect is nobody's error: no traceback in the log, and the server goes on
+    (it once logged two ~110-line tracebacks per such client)."""
+    import logging
+    import socket
+
+    url, _ = tiny_server
+    host, port = url.removeprefix("http://").split(":")
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                    "Content-Length: 100000\r\n\r\n")  # fmt: skip
+            sock.sendall(head.encode() + b'{"model": "tiny", "prompt": "' + b"x" * 5000)
+        time.sleep(0.3)  # the server reads, finds the client gone
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+    status, text = _ask(url, {"model": NAME, "prompt": "Hello", "max_tokens": 2})
+    assert status == 200, text
