@@ -23,6 +23,21 @@ HEADERS = {"content-type": "application/json"}
 COMPLETION = {"model": NAME, "prompt": "hi", "max_tokens": 4, "temperature": 0}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def kernels_by_rule():
+    """Batched and alone are compared token for token here: kernels chosen by rule (DASHSKIP_SMALL_GEMM=1), the
+    same on every host with these kernels, not by timing, which may pick another kernel per row bucket on another
+    host and so another rounding."""
+    from dashskip.core.kernels import CHOICE
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DASHSKIP_SMALL_GEMM", "1")
+    CHOICE.forget()
+    yield
+    patch.undo()
+    CHOICE.forget()
+
+
 @pytest.fixture(scope="module")
 def model(tokenizer):
     smol = tiny_smol(tokenizer)
