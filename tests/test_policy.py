@@ -381,3 +381,36 @@ def test_a_forward_pass_of_a_new_sequence_runs_at_the_ratio_asked(smollm2):
     assert max(misses(smollm2.decider_for(point))) < 0.011  # the 1% a window is held to, and rounding
     fixed = smollm2.policy.decider(point, control=False, costs=costs, head=point.head)
     assert max(misses(fixed)) > 0.011  # the same windows at the calibrated bias miss it: the test can fail
+
+
+def test_fused_scoring_leaves_each_sequences_own_bias():
+    """The fused step scores with the first row's scorer; afterwards that scorer holds its own sequence's bias
+    again (without rate control nothing else would reset it, and a batch shrunk to that row would run at another
+    row's operating point), after a prefill (row by row) and after a decode step of many rows (one product)."""
+    from dashskip.core.decisions import per_row
+
+    policy = make_policy()
+    engine = Engine(Backbone(tiny_model("llama")), scales=policy.scales())
+    for batch, tokens in ((2, 6), (20, 1)):
+        rows = [policy.decider(1.3 if r % 2 else 2.9, control=False) for r in range(batch)]
+        own = rows[0].greedy.b3_table.clone()
+        session = engine.new_session(batch)
+        engine.step(torch.randint(3, 97, (batch, 3)), session, per_row(rows))
+        engine.step(torch.randint(3, 97, (batch, tokens)), session, per_row(rows))
+        assert torch.equal(rows[0].greedy.b3_table, own) and rows[0].greedy.row_bias is None, (batch, tokens)
+
+
+def test_a_point_resolved_for_another_head_is_resolved_again():
+    """A resolved point is taken as it is only for the head and unit it was resolved for: after `set_head` the
+    same speedup needs another compute ratio; a point above 1.0 given to a model without a policy is refused."""
+    from dashskip.models.loading import fingerprint
+
+    model = tiny_model("llama")
+    dm = DashModel(model, policy=make_policy(fingerprint=fingerprint(model)))
+    point = dm.operating_point(1.2)
+    assert dm.operating_point(point) is point and point.head == "full"
+    dm.set_head("int8")
+    again = dm.operating_point(point)
+    assert again.head == "int8" and again.asked == 1.2 and again.ratio != point.ratio
+    with pytest.raises(DashskipError, match="needs a trained policy"):  # not an AttributeError
+        DashModel(model).decider_for(point)

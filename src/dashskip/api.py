@@ -115,10 +115,14 @@ class DashModel:
     def operating_point(self, speedup: float | OperatingPoint) -> OperatingPoint:
         """`speedup` checked and resolved on this machine, once: decode wall clock against the full path with the
         LM head set now (`wall_clock=False`: a compute ratio). Out of reach: one `DashskipError` naming the reach.
-        A point already resolved is returned as it is."""
-        if isinstance(speedup, OperatingPoint):
-            return speedup
+        A point already resolved for this head and unit is returned as it is; one resolved for another is resolved
+        again from what it asked."""
         head = self.backbone.head_precision
+        if isinstance(speedup, OperatingPoint):
+            unit = Unit.SPEEDUP if self.wall_clock else Unit.RATIO
+            if speedup.head == head and speedup.unit == unit and (speedup.full or self.policy is not None):
+                return speedup
+            speedup = speedup.asked  # resolved for another head or unit: what was asked, resolved here
         if self.policy is None:
             unit = Unit.SPEEDUP if self.wall_clock else Unit.RATIO
             return resolve(speedup, unit, None, self.costs, self.backbone.num_layers, head)

@@ -57,7 +57,8 @@ class BatchLimits:
     max_queue_seconds: float = 60.0  # a request not started by then is refused (503)
     # "token": each request its own states; "majority": per layer, a decode step runs the state most of its rows
     # chose (the RL-adapter paper's batch-majority voting): one set of weight reads for the batch, each request's
-    # controller steering what the batch ran, and a request's text then depends on what it is batched with.
+    # controller steering what the batch ran, and a request's text then depends on what it is batched with. A
+    # request at 1.0x runs in full and votes for full.
     batch_states: str = "token"
 
     def __post_init__(self) -> None:
@@ -257,7 +258,10 @@ class Scheduler:
             self.waiting.popleft()
             job.started.set()
             try:
-                _call(job.on_start)
+                if not _call(job.on_start):  # nobody can receive this request's answer
+                    self.cancelled += 1
+                    _settle(job.future, None)
+                    continue
                 if job.lossless:
                     return job
                 self.prefilling.append(self._row(job))

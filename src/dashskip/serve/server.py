@@ -350,7 +350,9 @@ class Service:
         self.default_point = model.point
         self.scheduler = Scheduler(model, eos_token_ids(model), limits.batch)
         # Tokenizing a long prompt takes tens of ms: never on the event loop, which streams the other requests.
-        # One thread: a fast tokenizer refuses concurrent use ("Already borrowed").
+        # One thread for encoding, which is where a fast tokenizer could change its truncation settings (the one
+        # use it refuses concurrently, "Already borrowed"); the streams' decoding, which only reads, stays on the
+        # event loop.
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="dashskip-tokenize")
         self.context = getattr(model.config, "max_position_embeddings", None)
 

@@ -196,15 +196,19 @@ class GreedyScorer:
             index = extension().decide(flat.contiguous(), self.w1, self.b1[current], self.w2, self.b2, self.w3, b3,
                                        RMS_EPS)  # fmt: skip
             return self.states(index, hidden.shape[:-1])
-        if tokens == 1 and batch > SMALL_ROWS:
-            self.set_bias(bias)
-            return self(hidden, current, previous)
-        answers = []
-        for r in range(batch):
-            self.set_bias(bias[r])
-            answers.append(self(hidden[r : r + 1], current, previous[r : r + 1] if isinstance(previous, torch.Tensor)
-                                else previous))  # fmt: skip
-        return torch.cat([torch.as_tensor(a).expand(1, tokens) for a in answers])
+        saved = self.row_bias, self.b3_table, self.b3  # this scorer is also one sequence's own: leave its bias
+        try:
+            if tokens == 1 and batch > SMALL_ROWS:
+                self.set_bias(bias)
+                return self(hidden, current, previous)
+            answers = []
+            for r in range(batch):
+                self.set_bias(bias[r])
+                row_previous = previous[r : r + 1] if isinstance(previous, torch.Tensor) else previous
+                answers.append(self(hidden[r : r + 1], current, row_previous))
+            return torch.cat([torch.as_tensor(a).expand(1, tokens) for a in answers])
+        finally:
+            self.row_bias, self.b3_table, self.b3 = saved
 
     def states(self, index: list[int] | torch.Tensor, shape: torch.Size) -> StateChoice:
         """Output indices as states: a plain int for one row keeps the engine on its uniform fast path."""
@@ -337,8 +341,9 @@ class PolicyDecider(Lookahead):
 
 class PolicyRows(Lookahead):
     """The rows of one step, row r deciding as its own sequence's `PolicyDecider` would (its operating point, its
-    controller) or in full (a plain `Decider`: a request at 1.0x), in one scoring call per layer with a cost bias
-    per row (`GreedyScorer.rows`). The per-sequence state stays in each row's decider; this holds only the step."""
+    controller) or in full (a plain `Decider`: a request at 1.0x), with a cost bias per row (`GreedyScorer.rows`:
+    a decode step is one scoring call per layer where the compiled kernel runs or the rows are many; a prefill is
+    scored row by row). The per-sequence state stays in each row's decider; this holds only the step."""
 
     def __init__(self, rows: Sequence[Decider]) -> None:
         lead = next(d for d in rows if isinstance(d, PolicyDecider))
