@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -76,6 +77,10 @@ def test_every_operating_point_is_answered_and_the_server_keeps_serving(smollm2)
                 assert error["param"] == "speedup" and "\n" not in error["message"]
                 if asked in between:  # the reach on this machine, as a speedup, is named
                     assert f"about {reach:.2f}x" in error["message"] or "out of reach" in error["message"], error
+        for status, text, _ in answers:  # the figure a refusal names is one the server then accepts
+            named = re.search(r"ask for at most (\d+\.\d\d)", text)
+            if status == 400 and named:
+                assert _ask(url, {**valid, "speedup": float(named.group(1))})[0] == 200, text
         health = httpx.get(f"{url}/health", timeout=BOUND)
         assert health.status_code == 200 and health.json()["scheduler"] == "running"
         assert health.json()["queued"] == 0

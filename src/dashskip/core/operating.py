@@ -105,10 +105,11 @@ def resolve(
     ratio = costs.compute_target(number, layers, head, decisions) if unit is Unit.SPEEDUP else number
     if ratio > reach_ratio + 1e-9:
         if wall_clock:
+            most = math.floor(reach * 100) / 100  # rounded down: asking the figure named is always accepted
             raise DashskipError(
                 f"{name} {number:g} is beyond this policy on this machine: it needs a compute ratio of {ratio:.2f} "
                 f"(the {head} LM head and the policy's decisions take their share of a step) and the policy was "
-                f"calibrated up to {reach_ratio:.2f}, about {reach:.2f}x; ask for at most that"
+                f"calibrated up to {reach_ratio:.2f}, about {reach:.2f}x; ask for at most {most:.2f}"
             )
         raise DashskipError(
             f"{name} {number:g} is above the range this policy was calibrated for (up to {reach_ratio:.2f}); "
