@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -66,9 +67,12 @@ def tiny_config(family: str):
     raise ValueError(family)
 
 
-def tiny_model(family: str, seed: int = 0, attn: str = "sdpa"):
+def tiny_model(family: str, seed: int = 0, attn: str = "sdpa", **sizes):
+    """`sizes` override COMMON's (vLLM's CPU attention wants a head_dim of 32 or more)."""
     torch.manual_seed(seed)
     config = tiny_config(family)
+    for key, value in sizes.items():
+        setattr(config, key, value)
     config._attn_implementation = attn
     return spread_weights(AutoModelForCausalLM.from_config(config, attn_implementation=attn))
 
@@ -118,17 +122,24 @@ def tiny_smol(tokenizer, seed: int = 0):
 
 
 def tiny_policy(model) -> DashPolicy:
-    """An untrained scoring model with a made-up ratio curve: enough to move the operating point."""
+    """An untrained scoring model. Its last layer is scaled up so that scores differ from token to token as a
+    trained model's do: at init they barely do, every token switched state at the same bias, and no controller
+    could hold a ratio between all-full and all-skip (DASH's sweep cells came out at 1.0-1.17 for 1.33; scaled x50,
+    within 1%). Its ratio curve is as measured on 8 WikiText-2 windows of 64 tokens (1.00 at bias -20, 1.53 at 0,
+    2.74 at 10, 2.99 at 20), rounded."""
     torch.manual_seed(0)
     meta = {
         "fingerprint": fingerprint(model),
-        "scales": [1.0] * 6,
+        "scales": [1.0] * model.config.num_hidden_layers,
         "cost_table": {"0": 0.0, "1": 0.4, "2": 0.5, "4": 1.0},
         "kv_rule": "project",
         "operating_points": {},
-        "ratio_curve": [[0.0, 1.0], [1.0, 1.5], [4.0, 3.0]],
+        "ratio_curve": [[-20.0, 1.0], [0.0, 1.5], [10.0, 2.7], [25.0, 3.0]],
     }
-    return DashPolicy(ScoringModel(PolicyConfig(64, 6)), meta)
+    scorer = ScoringModel(PolicyConfig(model.config.hidden_size, model.config.num_hidden_layers))
+    with torch.no_grad():
+        scorer.mlp[-1].weight.mul_(50)
+    return DashPolicy(scorer, meta)
 
 
 @contextmanager
@@ -158,3 +169,28 @@ def smollm2():
     from dashskip.api import bundled_policy, from_pretrained
 
     return from_pretrained("smollm2-135m", policy=bundled_policy("smollm2-135m"))
+
+
+# Two greedy runs part at a near tie, where summation order (the host's kernels, the batch's shape) decides the
+# top token: the reference's two candidates within TIE logits. Our full path's logits differ from transformers' by
+# at most 1.2e-4 on both real models on the development host (Intel Xeon, AVX-512); TIE is ~80x that, room for
+# hosts with other kernels, and far below a real disagreement (a wrong state or cache moves logits by > 0.1).
+TIE = 1e-2
+
+
+def assert_greedy_agrees(ours: torch.Tensor, reference: torch.Tensor, logits: torch.Tensor, label: str = "") -> None:
+    """1-D token sequences (prompt + new, the prompt shared) from greedy decoding; `logits` (len(reference), vocab)
+    the reference model's over `reference`. Equal, or equal up to a position where the reference's choice won by
+    less than TIE (after which the texts rightly part)."""
+    assert ours.shape == reference.shape, label
+    differ = (ours != reference).nonzero()
+    if differ.numel() == 0:
+        return
+    at = int(differ[0])
+    margin = float(logits[at - 1, reference[at]] - logits[at - 1, ours[at]])
+    assert margin < TIE, f"{label}: token {at} differs, the reference's choice won by {margin:.4f} logits"
+
+
+def chi2_critical(df: int, z: float = 3.09) -> float:
+    """Upper 0.1% point of chi-square with `df` degrees of freedom (Wilson-Hilferty)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3

@@ -53,6 +53,11 @@ def test_batch_majority_gives_every_row_the_most_common_state_ties_to_precision(
     vote.begin(StepInfo(positions=torch.zeros(4, 3, dtype=torch.long), prefill=False, num_layers=6))
     out = vote(2, torch.zeros(4, 3, 8), 4)
     assert torch.equal(out, torch.tensor([[0, 4, 4]]).expand(4, 3))  # 2 vs 2 ties go to the more precise state
+    # rows that do not vote (held in full, requests at 1.0x) leave the vote to the others
+    for voters, expected in (([False, False, True, True], [2, 4, 4]), ([True, False, True, False], [2, 2, 4])):
+        vote = BatchMajority(TokenStates(lambda layer, positions: answers), torch.tensor(voters)[:, None])
+        vote.begin(StepInfo(positions=torch.zeros(4, 3, dtype=torch.long), prefill=False, num_layers=6))
+        assert torch.equal(vote(2, torch.zeros(4, 3, 8), 4), torch.tensor([expected]).expand(4, 3))
 
 
 def test_batch_majority_runs_uniform_layers_in_the_engine():

@@ -16,7 +16,7 @@ from dashskip.api import DashModel
 from dashskip.cli import _read_turn, app
 from dashskip.models.chat import chat_input_ids
 from dashskip.serve.server import listen
-from tests.test_server import tiny_smol
+from tests.conftest import tiny_smol
 
 COMMAND = [sys.executable, "-c", "from dashskip.cli import main; main()"]
 ENV = {**os.environ, "COLUMNS": "200"}

@@ -169,15 +169,21 @@ def test_kv_rules_are_consistent_between_fast_and_mixed_paths(model):
         assert torch.allclose(a.cache.values[2][0, :, 2], b.cache.values[2][0, :, 2], atol=1e-6)
 
 
-@pytest.mark.parametrize("state, bound", [(State.INT8, 0.05), (State.INT4, 0.4)])
-def test_quantized_states_approximate_the_full_layer(model, state, bound):
+# Error of the last hidden state with every inner layer in the state, relative to all-full, measured on every
+# family: INT8 0.016-0.018, INT4 0.16-0.25, skip 0.84-0.97 (full: 0). Each window takes its own state with a
+# margin of 2x or more and leaves out the next state up and down: a wrong state fails.
+ERROR_WINDOW = {State.INT8: (0.006, 0.05), State.INT4: (0.08, 0.5)}
+
+
+@pytest.mark.parametrize("state", [State.INT8, State.INT4])
+def test_quantized_states_approximate_the_full_layer(model, state):
     eng = engine_for(model)
     ids = torch.randint(3, 97, (1, 10), generator=torch.Generator().manual_seed(4))
     full = eng.step(ids, eng.new_session(1)).hidden
     n = model.config.num_hidden_layers
     quant = eng.step(ids, eng.new_session(1), FixedStates([4] + [int(state)] * (n - 2) + [4])).hidden
-    err = rel_err(quant, full)
-    assert 0 < err < bound
+    low, high = ERROR_WINDOW[state]
+    assert low < rel_err(quant, full) < high
 
 
 def test_invalid_states_are_refused(model):

@@ -30,7 +30,7 @@ from dashskip.api import DashModel, from_pretrained
 from dashskip.data import hellaswag_query
 from dashskip.errors import DashskipError
 from dashskip.eval.lmeval import LOCAL_TASKS, DashskipLM, local_tasks
-from tests.test_server import tiny_policy, tiny_smol
+from tests.conftest import tiny_policy, tiny_smol
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -130,15 +130,14 @@ def test_generate_until_stops_at_a_stop_string_and_equals_hf_greedy(tokenizer):
 
 def test_a_policy_runs_per_token_and_batching_changes_no_score(tokenizer):
     model = tiny_smol(tokenizer)
-    # mixed states on this model at the fixed bias (the tiny random policy jumps from all-full to all-skip)
-    dm = DashModel(model, tokenizer, policy=tiny_policy(model), speedup=2.5, control=False, wall_clock=False)
+    dm = DashModel(model, tokenizer, policy=tiny_policy(model), speedup=2.0, wall_clock=False)
     one, four = DashskipLM(dm, batch_size=1), DashskipLM(dm, batch_size=4)
     scores_one = one.loglikelihood(requests("loglikelihood", PAIRS), disable_tqdm=True)
     scores_four = four.loglikelihood(requests("loglikelihood", PAIRS), disable_tqdm=True)
     for (a, _), (b, _) in zip(scores_one, scores_four, strict=True):
         assert abs(a - b) < 1e-4
     assert one.tokens == four.tokens > 0
-    assert 1.0 < one.compute_ratio < 3.0 and abs(one.compute_ratio - four.compute_ratio) < 1e-5
+    assert one.compute_ratio == pytest.approx(2.0, rel=0.03) and abs(one.compute_ratio - four.compute_ratio) < 1e-5
     assert one.get_model_info()["dashskip_compute_ratio"] == one.compute_ratio
     full = DashskipLM(dm, method="full")  # a method of the baseline registry, on the same model
     full.loglikelihood(requests("loglikelihood", PAIRS[:2]), disable_tqdm=True)

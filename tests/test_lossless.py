@@ -1,14 +1,12 @@
 """Lossless mode: drafts by a cheap path, verification by the full model, exact output and correct K/V."""
 
-import math
-
 import pytest
 import torch
 
 from dashskip import Backbone, Engine, FixedStates, TokenStates
 from dashskip.errors import DashskipError
 from dashskip.runtime.generation import DraftLength, generate, generate_lossless, warp_logits
-from tests.conftest import tiny_model
+from tests.conftest import chi2_critical, tiny_model
 
 # A draft path that disagrees often with the full model (layers 1-4 skipped), and one per token.
 SKIP_MOST = FixedStates([4, 0, 0, 0, 0, 4])
@@ -65,11 +63,6 @@ def test_rollback_leaves_the_cache_as_a_full_run_would():
         )
 
 
-def _chi2_critical(df: int, z: float = 3.09) -> float:
-    """Upper 0.1% point of chi-square (Wilson-Hilferty)."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
 def test_speculative_acceptance_samples_the_full_models_distribution():
     """Chi-square: draft ~ q, accept with min(1, p/q), else resample from max(0, p - q): the kept token ~ p.
 
@@ -98,7 +91,7 @@ def test_speculative_acceptance_samples_the_full_models_distribution():
     expected = torch.cat([expected[big], expected[~big].sum()[None]])
     keep = expected > 0
     stat = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
-    assert stat < _chi2_critical(int(keep.sum()) - 1)
+    assert stat < chi2_critical(int(keep.sum()) - 1)
     assert int(counts[p == 0].sum()) == 0  # never a token top-p removed
 
 

@@ -23,7 +23,7 @@ from dashskip.eval.tasks import (
     summary_prompt,
 )
 from dashskip.eval.tasks import _choice_metrics as choice_metrics
-from tests.test_server import tiny_smol
+from tests.conftest import tiny_smol
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,10 @@ def test_wikitext_task_equals_the_perplexity_function(dm, tokenizer):
     assert result.metrics["ppl"].value == pytest.approx(reference.ppl, rel=1e-4)
     assert result.metrics["ppl"].se == pytest.approx(reference.ppl_se, rel=1e-3)
     assert result.examples == 3 and result.compute_ratio == pytest.approx(1.0)
+    # both go through `window_nll`: the transformers model's own loss on the same windows is the reference
+    with torch.no_grad():
+        nll = [float(dm.model(w[None], labels=w[None]).loss) for w in windows]
+    assert result.metrics["ppl"].value == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-4)
 
 
 def test_a_cached_run_resumes_without_recomputing(dm, tokenizer, tmp_path, monkeypatch):

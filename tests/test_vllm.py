@@ -192,8 +192,9 @@ def test_wikitext_quality_matches_dashskips_own_engine_at_the_same_operating_poi
         theirs.append(-sum(lp[int(t)].logprob for lp, t in zip(logprobs, ids[1:], strict=True)) / len(logprobs))
     ours_t, theirs_t = torch.tensor(ours), torch.tensor(theirs)
     diff = theirs_t - ours_t
-    se = diff.std() / len(diff) ** 0.5
-    assert abs(float(diff.mean())) <= max(2 * float(se), 0.01), (ours, theirs)
+    # Fixed bounds, not ones that widen with the disagreement: measured (this host, 12 windows) mean -0.005 and
+    # at most 0.020 per window, the two engines' decisions parting where their kernels round apart.
+    assert abs(float(diff.mean())) <= 0.01 and float(diff.abs().max()) <= 0.05, (ours, theirs)
     assert float((theirs_t - torch.tensor(full)).abs().mean()) > 1e-3  # DASH at 2.0x did run: the NLLs moved
 
 
@@ -245,3 +246,45 @@ def test_dashskip_serve_engine_vllm_answers_the_openai_client(folder, stock_toke
         server.terminate()
         server.wait(60)
     assert "compute ratio" in (tmp_path / "server.log").read_text()  # each request's ratio is logged
+
+
+@pytest.mark.parametrize(
+    "family, architecture, batch_states",
+    [("qwen2", "Qwen2ForCausalLM", "token"), ("mistral", "MistralForCausalLM", "majority")],
+)
+def test_the_other_families_run_in_vllm(family, architecture, batch_states, tmp_path):
+    """Tiny random Qwen2 and Mistral models (Mistral's engine with one state per layer per step): a 1.0x request
+    gives the transformers model's greedy tokens while a 2.0x request shares its batch, and the 2.0x request runs
+    at 2.0 (+-3%) in its own states."""
+    from tests.conftest import assert_greedy_agrees, tiny_model, tiny_policy
+
+    model = tiny_model(family, hidden_size=128, head_dim=32)
+    model.save_pretrained(tmp_path / "model")
+    tiny_policy(model).save(tmp_path / "policy.safetensors")  # beside the folder: vLLM loads every file in it
+    prompts = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    llm = LLM(model=str(tmp_path / "model"), skip_tokenizer_init=True, **{**ENGINE, "max_model_len": 256},
+              hf_overrides=hf_overrides(architecture, 1.0, str(tmp_path / "policy.safetensors"),
+                                        batch_states=batch_states))  # fmt: skip
+    try:
+        TABLE.reports.clear()
+        params = [SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, detokenize=False,
+                                 extra_args={"dash_speedup": s}) for s in (1.0, 2.0)]  # fmt: skip
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params, use_tqdm=False)
+        _flush_tokens(llm)
+        alone = llm.generate([TokensPrompt(prompt_token_ids=prompts[1].tolist())], params[1], use_tqdm=False)
+    finally:
+        _close(llm)
+    reference = model.generate(prompts[:1], max_new_tokens=32, do_sample=False)[0]
+    with torch.no_grad():
+        logits = model(reference[None]).logits[0]
+    ours = torch.cat([prompts[0], torch.tensor(outs[0].outputs[0].token_ids)])
+    assert_greedy_agrees(ours, reference, logits, family)
+    ratios = {r.target: r.compute_ratio for r in TABLE.reports if r.tokens == 32}
+    assert ratios[1.0] == pytest.approx(1.0) and ratios[2.0] == pytest.approx(2.0, rel=0.03), ratios
+    # the 2.0x request gives what it gives alone: its rows got its own states, not its neighbour's
+    assert list(outs[1].outputs[0].token_ids) == list(alone[0].outputs[0].token_ids)
+
+
+def _flush_tokens(llm: LLM) -> None:
+    """`_flush` for an engine without a tokenizer."""
+    llm.generate([TokensPrompt(prompt_token_ids=[5])], SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)

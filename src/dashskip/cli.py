@@ -128,6 +128,7 @@ def generate(
             load_seconds=round(load_s, 2),
             tokens_per_second=round(new.numel() / seconds, 2),
             cost_table=dm.costs.provenance(),
+            operating_point=dm.point.as_dict(),
             **({"lossless": dm.last_speculative.as_dict()} if lossless else {}),
         )
         print(

@@ -232,14 +232,21 @@ class FullFor(Wrapper):
 
 class BatchMajority(Wrapper):
     """Batch-majority voting (the RL-adapter paper): per layer and position, every row runs the state most rows
-    chose, so a batch never splits into state groups; ties go to the more precise state."""
+    chose, so a batch never splits into state groups; ties go to the more precise state. Only `voters` (rows,
+    or (rows, tokens), True where a row votes) are counted: rows held in full (requests at 1.0x, `FullFor`) do
+    not vote, or a 1.0x request would hold its neighbours in full (a 2.0x request beside one ran at 1.37)."""
+
+    def __init__(self, decider: Decider, voters: torch.Tensor | None = None) -> None:
+        super().__init__(decider)
+        self.voters = voters
 
     def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
         answer = self.decider(layer, hidden, previous)
         if not isinstance(answer, torch.Tensor):
             return answer
         order = [s.code for s in reversed(registered())]  # most precise first
-        votes = torch.stack([(answer == s).sum(0) for s in order])  # (states, tokens)
+        voting = torch.ones_like(answer, dtype=torch.bool) if self.voters is None else self.voters.expand_as(answer)
+        votes = torch.stack([((answer == s) & voting).sum(0) for s in order])  # (states, tokens)
         winner = torch.tensor(order)[votes.argmax(0)]  # argmax takes the first maximum: the most precise
         return winner[None].expand_as(answer)
 

@@ -343,7 +343,8 @@ class Scheduler:
         decider = per_row([r.decider for r in rows])  # one scoring call per layer for the batch, a bias per row
         if self.limits.batch_states == "majority" and len(rows) > 1:  # a request at 1.0x stays in full
             full = torch.tensor([type(r.decider) is Decider for r in rows])[:, None]
-            decider = FullFor(BatchMajority(decider), full) if bool(full.any()) else BatchMajority(decider)
+            decider = BatchMajority(decider, ~full)
+            decider = FullFor(decider, full) if bool(full.any()) else decider
         keep = self._advance(rows, decode_one_token(self.model.engine, session, tokens, decider))
         self.steps += 1
         self.batched_rows += len(rows)

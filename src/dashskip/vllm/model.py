@@ -166,7 +166,7 @@ class DashRunner:
         # Majority: a step never splits into state groups, so each projection reads one set of weights, which is
         # what pays at batch sizes where weight reads are shared (docs/serving.md); each request's controller then
         # steers what the batch ran.
-        self.vote: Decider = BatchMajority(self.decider) if settings.batch_states == "majority" else self.decider
+        self.majority = settings.batch_states == "majority"
         self.forms: list[LayerForms] = []
         TABLE.num_layers = self.num_layers
 
@@ -265,7 +265,9 @@ class DashRunner:
             return hidden, residual
         self.decider.greedy.set_bias(bias)
         self.decider.pending = None
-        decider = FullFor(self.vote, full[:, None]) if bool(full.any()) else self.vote  # requests at 1.0x
+        decider: Decider = BatchMajority(self.decider, ~full[:, None]) if self.majority else self.decider
+        if bool(full.any()):  # requests at 1.0x: every layer in full, and no vote in the majority
+            decider = FullFor(decider, full[:, None])
         states = torch.full((tokens, self.num_layers), FULL, dtype=torch.int8)
         x, previous = hidden, FULL
         for i, layer in enumerate(layers):
