@@ -26,7 +26,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from dashskip.api import DashModel, from_pretrained
+from dashskip.api import DashModel
 from dashskip.data import hellaswag_query
 from dashskip.errors import DashskipError
 from dashskip.eval.lmeval import LOCAL_TASKS, DashskipLM, local_tasks
@@ -248,12 +248,12 @@ def test_command_line_runs_a_local_task(tmp_path, tokenizer):
 
 
 @pytest.mark.real
-def test_lm_eval_and_run_task_agree_on_arc_easy(tmp_path, task_manager):
+def test_lm_eval_and_run_task_agree_on_arc_easy(tmp_path, task_manager, smollm2):
     """The same 20 ARC-Easy items, SmolLM2 in full, through lm-eval's local task and through our own `run_task`:
     the prompts are built independently (stock templates vs tasks.py), so equal scores mean equal prompts."""
     from dashskip.eval.tasks import TaskSettings, run_task
 
-    dm = from_pretrained("smollm2-135m")
+    dm = smollm2  # at its default point, 1.0: every layer in full
     lm = DashskipLM(dm, batch_size=4)
     out = simple_evaluate(model=lm, tasks=["dashskip_arc_easy"], limit=20, task_manager=task_manager, log_samples=True)
     cache = tmp_path / "arc.jsonl"

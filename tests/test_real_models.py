@@ -56,33 +56,32 @@ def test_full_path_greedy_generation_is_token_identical(real, prompts, tokens):
         assert_greedy_agrees(ours[0], ref[0], logits, prompt)
 
 
-def test_shipped_policy_holds_its_operating_point_on_held_out_text():
+def test_shipped_policy_holds_its_operating_point_on_held_out_text(smollm2):
     """The ratio asked for is what held-out text of the training distribution gets, +-3%.
 
     Training used the first 90% of the WikiText-2 validation tokens and calibrated the operating points on the
     first 12 windows of the tail; these are 8 later windows of the tail, seen by neither. (On the raw test split
     the same operating points land 5-8% low: docs/results.md.)
     """
-    from dashskip.api import from_pretrained
     from dashskip.data import load_text
     from dashskip.eval.evaluation import perplexity
 
-    dm = from_pretrained("smollm2-135m", speedup=1.5)
+    dm = smollm2
     ids = dm.tokenizer(load_text("wikitext2-valid"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     tail = ids[int(ids.numel() * 0.9) :]
     windows = tail[40 * 256 : 48 * 256].view(8, 256)
-    result = perplexity(dm.engine, windows, dm.decider, dm.costs, progress=False)
+    point = dm.operating_point(1.5)
+    result = perplexity(dm.engine, windows, dm.decider_for(point), dm.costs, progress=False)
     # 1.5 is decode wall clock on this machine: the cost table resolved it to a compute ratio, which the text meets
-    assert dm.point.ratio > 1.5 and result.compute_ratio == pytest.approx(dm.point.ratio, rel=0.03)
+    assert point.ratio > 1.5 and result.compute_ratio == pytest.approx(point.ratio, rel=0.03)
 
 
-def test_rate_control_holds_the_operating_point_where_the_fixed_bias_misses_it():
+def test_rate_control_holds_the_operating_point_where_the_fixed_bias_misses_it(smollm2):
     """On a chat prompt and a code prompt the calibrated bias of 1.67x lands more than 10% low; with the
     controller on, each generated sequence reports 1.67x +-3% (benchmarks/operating_points.py has more inputs)."""
-    from dashskip.api import from_pretrained
     from dashskip.models.chat import chat_input_ids
 
-    dm = from_pretrained("smollm2-135m", speedup=1.5)
+    dm = smollm2
     chat = chat_input_ids(dm.tokenizer, [{"role": "user", "content": "Give me three tips for a job interview."}])
     code = dm.tokenizer('def merge_intervals(intervals):\n    """Merge overlapping intervals."""\n')["input_ids"]
     for ids in (chat, code):
@@ -95,13 +94,12 @@ def test_rate_control_holds_the_operating_point_where_the_fixed_bias_misses_it()
         assert abs(ratios[True] / 1.67 - 1) < 0.03, ratios
 
 
-def test_rate_control_holds_each_scored_window_at_the_operating_point():
+def test_rate_control_holds_each_scored_window_at_the_operating_point(smollm2):
     """ARC-Easy questions scored as windows: the calibrated bias lands 12-26% below 1.67x; with control each
     window is rescored with a corrected bias until it is within 1% (at most 8 passes)."""
-    from dashskip.api import from_pretrained
     from dashskip.data import load_choice_questions
 
-    dm = from_pretrained("smollm2-135m", speedup=1.5)
+    dm = smollm2
     for item in load_choice_questions("arc-easy")[:4]:
         ids = dm.tokenizer(item.context + " " + item.choices[0], return_tensors="pt")["input_ids"]
         costs = dm.policy.cost_table()  # the policy's own: compute ratios, the table its controller steers on

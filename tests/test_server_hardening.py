@@ -216,8 +216,8 @@ def test_concurrent_requests_at_different_operating_points_share_one_step(dm, to
     assert answers[1.0].model_extra["dashskip"]["compute_ratio"] == 1.0
 
 
-def _alone(dm: DashModel, ids: list[int], tokens: int) -> list[int]:
-    out = dm.generate(torch.tensor([ids]), max_new_tokens=tokens, eos_token_id=[2])
+def _alone(dm: DashModel, ids: list[int], tokens: int, speedup: float = 1.0) -> list[int]:
+    out = dm.generate(torch.tensor([ids]), max_new_tokens=tokens, eos_token_id=[2], speedup=speedup)
     return out[0, len(ids) :].tolist()
 
 
@@ -240,21 +240,48 @@ def test_prompts_that_arrive_together_are_prefilled_in_one_step(dm, tokenizer):
         scheduler.close()
 
 
-def test_a_short_request_does_not_wait_for_a_long_prompt(dm, tokenizer):
+@pytest.mark.parametrize("speedup", [1.0, 2.5])
+def test_a_short_request_does_not_wait_for_a_long_prompt(dm, tokenizer, speedup):
     """A long prompt is prefilled a chunk at a time, taking turns with the short ones admitted after it: the
-    short request's first token comes after one chunk of the long prompt, not after all of it."""
+    short request's first token comes after one chunk of the long prompt, not after all of it; above 1.0x too,
+    each giving what it gives alone (a prompt's states do not depend on how it was cut)."""
     long = tokenizer("word " * 300)["input_ids"]
     short = tokenizer("Hello")["input_ids"]
     order = []
     scheduler = Scheduler(dm, [2], BatchLimits(max_batch=4, prefill_chunk=8))
     try:
         with scheduler.wake:
-            jobs = [Job(long, 3, 0.0, 1.0, None, 1.0), Job(short, 3, 0.0, 1.0, None, 1.0)]
+            jobs = [Job(long, 3, 0.0, 1.0, None, speedup), Job(short, 3, 0.0, 1.0, None, speedup)]
             for name, job in zip(("long", "short"), jobs, strict=True):
                 job.on_token = lambda token, name=name: order.append(name)
                 scheduler.submit(job)
         long_done, short_done = (job.future.result(60) for job in jobs)
         assert order[0] == "short" and scheduler.health()["prefill_steps"] > len(long) // 8
-        assert long_done.tokens == _alone(dm, long, 3) and short_done.tokens == _alone(dm, short, 3)
+        assert long_done.tokens == _alone(dm, long, 3, speedup) and short_done.tokens == _alone(dm, short, 3, speedup)
+    finally:
+        scheduler.close()
+
+
+def test_a_lossless_request_runs_alone_streams_its_tokens_and_can_be_cancelled(dm, tokenizer):
+    """A lossless job waits for the running requests to finish, then runs alone: its tokens stream one by one
+    and are the full model's greedy ones. A lossless job whose client leaves stops early and is counted."""
+    ids = tokenizer("Once upon a time")["input_ids"]
+    events: list[str] = []
+    scheduler = Scheduler(dm, [2], BatchLimits(max_batch=4))
+    try:
+        with scheduler.wake:  # the batch job starts first; the lossless one queues behind it
+            batch = Job(tokenizer("Hello")["input_ids"], 24, 0.0, 1.0, None, 2.5, on_token=lambda t: events.append("b"))
+            lossless = Job(ids, 16, 0.0, 1.0, None, 2.5, lossless=True, on_token=lambda t: events.append("l"))
+            for job in (batch, lossless):
+                scheduler.submit(job)
+        ran, kept = batch.future.result(60), lossless.future.result(60)
+        assert events == ["b"] * len(ran.tokens) + ["l"] * len(kept.tokens)  # after the batch drained, streamed
+        assert kept.tokens == _alone(dm, ids, 16) and kept.dashskip["lossless"]["rounds"] >= 1
+        before = scheduler.health()["cancelled"]
+        seen: list[int] = []
+        leaving = Job(ids, 200, 0.0, 1.0, None, 2.5, lossless=True)
+        leaving.on_token = lambda t: seen.append(t) or (len(seen) == 3 and leaving.cancel.set())
+        assert scheduler.submit(leaving).result(60) is None
+        assert 3 <= len(seen) < 200 and scheduler.health()["cancelled"] == before + 1
     finally:
         scheduler.close()

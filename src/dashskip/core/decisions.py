@@ -64,8 +64,9 @@ class StepInfo:
     """What a decider may know about the step being run."""
 
     positions: torch.Tensor  # (batch, tokens) position ids
-    prefill: bool
+    prefill: bool  # the sequence's first step (a new sequence: a controller starts over)
     num_layers: int
+    produces: bool = True  # the step's last position gives a new token (not a prompt chunk with more to come)
 
     def rows(self, index: slice) -> StepInfo:
         return replace(self, positions=self.positions[index])

@@ -220,10 +220,12 @@ class Engine:
         session: Session,
         decider: Decider | None = None,
         attention_mask: torch.Tensor | None = None,
+        produces: bool = True,
     ) -> StepResult:
         """Run `input_ids` (batch, tokens) through every layer, appending their K/V to the session.
 
         `attention_mask` (batch, tokens), 1 for real tokens, 0 for padding, covers only the new tokens.
+        `produces`: the last position gives a new token (False for a chunk of a prompt that goes on).
         """
         bb, cache = self.backbone, session.cache
         batch, tokens = input_ids.shape
@@ -237,7 +239,7 @@ class Engine:
         cache.begin_step(tokens)
         x = bb.embed(input_ids)
         step = self.context(session, x, positions)
-        info = StepInfo(positions=positions, prefill=cache.start == 0, num_layers=bb.num_layers)
+        info = StepInfo(positions=positions, prefill=cache.start == 0, num_layers=bb.num_layers, produces=produces)
         hidden, states = self._layers(x, decider, info, step)
         # One check per step, not per layer: a skipped or quantized path that blew up is rare, and rerunning
         # the affected tokens in full (overwriting this step's K/V) is cheaper than checking 30 layers per token.

@@ -118,11 +118,13 @@ def prefill(
     input_ids: torch.Tensor,
     decider: Decider | None = None,
     attention_mask: torch.Tensor | None = None,
+    last: bool = True,
 ) -> StepResult:
-    """Every prompt token through the layers; the last position's hidden state gives the first new token."""
+    """Every prompt token through the layers (or a chunk of them: `last` False while more follow); the last
+    position's hidden state gives the first new token."""
     if input_ids.shape[1] == 0:
         raise DashskipError("empty prompt: give at least one token")
-    return engine.step(input_ids, session, decider, attention_mask)
+    return engine.step(input_ids, session, decider, attention_mask, produces=last)
 
 
 def decode_one_token(engine: Engine, session: Session, token: torch.Tensor, decider: Decider | None) -> StepResult:

@@ -58,7 +58,7 @@ class BatchLimits:
     # "token": each request its own states; "majority": per layer, a decode step runs the state most of its rows
     # chose (the RL-adapter paper's batch-majority voting): one set of weight reads for the batch, each request's
     # controller steering what the batch ran, and a request's text then depends on what it is batched with. A
-    # request at 1.0x runs in full and votes for full.
+    # request at 1.0x runs in full and does not vote.
     batch_states: str = "token"
 
     def __post_init__(self) -> None:
@@ -316,7 +316,8 @@ class Scheduler:
         if row.session is None:
             row.session = self.model.engine.new_session(1, capacity=len(row.job.ids) + row.job.max_new_tokens)
         chunk = row.job.ids[row.done : row.done + self.limits.prefill_chunk]
-        result = prefill(self.model.engine, row.session, torch.tensor([chunk]), row.decider)
+        last = row.done + len(chunk) == len(row.job.ids)
+        result = prefill(self.model.engine, row.session, torch.tensor([chunk]), row.decider, last=last)
         self.prefill_steps += 1
         row.done += len(chunk)
         self.prefilling.remove(row)

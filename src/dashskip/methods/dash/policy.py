@@ -296,9 +296,9 @@ class PolicyDecider(Lookahead):
         if self.control is not None:
             if step.prefill:  # a new sequence: its spending starts over
                 self.control.reset(step.positions.shape[0])
-            # Steps that produce a token: the prompt's (its last position) and single-token decode steps; a
-            # serving engine's later prefill chunks are not counted.
-            self.counting = step.prefill or step.positions.shape[1] == 1
+            # Steps that produce a token count it (the prompt's last position, a decode step); a chunk of a
+            # prompt that goes on does not (a chunked prompt then runs as it does whole).
+            self.counting = step.produces
             self.control.applied = self.control.bias()
             self.greedy.set_bias(self.control.applied)
 
