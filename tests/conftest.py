@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -121,6 +123,21 @@ def tiny_smol(tokenizer, seed: int = 0):
     return spread_weights(AutoModelForCausalLM.from_config(config))
 
 
+def make_policy(mode: str = "async", layers: int = 6, hidden: int = 64, fingerprint: str = "fp") -> DashPolicy:
+    """A scoring model on its own (no model behind it), with a made-up curve and a named operating point."""
+    torch.manual_seed(0)
+    model = ScoringModel(PolicyConfig(hidden, layers, mode=mode))
+    meta = {
+        "fingerprint": fingerprint,
+        "scales": [1.1] * layers,
+        "cost_table": {"0": 0.0, "1": 0.4, "2": 0.5, "4": 1.0},
+        "kv_rule": "copy",
+        "operating_points": {"1.50": 0.3},
+        "ratio_curve": [[-1.0, 1.0], [0.0, 1.2], [1.0, 1.8], [4.0, 3.0]],
+    }
+    return DashPolicy(model, meta)
+
+
 def tiny_policy(model) -> DashPolicy:
     """An untrained scoring model. Its last layer is scaled up so that scores differ from token to token as a
     trained model's do: at init they barely do, every token switched state at the same bias, and no controller
@@ -194,3 +211,14 @@ def assert_greedy_agrees(ours: torch.Tensor, reference: torch.Tensor, logits: to
 def chi2_critical(df: int, z: float = 3.09) -> float:
     """Upper 0.1% point of chi-square with `df` degrees of freedom (Wilson-Hilferty)."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The `dashskip` command line in a process of its own, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-c", "from dashskip.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )

@@ -1,21 +1,11 @@
 """The command line as a user meets it: real processes, one-line errors, JSON output."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
-
-def run(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-c", "from dashskip.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **(env or {})},
-    )
+from tests.conftest import run
 
 
 def test_help_lists_commands():

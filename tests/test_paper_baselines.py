@@ -39,8 +39,7 @@ from dashskip.methods.skipping import (
     skip_decode,
 )
 from dashskip.models.loading import fingerprint
-from tests.conftest import tiny_model
-from tests.test_policy import make_policy
+from tests.conftest import make_policy, tiny_model
 
 TABLE = {0: 0.12, 1: 0.26, 2: 0.32, 4: 1.0}
 COSTS = CostTable(decode=dict(TABLE), prefill=dict(TABLE))

@@ -5,23 +5,9 @@ from dashskip import Backbone, Engine
 from dashskip.api import DashModel
 from dashskip.errors import DashskipError
 from dashskip.methods.dash.policy import DashPolicy, PolicyConfig, PolicyDecider, ScoringModel
-from tests.conftest import tiny_model
+from tests.conftest import make_policy, tiny_model
 
 STATE_VALUES = torch.tensor([0, 1, 2, 4])  # the built-in states' codes, which are also their levels
-
-
-def make_policy(mode="async", layers=6, hidden=64, fingerprint="fp"):
-    torch.manual_seed(0)
-    model = ScoringModel(PolicyConfig(hidden, layers, mode=mode))
-    meta = {
-        "fingerprint": fingerprint,
-        "scales": [1.1] * layers,
-        "cost_table": {"0": 0.0, "1": 0.4, "2": 0.5, "4": 1.0},
-        "kv_rule": "copy",
-        "operating_points": {"1.50": 0.3},
-        "ratio_curve": [[-1.0, 1.0], [0.0, 1.2], [1.0, 1.8], [4.0, 3.0]],
-    }
-    return DashPolicy(model, meta)
 
 
 def test_scores_have_one_output_per_state_and_penalise_change():
@@ -291,7 +277,7 @@ def test_a_broken_policy_file_is_one_line_naming_the_file(tmp_path, meta, messag
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from tests.test_cli import run
+    from tests.conftest import run
 
     good = tmp_path / "good.safetensors"
     make_policy().save(good)

@@ -89,19 +89,26 @@ def test_every_operating_point_is_answered_and_the_server_keeps_serving(smollm2)
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("speedup", [1.2, 1.4])
-def test_a_request_at_a_speedup_reports_that_speedup(smollm2, speedup):
+@pytest.mark.parametrize("head, speedup", [("full", 1.2), ("full", 1.4), ("int8", 1.4)])
+def test_a_request_at_a_speedup_reports_that_speedup(smollm2, head, speedup):
     """What a request asks is what it reports: the cost table's predicted decode speedup of the states it ran
-    within 3% of the one asked, and the compute ratio within 3% of the one the point resolved to (rate control)."""
+    within 3% of the one asked, and the compute ratio within 3% of the one the point resolved to (rate control);
+    with the fp32 head and with the INT8 one (`dashskip serve --head int8`), where the same speedup is another
+    compute ratio."""
     question = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
     body = {"model": NAME, "messages": question, "max_tokens": 48, "temperature": 0, "speedup": speedup}
-    with running(smollm2, ServerLimits()) as (url, _):
-        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=BOUND)
+    smollm2.set_head(head)
+    try:
+        with running(smollm2, ServerLimits()) as (url, _):
+            response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=BOUND)
+    finally:
+        smollm2.set_head("full")  # the session's model, as the other tests expect it
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 48  # enough tokens for the controller to hold
     report = response.json()["dashskip"]
     assert abs(report["predicted_speedup"] / speedup - 1) < 0.03, report
     assert abs(report["compute_ratio"] / report["operating_point"]["compute_ratio"] - 1) < 0.03, report
+    assert report["operating_point"]["head"] == head
 
 
 @pytest.fixture

@@ -256,11 +256,9 @@ def test_the_other_families_run_in_vllm(family, architecture, batch_states, tmp_
     """Tiny random Qwen2 and Mistral models (Mistral's engine with one state per layer per step): a 1.0x request
     gives the transformers model's greedy tokens while a 2.0x request shares its batch, and the 2.0x request runs
     at 2.0 (+-3%) in its own states."""
-    from tests.conftest import assert_greedy_agrees, tiny_model, tiny_policy
+    from tests.conftest import assert_greedy_agrees
 
-    model = tiny_model(family, hidden_size=128, head_dim=32)
-    model.save_pretrained(tmp_path / "model")
-    tiny_policy(model).save(tmp_path / "policy.safetensors")  # beside the folder: vLLM loads every file in it
+    model = _tiny_folder(family, tmp_path)
     prompts = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(5))
     llm = LLM(model=str(tmp_path / "model"), skip_tokenizer_init=True, **{**ENGINE, "max_model_len": 256},
               hf_overrides=hf_overrides(architecture, 1.0, str(tmp_path / "policy.safetensors"),
@@ -288,3 +286,23 @@ def test_the_other_families_run_in_vllm(family, architecture, batch_states, tmp_
 def _flush_tokens(llm: LLM) -> None:
     """`_flush` for an engine without a tokenizer."""
     llm.generate([TokensPrompt(prompt_token_ids=[5])], SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+
+
+def _tiny_folder(family: str, root):
+    """A tiny random model of `family` in root/model (head_dim 32: vLLM's CPU attention wants >= 32), its policy
+    beside it (vLLM loads every safetensors file inside the folder)."""
+    from tests.conftest import tiny_model, tiny_policy
+
+    model = tiny_model(family, hidden_size=128, head_dim=32)
+    model.save_pretrained(root / "model")
+    tiny_policy(model).save(root / "policy.safetensors")
+    return model
+
+
+def test_what_the_plugin_cannot_run_is_refused_in_one_line(tmp_path):
+    """bf16 weights and Qwen2's q/k norms: refused when the engine starts, both named, not computed wrongly."""
+    _tiny_folder("qwen2", tmp_path)
+    overrides = {**hf_overrides("Qwen2ForCausalLM", 1.0, str(tmp_path / "policy.safetensors")), "qk_norm": True}
+    with pytest.raises(Exception, match=r"DASH in vLLM does not run dtype torch.bfloat16 .*; q/k norms"):
+        LLM(model=str(tmp_path / "model"), skip_tokenizer_init=True, hf_overrides=overrides,
+            **{**ENGINE, "max_model_len": 256, "dtype": "bfloat16"})  # fmt: skip
