@@ -49,10 +49,10 @@ def main() -> None:
     for bias in (torch.full((args.rows,), base), torch.linspace(base * 0.5, base * 1.5, args.rows)):
         for layer in range(1, model.backbone.num_layers - 2):
             hidden = grab.hidden[layer]
-            batched = torch.as_tensor(scorer.rows(hidden, layer, FULL, bias)).reshape(-1)
+            batched = torch.as_tensor(scorer(hidden, layer, FULL, scorer.table(bias))).reshape(-1)
             for r in range(args.rows):
-                scorer.set_bias(bias[r])
-                alone = int(torch.as_tensor(scorer(hidden[r : r + 1], layer, FULL)).reshape(-1)[0])
+                alone = scorer(hidden[r : r + 1], layer, FULL, scorer.table(bias[r]))
+                alone = int(torch.as_tensor(alone).reshape(-1)[0])
                 total += 1
                 differ += alone != int(batched[r])
     print(f"{args.rows} rows at {args.speedup}x: {differ} of {total} decisions differ batched vs alone "

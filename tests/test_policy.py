@@ -50,7 +50,8 @@ def test_folded_greedy_scorer_chooses_what_the_scoring_model_chooses(shape, size
     model = ScoringModel(PolicyConfig(64, 6, hidden1=sizes[0], hidden2=sizes[1], full_prior=0.0))
     costs = torch.tensor([0.1, 0.4, 0.5, 1.0])
     cost_bias = 0.3 * costs
-    scorer = GreedyScorer(model, costs, 0.3)
+    scorer = GreedyScorer(model, costs)
+    table = scorer.table(0.3)
     gen = torch.Generator().manual_seed(1)
     chosen = []
     for current in range(5):
@@ -60,7 +61,7 @@ def test_folded_greedy_scorer_chooses_what_the_scoring_model_chooses(shape, size
                 prev = previous if isinstance(previous, torch.Tensor) else torch.full(shape, previous)
                 with torch.no_grad():
                     reference = STATE_VALUES[(model(h, current, current + 1, prev) - cost_bias).argmax(-1)]
-                answer = scorer(h, current, previous)
+                answer = scorer(h, current, previous, table)
                 if h.numel() == 64:  # one row: a plain int keeps the engine on its uniform fast path
                     assert isinstance(answer, int) and answer == int(reference)
                 else:
@@ -78,7 +79,8 @@ def test_states_left_out_of_a_policy_are_never_chosen():
     assert float(probs[..., 1].max()) == 0.0
     from dashskip.methods.dash.policy import GreedyScorer
 
-    assert not GreedyScorer(model, torch.ones(4), 0.0)(h, 1, 4).eq(1).any()
+    scorer = GreedyScorer(model, torch.ones(4))
+    assert not scorer(h, 1, 4, scorer.table(0.0)).eq(1).any()
     with pytest.raises(DashskipError, match="include full"):
         PolicyConfig(64, 6, allowed=(0, 2))
 
@@ -180,14 +182,14 @@ def test_per_row_biases_choose_what_each_rows_own_bias_chooses():
     costs = torch.tensor([0.1, 0.4, 0.5, 1.0])
     h = torch.randn(3, 5, 64) * 4
     biases = torch.tensor([-2.0, 0.5, 3.0])
-    together = GreedyScorer(model, costs, 0.0)
-    together.set_bias(biases)
-    for previous in (4, STATE_VALUES[torch.randint(0, 4, (3, 5))]):
-        answer = together(h, 2, previous)
-        for r, bias in enumerate(biases.tolist()):
-            prev = previous[r : r + 1] if isinstance(previous, torch.Tensor) else previous
-            alone = GreedyScorer(model, costs, bias)(h[r : r + 1], 2, prev)
-            assert torch.equal(answer[r : r + 1], torch.as_tensor(alone).expand(1, 5))
+    scorer = GreedyScorer(model, costs)
+    for tokens in (5, 1):  # a prefill (row by row) and a decode step (one call)
+        for previous in (4, STATE_VALUES[torch.randint(0, 4, (3, tokens))]):
+            answer = scorer(h[:, :tokens], 2, previous, scorer.table(biases))
+            for r, bias in enumerate(biases.tolist()):
+                prev = previous[r : r + 1] if isinstance(previous, torch.Tensor) else previous
+                alone = scorer(h[r : r + 1, :tokens], 2, prev, scorer.table(bias))
+                assert torch.equal(answer[r : r + 1], torch.as_tensor(alone).expand(1, tokens))
 
 
 def test_rate_control_steers_each_row_to_the_ratio_asked():
@@ -369,21 +371,22 @@ def test_a_forward_pass_of_a_new_sequence_runs_at_the_ratio_asked(smollm2):
     assert max(misses(fixed)) > 0.011  # the same windows at the calibrated bias miss it: the test can fail
 
 
-def test_fused_scoring_leaves_each_sequences_own_bias():
-    """The fused step scores with the first row's scorer; afterwards that scorer holds its own sequence's bias
-    again (without rate control nothing else would reset it, and a batch shrunk to that row would run at another
-    row's operating point), after a prefill (row by row) and after a decode step of many rows (one product)."""
+def test_fused_scoring_leaves_each_sequence_deciding_as_alone():
+    """The scorer keeps no bias (each sequence keeps its own table): after fused steps of sequences at other
+    points, the first sequence alone decides as a fresh decider at its point does, after a prefill (row by row)
+    and after a decode step of many rows (one product)."""
     from dashskip.core.decisions import per_row
 
     policy = make_policy()
     engine = Engine(Backbone(tiny_model("llama")), scales=policy.scales())
+    ids = torch.randint(3, 97, (1, 5), generator=torch.Generator().manual_seed(2))
+    expected = engine.step(ids, engine.new_session(1), policy.decider(2.9, control=False)).states
     for batch, tokens in ((2, 6), (20, 1)):
-        rows = [policy.decider(1.3 if r % 2 else 2.9, control=False) for r in range(batch)]
-        own = rows[0].greedy.b3_table.clone()
+        rows = [policy.decider(2.9 if r == 0 else 1.3, control=False) for r in range(batch)]
         session = engine.new_session(batch)
         engine.step(torch.randint(3, 97, (batch, 3)), session, per_row(rows))
         engine.step(torch.randint(3, 97, (batch, tokens)), session, per_row(rows))
-        assert torch.equal(rows[0].greedy.b3_table, own) and rows[0].greedy.row_bias is None, (batch, tokens)
+        assert torch.equal(engine.step(ids, engine.new_session(1), rows[0]).states, expected), (batch, tokens)
 
 
 def test_a_point_resolved_for_another_head_is_resolved_again():

@@ -48,7 +48,7 @@ from dashskip.core.decisions import BatchMajority, Decider, FullFor
 from dashskip.core.linear import Linear
 from dashskip.core.states import State, spec
 from dashskip.errors import DashskipError
-from dashskip.methods.dash.policy import DashPolicy, PolicyDecider
+from dashskip.methods.dash.policy import DashPolicy, PolicyDecider, ScoredStep
 from dashskip.models.loading import fingerprint_of
 from dashskip.vllm import BATCH_STATES
 from dashskip.vllm.requests import TABLE, Request
@@ -162,6 +162,7 @@ class DashRunner:
         self.scales = self.policy.scales()
         self.costs = self.policy.cost_table()
         self.default_bias = self.policy.bias_for(settings.speedup) if settings.speedup > 1.0 else 0.0
+        # Its scorer, scales and mode; each step scores with a table of its own tokens' biases (`ScoredStep`).
         self.decider: PolicyDecider = self.policy.decider(settings.speedup, control=False)
         # Majority: a step never splits into state groups, so each projection reads one set of weights, which is
         # what pays at batch sizes where weight reads are shared (docs/serving.md); each request's controller then
@@ -263,9 +264,9 @@ class DashRunner:
             states = torch.full((tokens, self.num_layers), FULL, dtype=torch.int8)
             self._account(spans, produces, states)
             return hidden, residual
-        self.decider.greedy.set_bias(bias)
-        self.decider.pending = None
-        decider: Decider = BatchMajority(self.decider, ~full[:, None]) if self.majority else self.decider
+        decider: Decider = ScoredStep(self.decider, self.decider.greedy.table(bias))  # a bias per token
+        if self.majority:
+            decider = BatchMajority(decider, ~full[:, None])
         if bool(full.any()):  # requests at 1.0x: every layer in full, and no vote in the majority
             decider = FullFor(decider, full[:, None])
         states = torch.full((tokens, self.num_layers), FULL, dtype=torch.int8)

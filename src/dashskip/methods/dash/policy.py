@@ -28,7 +28,7 @@ from dashskip.core.context import StateChoice
 from dashskip.core.costs import CostTable
 from dashskip.core.decisions import Decider, StepInfo, Traits
 from dashskip.core.files import load_artifact, load_weights, require, save_artifact
-from dashskip.core.kernels import SMALL_ROWS, compiled_rows, extension
+from dashskip.core.kernels import compiled_rows, extension
 from dashskip.core.operating import OperatingPoint, Unit, resolve
 from dashskip.core.states import State, by_name, code_lookup, parse, spec
 from dashskip.errors import DashskipError
@@ -131,7 +131,7 @@ class GreedyScorer:
     state run them as one compiled call (`csrc/layer_ops.cpp`, ~10x cheaper), the rest as torch ops.
     """
 
-    def __init__(self, model: ScoringModel, costs: torch.Tensor, bias: float) -> None:
+    def __init__(self, model: ScoringModel, costs: torch.Tensor) -> None:
         cfg, first, middle, last = model.config, model.mlp[0], model.mlp[2], model.mlp[4]
         with torch.no_grad():
             d = cfg.hidden_size
@@ -150,65 +150,52 @@ class GreedyScorer:
         self.config = cfg
         self.codes = cfg.codes
         self.code_list = self.codes.tolist()
-        self.row_bias: torch.Tensor | None = None
-        self.set_bias(bias)
+        self.index = {code: k for k, code in enumerate(self.code_list)}
 
-    def set_bias(self, bias: float | torch.Tensor) -> None:
-        """The cost bias of the next decisions: one for all rows, or one per batch row (a controller's)."""
-        bias = torch.as_tensor(bias, dtype=torch.float32).reshape(-1)
-        self.row_bias = bias if bias.numel() > 1 and not bool((bias == bias[0]).all()) else None
-        self.b3_table = self.b3_base - float(bias[0]) * self.costs
-        self.b3 = dict(zip(self.code_list, self.b3_table.unbind(0), strict=True))
+    def table(self, bias: float | torch.Tensor) -> torch.Tensor:
+        """The last layer's bias at a cost bias: (previous state's index, state), or (rows, previous, state) for
+        one cost bias per row. Its owner (a sequence, a step) keeps it; the scorer keeps no bias of its own."""
+        bias = torch.as_tensor(bias, dtype=torch.float32)
+        return (self.b3_base - bias[..., None, None] * self.costs).contiguous()
 
-    def __call__(self, hidden: torch.Tensor, current: int, previous: StateChoice) -> StateChoice:
-        """Chosen states for layer current+1, an int for one row (the engine's uniform fast path) or a tensor of
-        the hidden state's leading shape; `hidden` unscaled or scaled alike."""
+    def __call__(self, hidden: torch.Tensor, current: int, previous: StateChoice, table: torch.Tensor) -> StateChoice:
+        """Chosen states for layer current+1 at the biases of `table` (`table()`), an int for one row (the
+        engine's uniform fast path) or a tensor of the hidden state's (rows, tokens) shape; `hidden` unscaled
+        or scaled alike.
+
+        Few rows (one token each with a table per row, or any few with one table) are one compiled call, the
+        kernel scoring each row on its own, so a row gets exactly what it gets alone. More rows of one token
+        are one batched product (a GEMM, which may round a row otherwise than alone: docs/serving.md gives the
+        measured rate). Rows of several tokens, each with its own table (a prefill of several requests), are
+        scored row by row, each exactly as alone."""
+        per_row = table.ndim == 3
+        if per_row and hidden.shape[1] > 1 and table.shape[0] > 1:
+            answers = []
+            for r in range(table.shape[0]):
+                row_previous = previous[r : r + 1] if isinstance(previous, torch.Tensor) else previous
+                answers.append(self(hidden[r : r + 1], current, row_previous, table[r]))
+            return torch.cat([torch.as_tensor(a).expand(1, hidden.shape[1]) for a in answers])
         flat = hidden.reshape(-1, self.dim)
-        if self.row_bias is None and not isinstance(previous, torch.Tensor) and compiled_rows(flat):  # one call
+        if not isinstance(previous, torch.Tensor) and not per_row:  # the common case: one row of the table
+            b3 = table[self.index[previous]]
+        else:
+            if isinstance(previous, torch.Tensor):
+                prev = self.config.index_of(previous.expand(hidden.shape[:-1]).reshape(-1))
+            else:
+                prev = torch.full((flat.shape[0],), self.index[previous])
+            if per_row:  # one table per row, one token per row (or one row): each row's own biases
+                b3 = table.expand(flat.shape[0], *table.shape[1:])[torch.arange(flat.shape[0]), prev]
+            else:
+                b3 = table[prev]
+        if compiled_rows(flat):  # one call; b3 one row for all, or a row per row
             index = extension().decide(flat.contiguous(), self.w1, self.b1[current], self.w2, self.b2, self.w3,
-                                       self.b3[previous], RMS_EPS)  # fmt: skip
+                                       b3.contiguous(), RMS_EPS)  # fmt: skip
             return self.states(index, hidden.shape[:-1])
         flat = flat.float()
         norm = torch.linalg.vector_norm(flat, dim=-1, keepdim=True).clamp_(min=RMS_EPS)
         x = F.gelu(torch.addcdiv(self.b1[current], flat @ self.w1, norm))
         x = F.gelu(torch.addmm(self.b2, x, self.w2))
-        if isinstance(previous, torch.Tensor):
-            scores = x @ self.w3 + self.b3_table[self.config.index_of(previous.reshape(-1))]
-        else:
-            scores = torch.addmm(self.b3[previous], x, self.w3)
-        if self.row_bias is not None:  # rows at other biases than row 0's, which b3 holds
-            shift = (self.row_bias - self.row_bias[0]).repeat_interleave(flat.shape[0] // self.row_bias.numel())
-            scores = scores - shift[:, None] * self.costs
-        return self.states(scores.argmax(-1), hidden.shape[:-1])
-
-    def rows(self, hidden: torch.Tensor, current: int, previous: StateChoice, bias: torch.Tensor) -> StateChoice:
-        """Decisions for a (batch, tokens) step whose rows each have their own cost bias (batch,).
-
-        A decode step of few rows is one compiled call with a bias row per row: the kernel scores each row on its
-        own, so every row gets exactly what it gets alone. A decode step of more rows is one batched product (a
-        GEMM, which may round a row otherwise than alone: docs/serving.md gives the measured rate). Anything
-        else (prefill, or no compiled kernel here) is scored row by row, each row exactly as alone."""
-        batch, tokens = hidden.shape[:2]
-        flat = hidden.reshape(-1, self.dim)
-        if tokens == 1 and compiled_rows(flat):
-            prev = self.config.index_of(torch.as_tensor(previous).expand(batch, tokens).reshape(-1))
-            b3 = (self.b3_base[prev] - bias.float()[:, None] * self.costs).contiguous()
-            index = extension().decide(flat.contiguous(), self.w1, self.b1[current], self.w2, self.b2, self.w3, b3,
-                                       RMS_EPS)  # fmt: skip
-            return self.states(index, hidden.shape[:-1])
-        saved = self.row_bias, self.b3_table, self.b3  # this scorer is also one sequence's own: leave its bias
-        try:
-            if tokens == 1 and batch > SMALL_ROWS:
-                self.set_bias(bias)
-                return self(hidden, current, previous)
-            answers = []
-            for r in range(batch):
-                self.set_bias(bias[r])
-                row_previous = previous[r : r + 1] if isinstance(previous, torch.Tensor) else previous
-                answers.append(self(hidden[r : r + 1], current, row_previous))
-            return torch.cat([torch.as_tensor(a).expand(1, tokens) for a in answers])
-        finally:
-            self.row_bias, self.b3_table, self.b3 = saved
+        return self.states(torch.addmm(b3, x, self.w3).argmax(-1), hidden.shape[:-1])
 
     def states(self, index: list[int] | torch.Tensor, shape: torch.Size) -> StateChoice:
         """Output indices as states: a plain int for one row keeps the engine on its uniform fast path."""
@@ -286,7 +273,8 @@ class PolicyDecider(Lookahead):
         self.records: list[Record] = []
         self.pending: StateChoice | None = None
         self.last = model.config.num_layers - 1
-        self.greedy = GreedyScorer(model, costs, bias) if temperature is None and not record else None
+        self.greedy = GreedyScorer(model, costs) if temperature is None and not record else None
+        self.table = self.greedy.table(bias) if self.greedy is not None else None  # this sequence's, this step
         self.scaled_input = self.greedy is None
         if control is not None and self.greedy is None:
             raise DashskipError("rate control steers greedy decisions; sampled or recorded ones train at a fixed bias")
@@ -299,16 +287,12 @@ class PolicyDecider(Lookahead):
             # Steps that produce a token count it (the prompt's last position, a decode step); a chunk of a
             # prompt that goes on does not (a chunked prompt then runs as it does whole).
             self.counting = step.produces
-            self.control.applied = self.control.bias()
-            self.greedy.set_bias(self.control.applied)
+            self.control.applied = bias = self.control.bias()  # (batch,): each row's own
+            self.table = self.greedy.table(bias[0] if bool((bias == bias[0]).all()) else bias)
 
     def end(self, states: torch.Tensor) -> None:
         if self.control is not None and self.counting:
             self.control.observe(states)
-
-    def step_bias(self) -> torch.Tensor:
-        """(1,) the cost bias this sequence's current step runs at (after `begin`): its controller's, or fixed."""
-        return self.control.applied.reshape(-1)[:1] if self.control is not None else torch.tensor([float(self.bias)])
 
     @classmethod
     def fuse(cls, rows: Sequence[Decider]) -> Decider | None:
@@ -325,7 +309,7 @@ class PolicyDecider(Lookahead):
     @torch.no_grad()
     def choose(self, hidden: torch.Tensor, current: int, nxt: int, previous: StateChoice) -> StateChoice:
         if self.greedy is not None:
-            return self.greedy(hidden, current, previous)
+            return self.greedy(hidden, current, previous, self.table)
         prev = previous if isinstance(previous, torch.Tensor) else torch.full(hidden.shape[:-1], previous)
         scores = self.model(hidden, current, nxt, prev) - self.cost_bias
         if self.temperature is None:
@@ -339,25 +323,36 @@ class PolicyDecider(Lookahead):
 
 
 
-class PolicyRows(Lookahead):
+class ScoredStep(Lookahead):
+    """One step's greedy decisions at a cost bias per row (`table`: `GreedyScorer.table` of the rows' biases):
+    one scoring call per layer for every row of the step. Holds nothing past the step: what a sequence keeps
+    (its controller, its bias) stays with the sequence."""
+
+    def __init__(self, lead: PolicyDecider, table: torch.Tensor) -> None:
+        self.traits, self.mode, self.last, self.scales = lead.traits, lead.mode, lead.last, lead.scales
+        self.scorer, self.table = lead.greedy, table
+
+    @torch.no_grad()
+    def choose(self, hidden: torch.Tensor, current: int, nxt: int, previous: StateChoice) -> StateChoice:
+        return self.scorer(hidden, current, previous, self.table)
+
+
+class PolicyRows(ScoredStep):
     """The rows of one step, row r deciding as its own sequence's `PolicyDecider` would (its operating point, its
-    controller) or in full (a plain `Decider`: a request at 1.0x), with a cost bias per row (`GreedyScorer.rows`:
-    a decode step is one scoring call per layer where the compiled kernel runs or the rows are many; a prefill is
-    scored row by row). The per-sequence state stays in each row's decider; this holds only the step."""
+    controller) or in full (a plain `Decider`: a request at 1.0x), scored together (`ScoredStep`)."""
 
     def __init__(self, rows: Sequence[Decider]) -> None:
         lead = next(d for d in rows if isinstance(d, PolicyDecider))
+        super().__init__(lead, lead.table)
         self.rows = list(rows)
-        self.traits, self.mode, self.last, self.scales = lead.traits, lead.mode, lead.last, lead.scales
-        self.scorer = lead.greedy
         self.full = torch.tensor([not isinstance(d, PolicyDecider) for d in self.rows])
-        self.bias = torch.zeros(len(self.rows))
 
     def begin(self, step: StepInfo) -> None:
         self.pending = None
         for r, d in enumerate(self.rows):
             d.begin(step.rows(slice(r, r + 1)))
-        self.bias = torch.cat([d.step_bias() if isinstance(d, PolicyDecider) else torch.zeros(1) for d in self.rows])
+        lead = next(d for d in self.rows if isinstance(d, PolicyDecider))
+        self.table = torch.stack([(d if isinstance(d, PolicyDecider) else lead).table for d in self.rows])
 
     def end(self, states: torch.Tensor) -> None:
         for r, d in enumerate(self.rows):
@@ -365,7 +360,7 @@ class PolicyRows(Lookahead):
 
     @torch.no_grad()
     def choose(self, hidden: torch.Tensor, current: int, nxt: int, previous: StateChoice) -> StateChoice:
-        answer = self.scorer.rows(hidden, current, previous, self.bias)
+        answer = super().choose(hidden, current, nxt, previous)
         if not bool(self.full.any()):
             return answer
         return torch.where(self.full[:, None], int(State.FULL), torch.as_tensor(answer).expand(hidden.shape[:2]))
