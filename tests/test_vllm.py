@@ -86,19 +86,29 @@ def test_the_request_table_follows_vllms_batch_updates():
     without listing it as removed; a swap exchanges two; a preempted request added back resumes its count."""
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-    table = RequestTable(num_layers=30)
+    from dashskip.core.costs import CostTable
+    from dashskip.methods.dash.control import RateControl
+
+    def spent(cost: float, tokens: int) -> RateControl:  # a controller that counted `tokens` costing `cost` in all
+        control = RateControl(2.0, 0.0, CostTable({4: 1.0}, {4: 1.0}), 30)
+        control.reset(1)
+        control.spent += cost
+        control.counted += tokens
+        return control
+
+    table = RequestTable()
     params = [SamplingParams(extra_args=None if s is None else {"dash_speedup": s}) for s in (2.0, None, 1.33)]
     table.update(BatchUpdate(3, [], [(0, params[0], [1, 2, 3], []), (1, params[1], [1], []),
                                      (2, params[2], [1, 2], [])], []))  # fmt: skip
     assert {i: r.speedup for i, r in table.slots.items()} == {0: 2.0, 1: None, 2: 1.33}
-    table.slots[1].counted, table.slots[1].spent, table.slots[1].target = 10, 150.0, 2.0
+    table.slots[1].control = spent(150.0, 10)
     table.update(BatchUpdate(2, [], [], [(2, 1, MoveDirectionality.UNIDIRECTIONAL)]))  # index 1 finished
     assert {i: r.speedup for i, r in table.slots.items()} == {0: 2.0, 1: 1.33}
     assert [(r.tokens, r.compute_ratio) for r in table.reports] == [(10, 2.0)]  # 30 layers x 10 / 150
     table.update(BatchUpdate(2, [], [], [(0, 1, MoveDirectionality.SWAP)]))
     assert {i: r.speedup for i, r in table.slots.items()} == {0: 1.33, 1: 2.0}
     first = table.slots[1]
-    first.counted, first.spent = 3, 45.0
+    first.control = spent(45.0, 3)
     table.update(BatchUpdate(1, [1], [], []))  # preempted
     table.update(BatchUpdate(2, [], [(1, params[0], [1, 2, 3], [7, 8, 9])], []))  # and back
     assert table.slots[1] is first and first.counted == 3

@@ -169,7 +169,6 @@ class DashRunner:
         # steers what the batch ran.
         self.majority = settings.batch_states == "majority"
         self.forms: list[LayerForms] = []
-        TABLE.num_layers = self.num_layers
 
     def after_loading(self) -> None:
         """Check the policy belongs to these weights and make the quantized forms, before vLLM packs them."""
@@ -208,17 +207,17 @@ class DashRunner:
         for start, end, request in spans:
             if request is None:
                 continue
-            if not request.target:  # first seen: its operating point and controller
-                request.target = self._target(request)
-                if request.target > 1.0:
-                    request.bias = self.policy.bias_for(request.target)
-                if request.target > 1.0 and self.settings.control:
-                    request.control = self.policy.rate_control(request.target, request.bias, self.policy.cost_table())
-                    request.control.reset(1)
-            full[start:end] = request.target <= 1.0
-            if request.target <= 1.0:
+            if request.control is None:  # first seen: its operating point, and its controller (steering or not)
+                target = self._target(request)
+                start_bias = self.policy.bias_for(target) if target > 1.0 else 0.0
+                steer = self.settings.control and target > 1.0
+                request.control = self.policy.rate_control(target, start_bias, self.costs, steer)
+                request.control.reset(1)
+            if request.control.target <= 1.0:
+                full[start:end] = True
                 continue
-            bias[start:end] = float(request.control.bias()[0]) if request.control is not None else request.bias
+            full[start:end] = False
+            bias[start:end] = float(request.control.bias()[0])
         return bias, full
 
     def _spans(self, tokens: int) -> tuple[list[tuple[int, int, Request | None]], list[bool]]:
@@ -243,11 +242,7 @@ class DashRunner:
         for (start, end, request), counts in zip(spans, produces, strict=True):
             if request is None or not counts or end <= start:
                 continue
-            last = states[end - 1 : end][None]  # (1, 1, layers): the token this chunk produces
-            request.spent += float(self.costs.token_costs(last[:, -1])[0])
-            request.counted += 1
-            if request.control is not None:
-                request.control.observe(last)
+            request.control.observe(states[end - 1 : end][None])  # (1, 1, layers): the token this chunk produces
 
     # --- the layers ---------------------------------------------------------------------------------------------
 

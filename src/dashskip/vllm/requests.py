@@ -17,7 +17,7 @@ import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from vllm.exceptions import VLLMValidationError
@@ -25,6 +25,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from dashskip.errors import DashskipError
+from dashskip.methods.dash.control import RateControl
 from dashskip.methods.dash.policy import DashPolicy
 
 if TYPE_CHECKING:
@@ -77,20 +78,19 @@ def _policy(path: str) -> DashPolicy | None:
 
 @dataclass
 class Request:
-    """One request in the batch: what it asked for and what it has spent (tokens that produced output)."""
+    """One request in the batch: what it asked for, and its sequence's controller (made by the model when it first
+    runs the request: the operating point it runs at, the bias, what its produced tokens spent)."""
 
     speedup: float | None  # None: the model's default operating point
     prompt_len: int
     outputs: list[int] = field(default_factory=list)  # vLLM's live list of the request's output tokens
     params: SamplingParams | None = None  # identifies the request when vLLM adds it back after preempting it
-    control: Any = None  # the model's per-request rate controller, made when the model first runs the request
-    target: float = 0.0  # the operating point it runs at, filled by the model when it first runs the request
-    bias: float = 0.0  # the policy's calibrated cost bias for `target` (where the controller starts)
-    spent: float = 0.0  # cost of its counted tokens, in full layers
-    counted: int = 0  # tokens counted: the prompt's last and each decoded one
+    control: RateControl | None = None
 
-    def compute_ratio(self, num_layers: int) -> float:
-        return num_layers * self.counted / self.spent if self.spent > 0 else 1.0
+    @property
+    def counted(self) -> int:
+        """Tokens counted: the prompt's last and each decoded one."""
+        return int(self.control.counted.sum()) if self.control is not None and self.control.counted.numel() else 0
 
     def produces(self, computed: int) -> bool:
         """Whether a chunk ending at `computed` tokens yields a token: the prompt and every output so far are in
@@ -115,7 +115,6 @@ class RequestTable:
 
     slots: dict[int, Request] = field(default_factory=dict)
     reports: deque[Report] = field(default_factory=lambda: deque(maxlen=REPORTS_KEPT))
-    num_layers: int = 0  # set by the model: what a compute ratio is counted against
     # Requests that left, by their SamplingParams' id: one vLLM adds back (after preempting it) resumes its count
     # and controller. The entry holds the params, so the id cannot be reused while it is kept.
     left: dict[int, Request] = field(default_factory=dict)
@@ -147,12 +146,12 @@ class RequestTable:
         self.left[id(request.params)] = request
         while len(self.left) > REPORTS_KEPT:
             self.left.pop(next(iter(self.left)))
-        if request.counted == 0 or not self.num_layers:
+        if request.counted == 0 or request.control is None:
             return
-        ratio = request.compute_ratio(self.num_layers)
-        self.reports.append(Report(request.target, ratio, request.counted, request.prompt_len))
+        ratio, target = request.control.compute_ratio(), request.control.target
+        self.reports.append(Report(target, ratio, request.counted, request.prompt_len))
         log.info("dashskip: request left the batch after %d tokens at compute ratio %.3f (asked %.2f)",
-                 request.counted, ratio, request.target)  # fmt: skip
+                 request.counted, ratio, target)  # fmt: skip
 
 
 TABLE = RequestTable()  # one per worker process: the model and the processor live in the same one

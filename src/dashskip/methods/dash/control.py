@@ -64,6 +64,11 @@ class RateControl:
     def __post_init__(self) -> None:
         self.per_token = self.num_layers / self.target  # the cost per token that reports `target`
 
+    def compute_ratio(self) -> float:
+        """The ratio its counted tokens ran at, all rows together (1.0 before any)."""
+        spent = float(self.spent.sum())
+        return self.num_layers * float(self.counted.sum()) / spent if spent > 0 else 1.0
+
     def reset(self, batch: int) -> None:
         self.spent = torch.zeros(batch, dtype=torch.float64)
         self.counted = torch.zeros(batch, dtype=torch.float64)

@@ -33,7 +33,7 @@ from dashskip.core.operating import OperatingPoint, Unit, resolve
 from dashskip.core.states import State, by_name, code_lookup, parse, spec
 from dashskip.errors import DashskipError
 from dashskip.measure.profiling import wall_clock_table
-from dashskip.methods.dash.control import RateControl, curve_slope
+from dashskip.methods.dash.control import GAIN, RateControl, curve_slope
 from dashskip.runtime.engine import Engine
 
 RMS_EPS = 1e-6
@@ -460,12 +460,14 @@ class DashPolicy:
         return PolicyDecider(self.model, self.scales(), self.costs(), bias, mode=mode, control=rate,
                              decisions=self.decision_key)  # fmt: skip
 
-    def rate_control(self, target: float, bias: float, table: CostTable) -> RateControl:
+    def rate_control(self, target: float, bias: float, table: CostTable, steer: bool = True) -> RateControl:
+        """A sequence's controller toward `target` from the calibrated `bias`; `steer` off: it only counts what
+        the sequence spends (its bias stays where it started: the paper's fixed operating point)."""
         curve = self.meta.get("ratio_curve") or []
         biases = [b for b, _ in curve] or [bias]
         span = max(biases) - min(biases) or 1.0
         return RateControl(target, bias, table, self.config.num_layers, curve_slope(curve, bias),
-                           (min(biases) - span, max(biases) + span))  # fmt: skip
+                           (min(biases) - span, max(biases) + span), GAIN if steer else 0.0)  # fmt: skip
 
     def save(self, path: str | Path) -> None:
         meta = {**self.meta, "format": POLICY_FORMAT, "version": POLICY_VERSION, "policy_config": asdict(self.config)}
