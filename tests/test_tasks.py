@@ -189,3 +189,16 @@ def test_adaskip_ratio_comes_from_its_sublayer_plan(dm, tokenizer):
     full = run_task(dm.engine, tokenizer, "wikitext2", settings=TaskSettings(limit=1, context=32), progress=False)
     assert result.compute_ratio == pytest.approx(1.23)  # every state reads full; the plan is what saves compute
     assert result.metrics["ppl"].value != full.metrics["ppl"].value  # and the plan really ran
+
+
+def test_a_text_is_tokenized_once_per_tokenizer(tokenizer):
+    """What a sweep's cells share: the same ids, computed once, equal to the tokenizer's own; windows are copies."""
+    from dashskip.data import text_ids
+
+    text = load_text("wikitext2")[:20000]
+    first = text_ids(tokenizer, text)
+    assert text_ids(tokenizer, text) is first
+    assert torch.equal(first, tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0])
+    windows = perplexity_windows(tokenizer, text, 64, 2)
+    windows.zero_()
+    assert not bool((text_ids(tokenizer, text)[:64] == 0).all())

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import random
+from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -91,11 +92,29 @@ def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
     return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
 
 
+# Texts tokenized lately, by tokenizer files and text: a sweep scores the same text in every cell, and WikiText-2's
+# test set takes ~1 s to tokenize (20 of a sweep test's 34 s went to it), and so do the tests' windows.
+_TOKENIZED: OrderedDict[tuple[str, str, int, int], torch.Tensor] = OrderedDict()
+TOKENIZED_KEPT = 4
+
+
+def text_ids(tokenizer, text: str) -> torch.Tensor:
+    """(tokens,) ids of `text` without special tokens, tokenized once per tokenizer and text (shared: copy before
+    writing to it)."""
+    key = (type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), len(tokenizer), hash(text))
+    if key not in _TOKENIZED:
+        _TOKENIZED[key] = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        while len(_TOKENIZED) > TOKENIZED_KEPT:
+            _TOKENIZED.popitem(last=False)
+    _TOKENIZED.move_to_end(key)
+    return _TOKENIZED[key]
+
+
 def token_windows(tokenizer, text: str, num: int, length: int, seed: int = 0) -> torch.Tensor:
     """`num` random windows of `length` tokens from `text` (BOS first where the model expects it), (num, length)."""
     if num < 1 or length < 2:
         raise DashskipError(f"need at least 1 sample of at least 2 tokens, got {num} x {length}")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    ids = text_ids(tokenizer, text)
     bos = leading_bos(tokenizer)
     content = length - (bos is not None)
     if ids.numel() < content:

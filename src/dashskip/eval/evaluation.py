@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from dashskip.core.costs import CostTable
 from dashskip.core.decisions import Decider
 from dashskip.core.losses import token_nll
-from dashskip.data import leading_bos, with_bos
+from dashskip.data import leading_bos, text_ids, with_bos
 from dashskip.errors import DashskipError
 from dashskip.runtime.engine import Engine
 
@@ -36,7 +36,7 @@ def perplexity_windows(tokenizer, text: str, context: int, limit: int | None = N
 
     Where the tokenizer starts texts with BOS (Gemma), each window is BOS + `context - 1` text tokens.
     """
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    ids = text_ids(tokenizer, text)
     bos = leading_bos(tokenizer)
     content = context - (bos is not None)
     count = ids.numel() // content
@@ -44,7 +44,7 @@ def perplexity_windows(tokenizer, text: str, context: int, limit: int | None = N
         raise DashskipError(f"text has {ids.numel()} tokens, fewer than one {context}-token window")
     if limit is not None:
         count = min(count, limit)
-    return with_bos(ids[: count * content].view(count, content), bos)
+    return with_bos(ids[: count * content].clone().view(count, content), bos)  # not a view of the kept ids
 
 
 def executed_cost(

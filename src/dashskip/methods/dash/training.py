@@ -32,7 +32,7 @@ from dashskip.core.costs import CostTable
 from dashskip.core.files import atomic_torch_save, truncate_log
 from dashskip.core.losses import token_kl, token_nll
 from dashskip.core.states import FULL_BITS, code_lookup, registered
-from dashskip.data import with_bos
+from dashskip.data import text_ids, with_bos
 from dashskip.errors import DashskipError
 from dashskip.methods.dash.policy import DashPolicy, PolicyConfig, PolicyDecider, ScoringModel
 from dashskip.runtime.engine import Engine
@@ -576,7 +576,7 @@ def train_job(
             for p, cs, answer in load_choice_questions(data, data_dir)
         ]
     else:
-        corpus = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        corpus = text_ids(tok, text)
     t0 = time.perf_counter()
     policy = train(engine, corpus, costs, cfg, out, {"fingerprint": fp, "model": model, "data": data}, progress)
     policy.meta["train_seconds"] = round(time.perf_counter() - t0, 1)
