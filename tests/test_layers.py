@@ -15,8 +15,8 @@ from dashskip import Backbone
 from dashskip.core import kernels
 from dashskip.core.cache import KVCache, KVRule
 from dashskip.core.context import Rows, StepContext
-from dashskip.core.handlers import activations, int4_codes, quantize_int8, quantize_rows
-from dashskip.core.states import State
+from dashskip.core.handlers import activations, quantize_rows
+from dashskip.core.states import State, spec
 from dashskip.runtime.engine import build_mask
 from tests.conftest import FAMILIES, tiny_model
 
@@ -58,13 +58,8 @@ class Dequantized(nn.Module):
 
     def __init__(self, linear: nn.Linear, state: int) -> None:
         super().__init__()
-        w = linear.weight.detach()
-        if state == State.INT8:
-            q, scales = quantize_int8(w)
-            w = q.float() * scales.float()[:, None]
-        elif state == State.INT4:
-            codes, scales, lo = int4_codes(w)
-            w = (codes.view(w.shape[0], -1, 64).float() * scales[..., None] + lo[..., None]).view_as(w)
+        handler = spec(state).handler
+        w = handler.dequantize(handler.quantize([linear.weight]))
         self.weight, self.bias, self.state = w, linear.bias, state
 
     def forward(self, x):

@@ -22,10 +22,11 @@ from dashskip.core.decisions import (
     TokenStates,
     Traits,
 )
+from dashskip.core.states import State
 from dashskip.errors import DashskipError
 from dashskip.eval.evaluation import executed_cost
 from dashskip.measure.calibration import Calibration
-from dashskip.methods import METHODS, MethodOptions, build_decider, exits, quantized
+from dashskip.methods import METHODS, MethodOptions, build_decider, dp_llm, exits, quantized
 from dashskip.methods import context as method_context
 from dashskip.methods.dash.policy import PolicyDecider
 from dashskip.methods.exits import EarlyExit, FixedExit, exit_threshold
@@ -373,7 +374,7 @@ class ByteTokenizer:
 def dm(monkeypatch, tmp_path):
     monkeypatch.setenv("DASHSKIP_CACHE", str(tmp_path))
     real = method_context.validation_windows  # the real text and tokenizer path, with fewer windows for speed
-    for module in (method_context, quantized, exits):
+    for module in (method_context, quantized, exits, dp_llm):
         monkeypatch.setattr(module, "validation_windows", lambda ctx, num, length, seed: real(ctx, 4, 32, seed))
     model = DashModel(tiny_model("llama"), ByteTokenizer())
     model.costs = COSTS
@@ -396,13 +397,14 @@ REACHABLE = {
     "skipdecode": 1.5,
     "adaskip": 1.5,
     "random": 1.5,
+    "dp-llm": 1.5,
 }
 
 
 # Methods whose ratio holds over many tokens, not on one 16-token window: SkipDecode's over its decode horizon
 # (test_skipdecode_hits_the_target_over_the_horizon), random skipping's as a drawn rate (measured over many draws
 # above); on this window they run at 1.17 and 1.63.
-HORIZON = ("skipdecode", "random")
+HORIZON = ("skipdecode", "random", "dp-llm")  # dp-llm: a fraction of tokens set on calibration text (tested below)
 
 
 def test_the_registry_builds_every_method(dm, tmp_path):
@@ -448,3 +450,59 @@ def test_the_registry_builds_dash_from_the_models_policy():
     model = tiny_model("llama")
     dm = DashModel(model, policy=make_policy(fingerprint=fingerprint(model)), wall_clock=False)
     assert isinstance(built(dm, "dash", 1.5, mode="sync"), PolicyDecider)
+
+
+# DP-LLM
+
+
+def test_dp_llm_estimates_each_tokens_error_as_the_weights_change_it(dm):
+    """The folded random projection gives each token the size of what INT4 instead of INT8 changes in the layer's
+    first products (q, k, v, gate, up on the normed input), within its noise, and ranks tokens as that does."""
+    from dashskip.methods.dp_llm import estimate, estimators
+
+    matrices = estimators(dm.engine, State.INT4, State.INT8)
+    layer = dm.engine.backbone.layers[2]
+    gen = torch.Generator().manual_seed(0)
+    # inputs whose true errors differ as a model's do: more or less along the direction INT4 moves most
+    top = torch.linalg.svd(layer.gate_up.dequantized(State.INT8) - layer.gate_up.dequantized(State.INT4))[2][0]
+    x = torch.randn(200, 64, generator=gen) + 8 * torch.rand(200, 1, generator=gen) * top
+    exact = []
+    for linear, norm in ((layer.qkv, layer.attn_norm), (layer.gate_up, layer.mlp_norm)):
+        delta = linear.dequantized(State.INT8) - linear.dequantized(State.INT4)
+        normed = x / x.norm(dim=-1, keepdim=True) * norm.weight
+        exact.append((normed @ delta.t()).norm(dim=-1) ** 2)
+    exact = (exact[0] + exact[1]).sqrt()
+    ours = estimate(matrices[2], x)
+    # a 64-row projection per group keeps each token's error size within ~10% (std): 35% is 3.5 std
+    assert float((ours / exact - 1).abs().max()) < 0.35
+    ranks = torch.stack([exact.argsort().argsort(), ours.argsort().argsort()]).float()
+    assert float(torch.corrcoef(ranks)[0, 1]) > 0.7  # Spearman, over errors spread as a model's are
+    assert matrices[0] is None and matrices[-1] is None
+
+
+def test_dp_llm_hits_the_ratio_asked_on_text_it_was_not_calibrated_on(dm):
+    """Thresholds from validation windows; held-out test windows run at the ratio asked (+-3%), in the two
+    precisions the ratio falls between."""
+    from dashskip.data import load_text, token_windows
+
+    held_out = token_windows(dm.tokenizer, load_text("wikitext2"), 8, 64, seed=5)
+    for speedup, pair in ((1.5, {int(State.INT8), int(State.FULL)}), (1.9, {int(State.INT4), int(State.INT8)})):
+        decider = built(dm, "dp-llm", speedup)
+        states = dm.engine.step(held_out, dm.engine.new_session(*held_out.shape), decider).states
+        assert COSTS.compute_ratio(states) == pytest.approx(speedup, rel=0.03), speedup
+        assert set(states[..., 1:-1].unique().tolist()) == pair
+    with pytest.raises(DashskipError, match=r"dp-llm reaches compute ratios up to 1\.97.*3\.5 is out of reach"):
+        built(dm, "dp-llm", 3.5)
+
+
+def test_dp_llm_spends_its_budget_where_the_damage_is_least(dm, monkeypatch):
+    """A layer measured to lose nothing in the lower precision takes it for all its tokens first; the most
+    damaging layer keeps the higher precision longest."""
+    from dashskip.methods import dp_llm as module
+
+    monkeypatch.setattr(module, "damage_per_layer", lambda ctx, low, high: torch.tensor([1e-6, 1.0, 1.0, 50.0]))
+    decider = built(dm, "dp-llm", 1.3)
+    ids = windows(4, 32)
+    states = dm.engine.step(ids, dm.engine.new_session(*ids.shape), decider).states
+    low = (states[..., 1:-1] == int(State.INT8)).float().mean((0, 1))  # per inner layer
+    assert float(low[0]) > 0.95 and float(low[3]) < float(low[1]) and float(low[3]) < float(low[2])

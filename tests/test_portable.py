@@ -31,8 +31,9 @@ MODULES = ["tests/test_engine.py", "tests/test_layers.py", "tests/test_lossless.
 )
 def test_the_engines_tests_pass_on_the_portable_paths(switch, modules):
     env = {**os.environ, **switch}
+    marks = "addopts=-m 'not slow and not real'"  # the real models' tests run once, in the main run
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", "-o", "addopts=-m 'not slow and not real'", *modules],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", "-o", marks, *modules],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-2000:]

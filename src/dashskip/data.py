@@ -101,7 +101,8 @@ TOKENIZED_KEPT = 4
 def text_ids(tokenizer, text: str) -> torch.Tensor:
     """(tokens,) ids of `text` without special tokens, tokenized once per tokenizer and text (shared: copy before
     writing to it)."""
-    key = (type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), len(tokenizer), hash(text))
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else 0
+    key = (type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), size, hash(text))
     if key not in _TOKENIZED:
         _TOKENIZED[key] = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         while len(_TOKENIZED) > TOKENIZED_KEPT:

@@ -111,6 +111,10 @@ class Handler:
         it takes, computing exactly what `run` computes; None where only `run` can (the layer then runs op by op)."""
         return None
 
+    def dequantize(self, form: Any) -> torch.Tensor:
+        """The fp32 weight (N, K) this scheme multiplies with (an estimate of its error needs it)."""
+        raise NotImplementedError
+
     def nbytes(self, form: Any) -> int:
         """Bytes of weights one product reads."""
         tensors = form if isinstance(form, tuple | list) else (form,)
@@ -124,6 +128,9 @@ class FullPrecision(Handler):
 
     def quantize(self, weights: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return tuple(weights)  # references to the model's own weights: no copy, never modified
+
+    def dequantize(self, form: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return _cat(list(form)).float()
 
     def kernels(self, x: torch.Tensor) -> list[str]:
         return ["torch", "packed"] if K.compiled_rows(x) else ["torch"]
@@ -157,6 +164,9 @@ class Int8WeightOnly(Handler):
 
     def quantize(self, weights: list[torch.Tensor]) -> Int8Form:
         return Int8Form(*quantize_int8(_cat(weights)))
+
+    def dequantize(self, form: Int8Form) -> torch.Tensor:
+        return form.weight.float() * form.scales.float()[:, None]
 
     def kernels(self, x: torch.Tensor) -> list[str]:
         if K.needs_grad(x):
@@ -206,6 +216,11 @@ class Int4WeightOnly(Handler):
 
     def quantize(self, weights: list[torch.Tensor]) -> Int4Form:
         return Int4Form(*int4_codes(_cat(weights)))
+
+    def dequantize(self, form: Int4Form) -> torch.Tensor:
+        n, k = form.codes.shape
+        groups = form.codes.view(n, -1, INT4_GROUP_SIZE).float()
+        return (groups * form.scales[..., None] + form.minima[..., None]).view(n, k)
 
     def kernels(self, x: torch.Tensor) -> list[str]:
         if K.needs_grad(x):

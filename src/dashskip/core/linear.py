@@ -57,6 +57,11 @@ class Linear:
             self.forms[handler.name] = handler.quantize(self.weights)
         return self.forms[handler.name]
 
+    def dequantized(self, state: int) -> torch.Tensor:
+        """The fp32 weight (out_features, in_features) `state` multiplies with."""
+        handler = spec(state).handler
+        return handler.dequantize(self.form(handler))
+
     def kernel_for(self, handler: Handler, flat: torch.Tensor) -> tuple[str, Any]:
         """The kernel measured fastest here for rows like `flat` (rows, in), and the form laid out for it."""
         form = self.form(handler)

@@ -18,6 +18,7 @@ from dashskip.core.decisions import Decider
 from dashskip.errors import DashskipError
 from dashskip.measure.calibration import Calibration
 from dashskip.methods.context import MethodContext, calibration_for
+from dashskip.methods.dp_llm import dp_llm_for
 from dashskip.methods.exits import early_exit_for
 from dashskip.methods.quantized import QUANT_METHODS, sensitivity_for, static_mixed
 from dashskip.methods.rl_adapter import RLAdapter
@@ -95,6 +96,8 @@ METHODS: dict[str, Method] = {
         Method("int4", "INT4 weights on the least sensitive layers", _quantized(QUANT_METHODS["int4"])),
         Method("mixed", "static mixed precision (INT4 / INT8 per layer)", _quantized(QUANT_METHODS["mixed"])),
         Method("mixed-skip", "static mixed precision plus static skipping", _quantized(QUANT_METHODS["mixed-skip"])),
+        Method("dp-llm", "DP-LLM: per token, the layer's estimated quantization error picks the higher of two "
+               "precisions (per-layer quantile thresholds)", lambda ctx, s, o: Built(dp_llm_for(ctx, s))),
         Method("early-exit", "exit when the LM head is confident (checked every 2 layers)",
                lambda ctx, s, o: Built(early_exit_for(ctx, s))),
         Method("skipdecode", "SkipDecode: executed layers fall with the token's position",

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from dashskip.core.context import StateChoice
 from dashskip.core.costs import CostTable
-from dashskip.core.decisions import Decider, StepInfo, Traits
+from dashskip.core.decisions import Decider, Lookahead, StepInfo, Traits
 from dashskip.core.files import load_artifact, load_weights, require, save_artifact
 from dashskip.core.kernels import compiled_rows, extension
 from dashskip.core.operating import OperatingPoint, Unit, resolve
@@ -213,33 +213,6 @@ class Record:
     nxt: int
     previous: torch.Tensor
     index: torch.Tensor  # chosen output index, (batch, tokens)
-
-
-class Lookahead(Decider):
-    """When a policy decides: asynchronous mode (the default, eq. 19-20) decides layer i+1 from the input of
-    layer i as layer i starts, so the decision overlaps the layer; sync mode decides each layer from its own
-    input. Subclasses say what to decide (`choose`); the first and last layer always run in full."""
-
-    mode: str
-    last: int
-    scales: torch.Tensor
-    pending: StateChoice | None = None
-    scaled_input: bool = False  # whether `choose` wants the async input times scale_i (training), or as it is
-
-    def choose(self, hidden: torch.Tensor, current: int, nxt: int, previous: StateChoice) -> StateChoice:
-        raise NotImplementedError
-
-    def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
-        if self.mode == "sync":
-            if layer in (0, self.last):
-                return int(State.FULL)
-            return self.choose(hidden, layer - 1, layer, previous)
-        current = self.pending if self.pending is not None else int(State.FULL)
-        self.pending = None
-        if layer + 1 < self.last:  # decide layer+1 now, from the scaled input of this layer
-            scaled = hidden * self.scales[layer] if self.scaled_input else hidden  # the greedy scorer cancels it
-            self.pending = self.choose(scaled, layer, layer + 1, current)
-        return current
 
 
 class PolicyDecider(Lookahead):
