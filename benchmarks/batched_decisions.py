@@ -1,6 +1,7 @@
 """Whether a request's decisions depend on what it is batched with: a decode step of many rows scores them in one
-batched product (`GreedyScorer.rows`), a row alone in the compiled one-row kernel. On real hidden states (WikiText-2
-windows through the full model, the shipped policy), count the decisions where the two differ, at the policy's
+batched product (`GreedyScorer` with a table row per row), a row alone in the compiled one-row kernel. On real
+hidden states (WikiText-2 windows through the full model, the shipped policy), count the decisions where the two
+differ, at the policy's
 bias for a speedup and at biases spread around it (requests at different operating points).
 
     python benchmarks/batched_decisions.py --rows 32 --speedup 1.5

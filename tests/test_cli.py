@@ -62,14 +62,15 @@ def test_calibrate_writes_file_and_plot(tmp_path):
 
 @pytest.mark.real
 def test_generate_at_an_operating_point_with_the_shipped_policy():
-    out = run("generate", "The capital of France is", "--max-new-tokens", "12", "--speedup", "1.5", "--json")
+    # 1.3: inside the wall-clock reach on every host seen (1.53-1.8); near the reach, text may not give the ratio
+    out = run("generate", "The capital of France is", "--max-new-tokens", "12", "--speedup", "1.3", "--json")
     assert out.returncode == 0, out.stderr
     stats = json.loads(out.stdout)["stats"]
-    assert stats["speedup"] == 1.5 and stats["mode"] == "async" and stats["new_tokens"] == 12
-    # 1.5 is decode wall clock: this machine's cost table resolved it to a compute ratio (above 1.5: the head costs
+    assert stats["speedup"] == 1.3 and stats["mode"] == "async" and stats["new_tokens"] == 12
+    # 1.3 is decode wall clock: this machine's cost table resolved it to a compute ratio (above 1.3: the head costs
     # the same in every state), and the run meets that ratio
     point = stats["operating_point"]
-    assert point["asked"] == 1.5 and point["unit"] == "speedup" and point["compute_ratio"] > 1.5
+    assert point["asked"] == 1.3 and point["unit"] == "speedup" and point["compute_ratio"] > 1.3
     assert stats["compute_ratio"] == pytest.approx(point["compute_ratio"], rel=0.03)
     assert stats["state_fractions"]["full"] < 0.9
     assert len(stats["layers_per_token"]) == 12 and len(stats["layers_per_token"][0]) == 30

@@ -233,13 +233,13 @@ class FullFor(Wrapper):
 
 class BatchMajority(Wrapper):
     """Batch-majority voting (the RL-adapter paper): per layer and position, every row runs the state most rows
-    chose, so a batch never splits into state groups; ties go to the more precise state. Only `voters` (rows,
-    or (rows, tokens), True where a row votes) are counted: rows held in full (requests at 1.0x, `FullFor`) do
+    chose, so a batch never splits into state groups; ties go to the more precise state. Only `voters` ((rows,),
+    (rows, 1) or (rows, tokens), True where a row votes) are counted: rows held in full (requests at 1.0x, `FullFor`) do
     not vote, or a 1.0x request would hold its neighbours in full (a 2.0x request beside one ran at 1.37)."""
 
     def __init__(self, decider: Decider, voters: torch.Tensor | None = None) -> None:
         super().__init__(decider)
-        self.voters = voters
+        self.voters = voters.reshape(-1, 1) if voters is not None and voters.ndim == 1 else voters
 
     def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
         answer = self.decider(layer, hidden, previous)

@@ -130,7 +130,7 @@ class FullPrecision(Handler):
         return tuple(weights)  # references to the model's own weights: no copy, never modified
 
     def dequantize(self, form: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return _cat(list(form)).float()
+        return _cat(list(form)).float().clone()  # never the model's own tensor
 
     def kernels(self, x: torch.Tensor) -> list[str]:
         return ["torch", "packed"] if K.compiled_rows(x) else ["torch"]

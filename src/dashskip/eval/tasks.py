@@ -35,6 +35,7 @@ from dashskip.data import (
 from dashskip.errors import DashskipError
 from dashskip.eval.evaluation import executed_cost, perplexity_windows, window_nll
 from dashskip.measure.calibration import scales_key
+from dashskip.methods.dash.control import WINDOW_PASSES, WINDOW_RULE
 from dashskip.models.chat import chat_input_ids
 from dashskip.runtime.engine import Engine
 from dashskip.runtime.generation import generate
@@ -315,7 +316,8 @@ def task_signature(
         "activations": activations(),  # the INT8/INT4 states' arithmetic
         "scales": scales_key(_skip_scales(engine, decider)),
         # DASH with rate control scores otherwise than at its calibrated bias; results of one are not the other's
-        **({"rate_control": True} if getattr(decider, "control", None) is not None else {}),
+        **({"rate_control": f"{WINDOW_RULE}, at most {WINDOW_PASSES} passes"}
+           if getattr(decider, "control", None) is not None else {}),
     }
 
 

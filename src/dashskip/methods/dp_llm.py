@@ -2,8 +2,9 @@
 estimated cheaply, and per-layer thresholds set as quantiles of that estimate, so that a chosen fraction of each
 layer's tokens, those the estimate ranks most sensitive, runs in the higher precision.
 
-The estimate is of the error the lower precision adds to the layer's first products, the ones fed by its input:
-`||(W_hi - W_lo) . norm(x)||` over q, k, v, gate and up. A random projection G (k x out, k = 64) keeps its size
+The estimate is of the error the lower precision adds to the layer's first products: `||(W_hi - W_lo) . norm(x)||`
+over q, k, v (fed by the layer's normed input) and gate, up (fed by the normed input of the MLP, approximated
+here by the layer's input under the MLP's norm). A random projection G (k x out, k = 64) keeps its size
 (Johnson-Lindenstrauss): `||G (W_hi - W_lo) diag(w_norm) x / ||x||||`, one (2k x d) product per layer, folded
 once. As DASH's asynchronous mode (and DP-LLM) does, layer i+1 is decided from layer i's input, so the estimate
 can run beside the layer. The states are two neighbouring precisions: full and INT8 up to INT8's reach, INT8 and
@@ -21,6 +22,7 @@ from dashskip.core.context import StateChoice
 from dashskip.core.costs import CostTable
 from dashskip.core.decisions import Decider, Lookahead, Traits
 from dashskip.core.states import State
+from dashskip.errors import DashskipError
 from dashskip.methods.context import MethodContext, reachable, validation_windows
 from dashskip.methods.quantized import sensitivity_for
 from dashskip.runtime.engine import Engine
@@ -84,6 +86,8 @@ def split(costs: CostTable, num_layers: int, speedup: float) -> tuple[int, int, 
     token-layers in the higher one; a one-line refusal beyond INT4 on every inner layer."""
     cost = {s: costs.decode[s] for s in (FULL, INT8, INT4)}
     inner = num_layers - 2
+    if inner < 1:
+        raise DashskipError(f"dp-llm needs a model with inner layers (3 or more); this one has {num_layers}")
     per_layer = (num_layers / speedup - 2 * cost[FULL]) / inner  # mean cost of an inner layer that delivers it
     for low, high in ((INT8, FULL), (INT4, INT8)):
         if per_layer >= cost[low]:
@@ -125,6 +129,8 @@ def dp_llm_for(ctx: MethodContext, speedup: float) -> Decider:
     moves = round((1 - fraction) * charge.numel())  # token-layers in the lower precision
     if moves == 0:
         return DPLLM(matrices, [float("-inf")] * n, low, high)
+    if moves == charge.numel():  # every one (at the top of its reach): no rounding may leave a token high
+        return DPLLM(matrices, [float("inf")] * n, low, high)
     price = float(charge.reshape(-1).kthvalue(moves).values)
     # a token goes low where its charge is at most the price: e^2 <= price * mean_l(e^2) / D_l
     bound = (price * (errors**2).mean(-1) / damage).sqrt()

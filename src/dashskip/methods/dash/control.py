@@ -30,6 +30,7 @@ from dashskip.core.costs import CostTable
 # well (max error 1.3% / 1.2% at 48 tokens); lower gains undershoot on inputs far from the calibration text.
 GAIN = 1.0
 WINDOW_TOLERANCE = 0.01  # a scored window's ratio this close to the target (relative) is kept
+WINDOW_RULE = "secant, bracketed, the last pass at the best bias tried"  # part of what cached window scores used
 WINDOW_PASSES = 8  # most passes over one window (5 left lm-eval's short requests up to 6% off at 1.5)
 
 
@@ -123,7 +124,8 @@ class RateControl:
         # is replaced by its midpoint: steps of a short window's ratio threw the secant as far as the clamp.
         low = torch.where(ratios < self.target, biases, float("-inf")).amax(0)
         high = torch.where(ratios > self.target, biases, float("inf")).amin(0)
-        outside = (low < high) & ((guess <= low) | (guess >= high))
+        bracketed = torch.isfinite(low) & torch.isfinite(high) & (low < high)
+        outside = bracketed & ((guess <= low) | (guess >= high))
         guess = torch.where(outside, (low + high) / 2, guess)
         self.window_bias = torch.where(off, guess, bias).clamp(*self.bias_range).float()
         return True

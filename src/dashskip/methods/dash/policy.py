@@ -127,8 +127,10 @@ class GreedyScorer:
     The layer embeddings only shift the first layer's bias, the change penalty and cost bias only shift the
     last one, and the RMS normalisation commutes with the first product (so it is a division after it, and the
     async scale `scale_i`, which it cancels, need not be applied). Per decision there remain three small
-    products, a norm and two GELUs: at batch 1 their cost is per-op overhead, so few rows with one previous
-    state run them as one compiled call (`csrc/layer_ops.cpp`, ~10x cheaper), the rest as torch ops.
+    products, a norm and two GELUs: at batch 1 their cost is per-op overhead, so few rows (any previous states,
+    one cost bias or one per row) run them as one compiled call (`csrc/layer_ops.cpp`, ~10x cheaper), the rest as
+    torch ops. It keeps no cost bias: each call takes a table (`table`), so sequences at different operating
+    points share one scorer.
     """
 
     def __init__(self, model: ScoringModel, costs: torch.Tensor) -> None:
