@@ -128,8 +128,9 @@ def test_overrides_refuse_what_the_plugin_cannot_run():
 
 
 def _flush(llm: LLM) -> None:
-    """Requests are reported when they leave the batch, which vLLM tells at the next step: run one."""
-    llm.generate(["a"], SamplingParams(max_tokens=1), use_tqdm=False)
+    """Requests are reported when they leave the batch, which vLLM tells at the next step: run one (token ids,
+    so engines without a tokenizer flush alike)."""
+    llm.generate([TokensPrompt(prompt_token_ids=[5])], SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
 
 
 def test_every_layer_full_gives_vllms_stock_greedy_tokens(dash, stock_tokens):
@@ -278,7 +279,7 @@ def test_the_other_families_run_in_vllm(family, architecture, batch_states, tmp_
         params = [SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, detokenize=False,
                                  extra_args={"dash_speedup": s}) for s in (1.0, 2.0)]  # fmt: skip
         outs = llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params, use_tqdm=False)
-        _flush_tokens(llm)
+        _flush(llm)
         alone = llm.generate([TokensPrompt(prompt_token_ids=prompts[1].tolist())], params[1], use_tqdm=False)
     finally:
         _close(llm)
@@ -291,11 +292,6 @@ def test_the_other_families_run_in_vllm(family, architecture, batch_states, tmp_
     assert ratios[1.0] == pytest.approx(1.0) and ratios[2.0] == pytest.approx(2.0, rel=0.03), ratios
     # the 2.0x request gives what it gives alone: its rows got its own states, not its neighbour's
     assert list(outs[1].outputs[0].token_ids) == list(alone[0].outputs[0].token_ids)
-
-
-def _flush_tokens(llm: LLM) -> None:
-    """`_flush` for an engine without a tokenizer."""
-    llm.generate([TokensPrompt(prompt_token_ids=[5])], SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
 
 
 def _tiny_folder(family: str, root):

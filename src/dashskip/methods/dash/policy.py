@@ -317,8 +317,8 @@ class PolicyRows(ScoredStep):
     controller) or in full (a plain `Decider`: a request at 1.0x), scored together (`ScoredStep`)."""
 
     def __init__(self, rows: Sequence[Decider]) -> None:
-        lead = next(d for d in rows if isinstance(d, PolicyDecider))
-        super().__init__(lead, lead.table)
+        self.lead = next(d for d in rows if isinstance(d, PolicyDecider))
+        super().__init__(self.lead, self.lead.table)
         self.rows = list(rows)
         self.full = torch.tensor([not isinstance(d, PolicyDecider) for d in self.rows])
 
@@ -326,8 +326,7 @@ class PolicyRows(ScoredStep):
         self.pending = None
         for r, d in enumerate(self.rows):
             d.begin(step.rows(slice(r, r + 1)))
-        lead = next(d for d in self.rows if isinstance(d, PolicyDecider))
-        self.table = torch.stack([(d if isinstance(d, PolicyDecider) else lead).table for d in self.rows])
+        self.table = torch.stack([(d if isinstance(d, PolicyDecider) else self.lead).table for d in self.rows])
 
     def end(self, states: torch.Tensor) -> None:
         for r, d in enumerate(self.rows):
