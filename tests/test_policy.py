@@ -396,10 +396,16 @@ def test_a_point_resolved_for_another_head_is_resolved_again():
 
     model = tiny_model("llama")
     dm = DashModel(model, policy=make_policy(fingerprint=fingerprint(model)))
+    dm.set_head("int8")  # both heads measured; then what a token costs beyond the layers set apart by hand:
+    dm.set_head("full")  # a tiny model's head costs nothing measurable on some hosts, and both would resolve alike
+    dm.costs.outside.update(full=4.0, int8=1.0)
     point = dm.operating_point(1.2)
     assert dm.operating_point(point) is point and point.head == "full"
     dm.set_head("int8")
     again = dm.operating_point(point)
-    assert again.head == "int8" and again.asked == 1.2 and again.ratio != point.ratio
+    layers, key = dm.backbone.num_layers, dm.policy.decision_key
+    assert again.head == "int8" and again.asked == 1.2
+    assert again.ratio == pytest.approx(dm.costs.compute_target(1.2, layers, "int8", key))
+    assert point.ratio == pytest.approx(dm.costs.compute_target(1.2, layers, "full", key)) != again.ratio
     with pytest.raises(DashskipError, match="needs a trained policy"):  # not an AttributeError
         DashModel(model).decider_for(point)
