@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from dashskip.core.context import StateChoice
-from dashskip.core.states import State, check_state, parse, registered, spec
+from dashskip.core.states import State, check_state, check_state_tensor, parse, registered, spec
 from dashskip.errors import DashskipError
 
 
@@ -97,6 +97,43 @@ class Decider:
         `rows[r]` (of this kind, or a plain `Decider`: that row in full), each row decided as it would be alone;
         None where this kind cannot (then `PerRow` asks each row's decider in turn)."""
         return None
+
+
+def as_choice(answer: StateChoice, batch: int, tokens: int) -> StateChoice:
+    """A decider's answer checked: one state, or a (batch, tokens) tensor of states (one state if all agree)."""
+    if not isinstance(answer, torch.Tensor):
+        return check_state(answer)
+    if answer.shape != (batch, tokens):
+        raise DashskipError(f"decider returned states of shape {tuple(answer.shape)}, expected {(batch, tokens)}")
+    check_state_tensor(answer)
+    first = answer.reshape(-1)[0]
+    return int(first) if bool((answer == first).all()) else answer
+
+
+def decide_and_run(
+    x: torch.Tensor,
+    decider: Decider,
+    num_layers: int,
+    run: Callable[[int, StateChoice, torch.Tensor], torch.Tensor],
+    held_full: Sequence[int] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decision loop, the one every runner drives (the engine; vLLM's model, its tokens as rows of one):
+    for each layer, ask `decider` with the hidden state entering it, then `run(i, choice, x)` the layer in the
+    states chosen. Every layer is shown to the decider (an asynchronous policy decides layer i+1 while layer i
+    runs), but the first layer always runs in full whatever it answers, and so does the last unless the decider
+    exits early, and so do `held_full` (a plan's layers). `x`: (batch, tokens, hidden). Returns the hidden state
+    after the last layer and the (batch, tokens, layers) int8 states that ran."""
+    batch, tokens = x.shape[:2]
+    forced = {0, *held_full} if decider.traits.may_skip_last else {0, num_layers - 1, *held_full}
+    states = torch.full((batch, tokens, num_layers), int(State.FULL), dtype=torch.int8)
+    previous: StateChoice = int(State.FULL)
+    for i in range(num_layers):
+        answer = decider(i, x, previous)
+        choice = int(State.FULL) if i in forced else as_choice(answer, batch, tokens)
+        x = run(i, choice, x)
+        states[:, :, i] = choice if isinstance(choice, int) else choice.to(torch.int8)
+        previous = choice
+    return x, states
 
 
 def per_row(deciders: Sequence[Decider]) -> Decider:

@@ -11,10 +11,14 @@ the answer reports (what was asked, in which unit, what this host reaches). Noth
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from dashskip.core.costs import CostTable
 from dashskip.errors import DashskipError
@@ -116,3 +120,129 @@ def resolve(
             "ask for less, or re-run `dashskip train` with a higher --speedup"
         )
     return OperatingPoint(number, unit, ratio, costs.speedup_at(ratio, layers, head, decisions), reach, head)
+
+
+CURVE_TOLERANCE = 0.03  # a calibrated point that lands further than this from its target is not offered as it
+
+
+@dataclass
+class OperatingCurve:
+    """A decision method's knob (DASH's cost bias, the RL adapter's threshold) against the compute ratio it gave on
+    held-out text: every knob tried, and the one found for each target. The one home of a method's operating
+    curve: calibration by bisection, the knob for a ratio (exact where calibrated, else interpolated), the reach,
+    the slope a rate controller steers by, and the form it takes in a policy file's metadata."""
+
+    tried: dict[float, float]  # knob -> compute ratio measured on the held-out text
+    points: dict[str, float]  # f"{target:.2f}" -> the knob calibrated for that target
+
+    @classmethod
+    def calibrate(
+        cls,
+        ratio_at: Callable[[float], float],
+        targets: Sequence[float],
+        rising: bool,
+        start: tuple[float, float],
+        steps: int,
+        cover: tuple[float, float] | None = None,
+        progress: bool = True,
+        desc: str = "operating points",
+    ) -> OperatingCurve:
+        """The knob of each target by bisection on `ratio_at` (a real run on held-out text, called once per knob).
+        `rising`: the ratio rises with the knob. `start` (< 0, > 0) is widened x4 until it brackets a target, and
+        first until the knobs tried reach both ends of `cover` (low, high ratio), so the curve spans them."""
+        tried: dict[float, float] = {}
+
+        def ratio(knob: float) -> float:
+            if knob not in tried:
+                tried[knob] = ratio_at(knob)
+            return tried[knob]
+
+        def past(knob: float, target: float) -> bool:  # the knob is at or beyond the target's (in knob order)
+            return (ratio(knob) > target) == rising
+
+        def widen(lo: float, hi: float, low_side: float, high_side: float) -> tuple[float, float]:
+            while past(lo, low_side) and lo > -1e6:
+                lo *= 4
+            while not past(hi, high_side) and hi < 1e6:
+                hi *= 4
+            return lo, hi
+
+        def sides(low: float, high: float) -> tuple[float, float]:  # ratios wanted at the (lo, hi) knob ends
+            return (low, high) if rising else (high, low)
+
+        if cover is not None:
+            start = widen(*start, *sides(*cover))
+        points = {}
+        for target in tqdm(targets, desc=desc, disable=not progress):
+            lo, hi = widen(*start, target, target)
+            mid = hi
+            for _ in range(steps):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if past(mid, target) else (mid, hi)
+                if abs(ratio(mid) / target - 1) < 0.005:
+                    break
+            points[f"{target:.2f}"] = min((lo, hi, mid), key=lambda k: abs(ratio(k) - target))
+        return cls(tried, points)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], points_key: str) -> OperatingCurve:
+        return cls({float(k): float(r) for k, r in meta.get("ratio_curve") or []},
+                   {t: float(k) for t, k in (meta.get(points_key) or {}).items()})  # fmt: skip
+
+    def write(self, meta: dict[str, Any], points_key: str) -> None:
+        """Into a policy file's metadata: the points, the ratio each reached, the curve sorted by knob."""
+        meta[points_key] = dict(self.points)
+        meta["operating_point_ratios"] = {t: round(self.tried[k], 4) for t, k in self.points.items()}
+        meta["ratio_curve"] = sorted([[k, r] for k, r in self.tried.items()])
+
+    def keep(self, knobs: Sequence[float]) -> OperatingCurve:
+        """Only these knobs, and the points that land at most as high as the highest of them reaches."""
+        tried = {k: self.tried[k] for k in knobs}
+        top = max(tried.values(), default=FULL_RATIO)
+        return OperatingCurve(tried, {t: k for t, k in self.points.items() if self.tried[k] <= top + 1e-9})
+
+    @property
+    def reach(self) -> float:
+        """The highest compute ratio measured (1.0 for an empty curve)."""
+        return max(self.tried.values(), default=FULL_RATIO)
+
+    def knob_for(self, ratio: float, owner: str, remedy: str) -> float:
+        """The knob that delivers compute ratio `ratio`: a calibrated point's (where it landed within
+        `CURVE_TOLERANCE`), else interpolated on the measured curve; outside it, one line naming the range."""
+        ratio = check_number(ratio)
+        key = f"{ratio:.2f}"
+        if key in self.points:
+            reached = self.tried.get(self.points[key], ratio)
+            if abs(reached / ratio - 1) > CURVE_TOLERANCE:  # the ratio jumps there: no knob gives it
+                raise DashskipError(f"{owner} reached {ratio:g} only as {reached:.2f} on the held-out text (more "
+                                    f"than {CURVE_TOLERANCE:.0%} off); ask for {reached:.2f} instead")  # fmt: skip
+            return self.points[key]
+        by_ratio = sorted(self.tried.items(), key=lambda p: p[1])
+        if not by_ratio or ratio > self.reach + 1e-9:
+            raise DashskipError(f"speedup {ratio:g} is above the range {owner} was calibrated for (up to "
+                                f"{self.reach:.2f}); {remedy}")  # fmt: skip
+        low = by_ratio[0][1]
+        if ratio < low and ratio / low - 1 < -CURVE_TOLERANCE:
+            raise DashskipError(f"speedup {ratio:g} is below the range {owner} was calibrated for (from "
+                                f"{low:.2f}); {remedy}")  # fmt: skip
+        if ratio <= low:
+            return by_ratio[0][0]
+        for (k0, r0), (k1, r1) in itertools.pairwise(by_ratio):
+            if r0 <= ratio <= r1:
+                return k0 if r1 == r0 else k0 + (ratio - r0) / (r1 - r0) * (k1 - k0)
+        return by_ratio[-1][0]
+
+    def slope(self, knob: float) -> float:
+        """|d(ratio)/d(knob)| of the curve around `knob` (at least a small floor); 1.0 with fewer than 2 points."""
+        points = sorted(self.tried.items())
+        if len(points) < 2:
+            return 1.0
+        knob = min(max(knob, points[0][0]), points[-1][0])
+        (k0, r0), (k1, r1) = next(p for p in itertools.pairwise(points) if knob <= p[1][0])
+        return max(abs(r1 - r0) / max(k1 - k0, 1e-6), 1e-3)
+
+    def span(self, fallback: float) -> tuple[float, float]:
+        """The knobs tried, widened by their spread on each side: how far a controller may move one."""
+        knobs = list(self.tried) or [fallback]
+        width = max(knobs) - min(knobs) or 1.0
+        return min(knobs) - width, max(knobs) + width

@@ -52,6 +52,7 @@ from dashskip.core.costs import CostTable
 from dashskip.core.decisions import BatchMajority, Decider, StepInfo
 from dashskip.core.files import atomic_torch_save, load_artifact, load_weights, save_artifact, truncate_log
 from dashskip.core.losses import token_nll
+from dashskip.core.operating import OperatingCurve
 from dashskip.core.states import State
 from dashskip.data import load_text, token_windows
 from dashskip.errors import DashskipError
@@ -64,7 +65,6 @@ RMS_EPS = 1e-6
 PROB_EPS = 1e-6
 FORMAT = "dashskip-rl-adapter"
 VERSION = 1
-TOLERANCE = 0.03  # a calibrated operating point must land within 3% of its target compute ratio
 
 
 @dataclass
@@ -248,35 +248,15 @@ class RLAdapter:
 
     def threshold_for(self, speedup: float) -> float:
         """Logit threshold that delivers `speedup` (compute ratio), from the held-out calibration."""
-        if not speedup >= 1.0:
-            raise DashskipError(f"speedup must be >= 1.0 (1.0 = every layer in full), got {speedup}")
         top = self.max_speedup()
         if speedup > top + 1e-9:
             raise DashskipError(
                 f"the RL-adapter baseline reaches compute ratios up to {top:.2f} on this model and cost table (every "
                 f"inner layer skipped); {speedup} is out of reach"
             )
-        key = f"{speedup:.2f}"
-        if key in self.meta.get("thresholds", {}):
-            reached = self.meta["operating_point_ratios"][key]
-            if abs(reached / speedup - 1) > TOLERANCE:
-                raise DashskipError(
-                    f"no threshold reaches {speedup} within {TOLERANCE:.0%} on the held-out text (closest "
-                    f"{reached:.2f}); ask for {reached:.2f}, or calibrate on more text"
-                )
-            return float(self.meta["thresholds"][key])
-        curve = sorted(self.meta.get("ratio_curve", []), key=lambda p: p[1])
-        if not curve or not curve[0][1] <= speedup <= curve[-1][1]:
-            reach = f"{curve[0][1]:.2f}..{curve[-1][1]:.2f}" if curve else "nothing"
-            raise DashskipError(
-                f"thresholds were calibrated for compute ratios {reach}; calibrate {speedup} with "
-                f"RLAdapter.calibrate(engine, heldout, costs, targets=[{speedup}])"
-            )
-        for (z0, r0), (z1, r1) in zip(curve, curve[1:], strict=False):
-            if r0 <= speedup <= r1:
-                t = 0.0 if r1 == r0 else (speedup - r0) / (r1 - r0)
-                return float(z0 + t * (z1 - z0))
-        return float(curve[-1][0])
+        curve = OperatingCurve.from_meta(self.meta, "thresholds")
+        return curve.knob_for(speedup, "these thresholds", f"calibrate {speedup} with RLAdapter.calibrate(engine, "
+                              f"heldout, costs, targets=[{speedup}])")  # fmt: skip
 
     def decider(self, engine: AdapterEngine, speedup: float) -> Decider:
         """Batch-majority controller votes at the threshold calibrated for `speedup`; 1.0 runs every layer."""
@@ -315,34 +295,12 @@ class RLAdapter:
                 f"operating points must lie in [1.0, {top:.2f}] (every inner layer skipped) on this model and cost "
                 f"table; got {list(targets)}"
             )
-        curve: dict[float, float] = {}
-
-        def ratio(z: float) -> float:
-            if z not in curve:
-                curve[z] = self.measure_ratio(engine, heldout, z, costs, batch_size)
-            return curve[z]
-
-        thresholds = {}
-        for target in tqdm(targets, desc="thresholds", disable=not progress):
-            lo, hi = -8.0, 8.0  # ratio falls as the threshold rises
-            while ratio(lo) < target and lo > -1e6:
-                lo *= 4
-            while ratio(hi) > target and hi < 1e6:
-                hi *= 4
-            mid = hi
-            for _ in range(24):
-                mid = (lo + hi) / 2
-                if ratio(mid) >= target:
-                    lo = mid
-                else:
-                    hi = mid
-                if abs(ratio(mid) / target - 1) < 0.005:
-                    break
-            thresholds[f"{target:.2f}"] = min((lo, hi, mid), key=lambda z: abs(ratio(z) - target))
+        curve = OperatingCurve.calibrate(
+            lambda z: self.measure_ratio(engine, heldout, z, costs, batch_size), targets, rising=False,
+            start=(-8.0, 8.0), steps=24, progress=progress, desc="thresholds",
+        )  # fmt: skip
         self.meta["cost_table"] = {str(k): v for k, v in costs.decode.items()}
-        self.meta["thresholds"] = thresholds
-        self.meta["operating_point_ratios"] = {k: round(ratio(z), 4) for k, z in thresholds.items()}
-        self.meta["ratio_curve"] = sorted([[z, r] for z, r in curve.items()], key=lambda p: p[0])
+        curve.write(self.meta, "thresholds")
         self.meta["calibration"] = {"windows": int(heldout.shape[0]), "tokens": heldout.shape[1], "batch": batch_size}
 
     def save(self, path: str | Path) -> None:

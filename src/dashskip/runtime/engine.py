@@ -16,8 +16,8 @@ import torch
 
 from dashskip.core.cache import KVCache, KVRule
 from dashskip.core.context import Rows, StateChoice, StepContext
-from dashskip.core.decisions import Decider, FullFor, StepInfo
-from dashskip.core.states import State, check_state, check_state_tensor
+from dashskip.core.decisions import Decider, FullFor, StepInfo, decide_and_run
+from dashskip.core.states import State
 from dashskip.errors import DashskipError
 from dashskip.models.backbone import Backbone
 
@@ -159,20 +159,6 @@ class Engine:
         return StepContext(positions, bb.rope(x, positions), masks, cache, self.kv_rule,
                            key_begins(session.key_valid, cache.end))  # fmt: skip
 
-    @staticmethod
-    def _normalize(choice: StateChoice, batch: int, tokens: int) -> StateChoice:
-        if isinstance(choice, torch.Tensor):
-            if choice.shape != (batch, tokens):
-                raise DashskipError(
-                    f"decider returned states of shape {tuple(choice.shape)}, expected {(batch, tokens)}"
-                )
-            check_state_tensor(choice)
-            first = choice.reshape(-1)[0]
-            if bool((choice == first).all()):
-                return int(first)
-            return choice
-        return check_state(choice)
-
     def _warn_nonfinite(self, states: torch.Tensor) -> None:
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
@@ -193,25 +179,15 @@ class Engine:
     def _layers(
         self, x: torch.Tensor, decider: Decider, info: StepInfo, step: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        bb = self.backbone
-        batch, tokens = x.shape[:2]
         traits = decider.traits
         decider.begin(info)
-        states = torch.full((batch, tokens, bb.num_layers), int(State.FULL), dtype=torch.int8)
-        previous: StateChoice = int(State.FULL)
-        forced_full = {0} if traits.may_skip_last else {0, bb.num_layers - 1}
         scales = self.scales if traits.skip_scales is None else traits.skip_scales
-        plan = traits.sublayers
-        for i in range(bb.num_layers):
-            # Every layer is shown to the decider (an asynchronous policy decides layer i+1 while layer i runs),
-            # but the first layer always runs in full whatever it answers, and so does the last unless the decider
-            # exits early; a planned layer runs its kept sublayers in full.
-            answer = decider(i, x, previous)
-            choice = int(State.FULL) if i in forced_full or i in plan else self._normalize(answer, batch, tokens)
-            x = self.run_layer(i, Rows.of(choice), x, step, scales[i], plan.get(i))
-            states[:, :, i] = choice if isinstance(choice, int) else choice.to(torch.int8)
-            previous = choice
-        return x, states
+        plan = traits.sublayers  # a planned layer runs its kept sublayers in full
+
+        def run(i: int, choice: StateChoice, x: torch.Tensor) -> torch.Tensor:
+            return self.run_layer(i, Rows.of(choice), x, step, scales[i], plan.get(i))
+
+        return decide_and_run(x, decider, self.backbone.num_layers, run, held_full=list(plan))
 
     @torch.no_grad()
     def step(

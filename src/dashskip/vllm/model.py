@@ -43,8 +43,8 @@ from vllm.sequence import IntermediateTensors
 
 from dashskip.api import bundled_policy
 from dashskip.core.cache import KVRule
-from dashskip.core.context import Rows
-from dashskip.core.decisions import BatchMajority, Decider, FullFor
+from dashskip.core.context import Rows, StateChoice
+from dashskip.core.decisions import BatchMajority, Decider, FullFor, decide_and_run
 from dashskip.core.linear import Linear
 from dashskip.core.states import State, spec
 from dashskip.errors import DashskipError
@@ -264,17 +264,13 @@ class DashRunner:
             decider = BatchMajority(decider, ~full[:, None])
         if bool(full.any()):  # requests at 1.0x: every layer in full, and no vote in the majority
             decider = FullFor(decider, full[:, None])
-        states = torch.full((tokens, self.num_layers), FULL, dtype=torch.int8)
-        x, previous = hidden, FULL
-        for i, layer in enumerate(layers):
-            answer = decider(i, x[:, None], previous)  # (tokens, 1) rows: one bias per token
-            choice = FULL if i in (0, self.num_layers - 1) else answer
-            if isinstance(choice, torch.Tensor):
-                choice = choice.reshape(-1)
-            rows = Rows.of(choice)
-            x = self._layer(i, layer, rows, x, positions)
-            states[:, i] = rows.uniform if rows.uniform is not None else rows.states.to(torch.int8)
-            previous = choice if isinstance(choice, int) else choice[:, None]
+
+        def run(i: int, choice: StateChoice, x: torch.Tensor) -> torch.Tensor:  # vLLM's tokens as rows of one
+            rows = Rows.of(choice.reshape(-1) if isinstance(choice, torch.Tensor) else choice)
+            return self._layer(i, layers[i], rows, x[:, 0], positions)[:, None]
+
+        x, states = decide_and_run(hidden[:, None], decider, self.num_layers, run)
+        x, states = x[:, 0], states[:, 0]
         self._account(spans, produces, states)
         return x, None
 

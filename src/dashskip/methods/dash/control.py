@@ -34,16 +34,6 @@ WINDOW_RULE = "secant, bracketed, the last pass at the best bias tried"  # part 
 WINDOW_PASSES = 8  # most passes over one window (5 left lm-eval's short requests up to 6% off at 1.5)
 
 
-def curve_slope(curve: list[list[float]], bias: float) -> float:
-    """d(ratio)/d(bias) of the policy's held-out ratio curve around `bias` (>= a small floor)."""
-    points = sorted(curve)
-    if len(points) < 2:
-        return 1.0
-    bias = min(max(bias, points[0][0]), points[-1][0])
-    (b0, r0), (b1, r1) = next(p for p in zip(points, points[1:], strict=False) if bias <= p[1][0])
-    return max((r1 - r0) / max(b1 - b0, 1e-6), 1e-3)
-
-
 @dataclass
 class RateControl:
     """Per-row cost-bias control toward `target` (compute ratio) for a policy decided with `costs`."""

@@ -29,11 +29,11 @@ from dashskip.core.costs import CostTable
 from dashskip.core.decisions import Decider, Lookahead, StepInfo, Traits
 from dashskip.core.files import load_artifact, load_weights, require, save_artifact
 from dashskip.core.kernels import compiled_rows, extension
-from dashskip.core.operating import OperatingPoint, Unit, resolve
+from dashskip.core.operating import OperatingCurve, OperatingPoint, Unit, resolve
 from dashskip.core.states import State, by_name, code_lookup, parse, spec
 from dashskip.errors import DashskipError
 from dashskip.measure.profiling import wall_clock_table
-from dashskip.methods.dash.control import GAIN, RateControl, curve_slope
+from dashskip.methods.dash.control import GAIN, RateControl
 from dashskip.runtime.engine import Engine
 
 RMS_EPS = 1e-6
@@ -371,30 +371,18 @@ class DashPolicy:
         table = {int(k): float(v) for k, v in self.meta["cost_table"].items()}
         return CostTable(table, table)
 
+    @property
+    def curve(self) -> OperatingCurve:
+        """The cost bias against the compute ratio it gave on held-out text (`training.calibrate_operating_points`)."""
+        return OperatingCurve.from_meta(self.meta, "operating_points")
+
     def max_speedup(self) -> float:
-        curve = self.meta.get("ratio_curve") or []
-        return max((r for _, r in curve), default=1.0)
+        return self.curve.reach
 
     def bias_for(self, speedup: float) -> float:
         """Cost bias that delivers `speedup` (compute ratio), interpolated on the held-out ratio curve."""
-        if not speedup >= 1.0:
-            raise DashskipError(f"speedup must be >= 1.0 (1.0 = every layer in full), got {speedup}")
-        points = self.meta.get("operating_points", {})
-        if f"{speedup:.2f}" in points:
-            return float(points[f"{speedup:.2f}"])
-        curve = sorted(self.meta.get("ratio_curve") or [], key=lambda p: p[1])
-        if not curve or speedup > curve[-1][1] + 1e-9:
-            raise DashskipError(
-                f"speedup {speedup} is above the range this policy was calibrated for (up to "
-                f"{self.max_speedup():.2f}); ask for less, or re-run `dashskip train` with a higher --speedup"
-            )
-        if speedup <= curve[0][1]:
-            return float(curve[0][0])
-        for (b0, r0), (b1, r1) in zip(curve, curve[1:], strict=False):
-            if r0 <= speedup <= r1:
-                t = 0.0 if r1 == r0 else (speedup - r0) / (r1 - r0)
-                return float(b0 + t * (b1 - b0))
-        return float(curve[-1][0])
+        return self.curve.knob_for(speedup, "this policy", "ask for less, or re-run `dashskip train` with a higher "
+                                   "--speedup")  # fmt: skip
 
     @property
     def decision_key(self) -> str:
@@ -437,11 +425,9 @@ class DashPolicy:
     def rate_control(self, target: float, bias: float, table: CostTable, steer: bool = True) -> RateControl:
         """A sequence's controller toward `target` from the calibrated `bias`; `steer` off: it only counts what
         the sequence spends (its bias stays where it started: the paper's fixed operating point)."""
-        curve = self.meta.get("ratio_curve") or []
-        biases = [b for b, _ in curve] or [bias]
-        span = max(biases) - min(biases) or 1.0
-        return RateControl(target, bias, table, self.config.num_layers, curve_slope(curve, bias),
-                           (min(biases) - span, max(biases) + span), GAIN if steer else 0.0)  # fmt: skip
+        curve = self.curve
+        return RateControl(target, bias, table, self.config.num_layers, curve.slope(bias), curve.span(bias),
+                           GAIN if steer else 0.0)  # fmt: skip
 
     def save(self, path: str | Path) -> None:
         meta = {**self.meta, "format": POLICY_FORMAT, "version": POLICY_VERSION, "policy_config": asdict(self.config)}

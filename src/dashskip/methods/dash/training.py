@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from dashskip.core.costs import CostTable
 from dashskip.core.files import atomic_torch_save, truncate_log
 from dashskip.core.losses import token_kl, token_nll
+from dashskip.core.operating import OperatingCurve
 from dashskip.core.states import FULL_BITS, code_lookup, registered
 from dashskip.data import text_ids, with_bos
 from dashskip.errors import DashskipError
@@ -486,45 +487,25 @@ def calibrate_operating_points(
     """Find, by bisection on held-out text, the cost bias that delivers each target compute ratio. With
     `max_ppl_loss`, the curve ends below the first ratio whose held-out perplexity is more than that fraction above
     the full model's, and targets beyond are dropped: a policy is only offered where it keeps its quality."""
-    curve: dict[float, float] = {}
     nlls: dict[float, float] = {}
 
     def ratio(bias: float) -> float:
-        if bias not in curve:
-            curve[bias], nlls[bias] = ratio_and_nll(policy, engine, heldout, bias, costs, mask)
-        return curve[bias]
+        ratio, nlls[bias] = ratio_and_nll(policy, engine, heldout, bias, costs, mask)
+        return ratio
 
-    lo, hi = -1.0, 1.0
-    while ratio(lo) > 1.0 + 1e-3 and lo > -1e4:
-        lo *= 4
-    while ratio(hi) < max(targets) * 1.05 and hi < 1e4:
-        hi *= 4
-    points = {}
-    for target in tqdm(targets, desc="operating points", disable=not progress):
-        a, b = lo, hi
-        for _ in range(14):
-            mid = (a + b) / 2
-            if ratio(mid) < target:
-                a = mid
-            else:
-                b = mid
-            if abs(ratio(mid) / target - 1) < 0.005:
-                break
-        best = min((a, b, mid), key=lambda x: abs(ratio(x) - target))
-        points[f"{target:.2f}"] = best
+    # One bracket from all-full (ratio 1.0) to past the highest target, so the curve spans every point asked.
+    curve = OperatingCurve.calibrate(ratio, targets, rising=True, start=(-1.0, 1.0), steps=14,
+                                     cover=(1.0 + 1e-3, max(targets) * 1.05), progress=progress)  # fmt: skip
     if max_ppl_loss is not None:
         full = ratio_and_nll(None, engine, heldout, 0.0, costs, mask)[1]
         limit = full + math.log1p(max_ppl_loss)
-        by_ratio = sorted(curve, key=curve.get)
+        by_ratio = sorted(curve.tried, key=curve.tried.get)
         kept = list(itertools.takewhile(lambda b: nlls[b] <= limit, by_ratio)) or by_ratio[:1]
-        top = curve[kept[-1]]
-        points = {t: b for t, b in points.items() if curve[b] <= top + 1e-9}
-        curve = {b: curve[b] for b in kept}
+        curve = curve.keep(kept)
         policy.meta["quality_limit"] = {"max_ppl_loss": max_ppl_loss, "full_ppl": round(math.exp(full), 3),
-                                        "top_ratio": round(top, 4), "top_ppl": round(math.exp(nlls[kept[-1]]), 3)}
-    policy.meta["operating_points"] = points
-    policy.meta["ratio_curve"] = sorted([[b, r] for b, r in curve.items()], key=lambda p: p[0])
-    policy.meta["operating_point_ratios"] = {k: round(ratio(v), 4) for k, v in points.items()}
+                                        "top_ratio": round(curve.reach, 4),
+                                        "top_ppl": round(math.exp(nlls[kept[-1]]), 3)}  # fmt: skip
+    curve.write(policy.meta, "operating_points")
 
 
 TRAIN_SPLIT = {"wikitext2": "wikitext2-valid"}  # train on validation text; the test split stays for evaluation
