@@ -144,12 +144,14 @@ class OperatingCurve:
         start: tuple[float, float],
         steps: int,
         cover: tuple[float, float] | None = None,
+        limit: float = 1e6,
         progress: bool = True,
         desc: str = "operating points",
     ) -> OperatingCurve:
         """The knob of each target by bisection on `ratio_at` (a real run on held-out text, called once per knob).
-        `rising`: the ratio rises with the knob. `start` (< 0, > 0) is widened x4 until it brackets a target, and
-        first until the knobs tried reach both ends of `cover` (low, high ratio), so the curve spans them."""
+        `rising`: the ratio rises with the knob. `start` (< 0, > 0) is widened x4 (up to +-`limit`) until it brackets
+        a target, and first until the knobs tried reach both ends of `cover` (low, high ratio), so the curve spans
+        them."""
         tried: dict[float, float] = {}
 
         def ratio(knob: float) -> float:
@@ -160,10 +162,16 @@ class OperatingCurve:
         def past(knob: float, target: float) -> bool:  # the knob is at or beyond the target's (in knob order)
             return (ratio(knob) > target) == rising
 
+        def before(knob: float, target: float) -> bool:  # strictly before the target's knob (in knob order)
+            return ratio(knob) < target if rising else ratio(knob) > target
+
+        def after(knob: float, target: float) -> bool:  # strictly after it
+            return ratio(knob) > target if rising else ratio(knob) < target
+
         def widen(lo: float, hi: float, low_side: float, high_side: float) -> tuple[float, float]:
-            while past(lo, low_side) and lo > -1e6:
+            while after(lo, low_side) and lo > -limit:
                 lo *= 4
-            while not past(hi, high_side) and hi < 1e6:
+            while before(hi, high_side) and hi < limit:
                 hi *= 4
             return lo, hi
 
@@ -196,10 +204,9 @@ class OperatingCurve:
         meta["ratio_curve"] = sorted([[k, r] for k, r in self.tried.items()])
 
     def keep(self, knobs: Sequence[float]) -> OperatingCurve:
-        """Only these knobs, and the points that land at most as high as the highest of them reaches."""
+        """Only these knobs, and the points calibrated at them."""
         tried = {k: self.tried[k] for k in knobs}
-        top = max(tried.values(), default=FULL_RATIO)
-        return OperatingCurve(tried, {t: k for t, k in self.points.items() if self.tried[k] <= top + 1e-9})
+        return OperatingCurve(tried, {t: k for t, k in self.points.items() if k in tried})
 
     @property
     def reach(self) -> float:

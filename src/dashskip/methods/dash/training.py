@@ -495,7 +495,8 @@ def calibrate_operating_points(
 
     # One bracket from all-full (ratio 1.0) to past the highest target, so the curve spans every point asked.
     curve = OperatingCurve.calibrate(ratio, targets, rising=True, start=(-1.0, 1.0), steps=14,
-                                     cover=(1.0 + 1e-3, max(targets) * 1.05), progress=progress)  # fmt: skip
+                                     cover=(1.0 + 1e-3, max(targets) * 1.05), limit=1e4,
+                                     progress=progress)  # fmt: skip
     if max_ppl_loss is not None:
         full = ratio_and_nll(None, engine, heldout, 0.0, costs, mask)[1]
         limit = full + math.log1p(max_ppl_loss)
