@@ -195,6 +195,15 @@ def smollm2():
 TIE = 1e-2
 
 
+def within_reach(dm: DashModel, preferred: float, share: float = 0.6) -> float:
+    """`preferred`, or a point `share` of the way from 1.0 to this host's reach if that is lower (decode wall clock,
+    the head set now). A host whose cost table makes INT8 0.6 of a full layer reaches about 1.24x with SmolLM2's
+    shipped policy where another reaches 1.6-1.8x: a fixed point is refused on one host or runs at the edge of the
+    policy on another, where short text cannot give the ratio."""
+    reach = dm.operating_point(1.0).reach
+    return min(preferred, math.floor((1 + share * (reach - 1)) * 100) / 100)
+
+
 def assert_greedy_agrees(ours: torch.Tensor, reference: torch.Tensor, logits: torch.Tensor, label: str = "") -> None:
     """1-D token sequences (prompt + new, the prompt shared) from greedy decoding; `logits` (len(reference), vocab)
     the reference model's over `reference`. Equal, or equal up to a position where the reference's choice won by

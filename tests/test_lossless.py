@@ -136,3 +136,18 @@ def test_quantized_drafters_need_no_policy_and_keep_the_full_output(draft):
     assert dm.last_speculative.drafted > 0
     with pytest.raises(DashskipError, match="unknown drafter 'int2'"):
         dm.generate(ids, lossless=True, draft="int2")
+
+
+def test_a_lossless_output_carries_its_drafting_statistics():
+    """What the drafting achieved comes back in the output itself (and in its stats, as the server and the CLI
+    report it), not only in the model's `last_speculative`, which the next call overwrites."""
+    from dashskip.api import DashModel
+
+    dm = DashModel(tiny_model("llama"))
+    ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(4))
+    out = dm.generate(ids, max_new_tokens=12, eos_token_id=None, lossless=True, draft="int8",
+                      return_dict_in_generate=True)  # fmt: skip
+    assert out.speculative is dm.last_speculative and out.speculative.drafted > 0
+    assert out.stats()["lossless"] == out.speculative.as_dict()
+    plain = dm.generate(ids, max_new_tokens=4, eos_token_id=None, return_dict_in_generate=True)
+    assert plain.speculative is None and "lossless" not in plain.stats()

@@ -64,3 +64,38 @@ def test_a_curve_survives_a_policy_files_metadata():
     again = OperatingCurve.from_meta(meta, "operating_points")
     assert again.points == curve.points and again.tried == pytest.approx(curve.tried, abs=1e-4)
     assert set(meta["operating_point_ratios"]) == {"1.30", "2.00"}
+
+
+def test_a_curve_on_another_hosts_table_costs_the_states_each_knob_ran():
+    """The same knob runs the same states on the same text; on a table where INT8 costs more, its ratio (and the
+    reach) is lower, and calibrated points, exact on the first table only, give way to interpolation."""
+    from dashskip.core.costs import CostTable
+
+    own = {0: 0.1, 1: 0.3, 2: 0.4, 4: 1.0}
+    states = {-5.0: {4: 1.0}, 0.0: {4: 0.5, 2: 0.5}, 5.0: {4: 0.1, 2: 0.6, 0: 0.3}}
+    tried = {k: 1 / sum(f * own[c] for c, f in s.items()) for k, s in states.items()}
+    curve = OperatingCurve(tried, {"1.43": 0.0}, states)
+    assert curve.on(CostTable(own, own)).tried == pytest.approx(tried)
+    slow = {0: 0.15, 1: 0.45, 2: 0.6, 4: 1.0}
+    there = curve.on(CostTable(slow, slow))
+    assert there.tried[5.0] == pytest.approx(1 / (0.1 + 0.36 + 0.045)) and there.reach < curve.reach
+    assert there.points == {} and there.knob_for(there.tried[0.0], "it", "") == pytest.approx(0.0)
+    assert OperatingCurve(tried, {}).on(CostTable(slow, slow)).tried == tried  # no states kept: as it is
+    meta: dict = {}
+    curve.write(meta, "operating_points")
+    assert OperatingCurve.from_meta(meta, "operating_points").states == states
+
+
+def test_a_policys_reach_is_its_reach_on_the_table_it_runs_on():
+    """A point the policy runs on its own table is refused on a slower host's, with that host's reach named."""
+    from dashskip.core.costs import CostTable
+    from tests.conftest import make_policy
+
+    policy = make_policy()
+    policy.meta["curve_states"] = [[-1.0, {"4": 1.0}], [0.0, {"4": 0.7, "2": 0.3}], [1.0, {"4": 0.4, "2": 0.6}],
+                                   [4.0, {"4": 0.3, "2": 0.4, "0": 0.3}]]  # fmt: skip
+    slow = CostTable({0: 0.2, 1: 0.6, 2: 0.8, 4: 1.0}, {0: 0.2, 1: 0.6, 2: 0.8, 4: 1.0})
+    assert policy.max_speedup() == 3.0 and policy.max_speedup(slow) == pytest.approx(1 / (0.3 + 0.32 + 0.06))
+    assert policy.operating_point(2.0).ratio == 2.0
+    with pytest.raises(DashskipError, match=r"above the range this policy was calibrated for \(up to 1\.47\)"):
+        policy.decider(2.0, costs=slow)

@@ -5,7 +5,7 @@ from dashskip import Backbone, Engine
 from dashskip.api import DashModel
 from dashskip.errors import DashskipError
 from dashskip.methods.dash.policy import DashPolicy, PolicyConfig, PolicyDecider, ScoringModel
-from tests.conftest import make_policy, tiny_model
+from tests.conftest import make_policy, tiny_model, within_reach
 
 STATE_VALUES = torch.tensor([0, 1, 2, 4])  # the built-in states' codes, which are also their levels
 
@@ -353,7 +353,7 @@ def test_a_forward_pass_of_a_new_sequence_runs_at_the_ratio_asked(smollm2):
     a continuation goes on from it. SmolLM2 with its shipped policy, held-out WikiText-2 test windows."""
     from dashskip.data import load_text, token_windows
 
-    point = smollm2.operating_point(1.4)
+    point = smollm2.operating_point(within_reach(smollm2, 1.4))
     costs = smollm2.costs
     windows = token_windows(smollm2.tokenizer, load_text("wikitext2"), 4, 96, seed=3).view(2, 2, 96)
 

@@ -10,7 +10,7 @@ import dashskip
 from dashskip.core.decisions import FixedStates
 from dashskip.data import load_text, token_windows
 from dashskip.runtime.generation import DraftLength, generate, generate_lossless, warp_logits
-from tests.conftest import assert_greedy_agrees, chi2_critical
+from tests.conftest import assert_greedy_agrees, chi2_critical, within_reach
 
 pytestmark = pytest.mark.real
 
@@ -19,7 +19,7 @@ def drafter(dm):
     """SmolLM2: its shipped DASH policy at 1.5x. Gemma3 (loaded at 1.0, so without its policy): INT8 on every
     inner layer, a drafter that is rejected often enough to exercise the rollback."""
     if dm.policy is not None:
-        return dm.decider_for(1.5)
+        return dm.decider_for(within_reach(dm, 1.5))
     n = dm.backbone.num_layers
     return FixedStates([4] + [2] * (n - 2) + [4])
 

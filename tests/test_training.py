@@ -245,3 +245,19 @@ def test_operating_points_are_offered_only_where_the_policy_keeps_its_quality(tm
     assert "3.00" not in policy.meta["operating_points"] and limit["top_ratio"] < 3.0
     with pytest.raises(DashskipError, match="above the range this policy was calibrated for"):
         policy.bias_for(3.0)
+
+
+def test_calibration_keeps_the_states_each_bias_ran(tmp_path):
+    """A calibrated policy keeps, per bias of its curve, the share of the held-out token-layers in each state: on
+    its own table they give back its curve; on a slower host's table, the ratio the same bias runs at there."""
+    engine = Engine(Backbone(tiny_model("llama")), scales=torch.full((6,), 1.05))
+    corpus = torch.randint(3, 97, (4000,), generator=torch.Generator().manual_seed(1))
+    cfg = TrainConfig(steps=2, batch_size=2, seq_len=32, heldout_windows=6, heldout_len=32, targets=(1.5,))
+    train(engine, corpus, CostTable.default(), cfg, tmp_path, {"fingerprint": "fp"}, progress=False)
+    policy = DashPolicy.load(tmp_path / "policy.safetensors")  # what the file keeps
+    curve = policy.curve
+    assert set(curve.states) == set(curve.tried) and len(curve.tried) > 3
+    own = CostTable.default()
+    assert curve.on(own).tried == pytest.approx(curve.tried, rel=1e-4)
+    slow = CostTable({**own.decode, 0: 0.1, 2: 0.8}, {**own.decode, 0: 0.1, 2: 0.8})
+    assert policy.max_speedup(slow) < policy.max_speedup()

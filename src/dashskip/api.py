@@ -168,10 +168,13 @@ class DashModel:
     def config(self) -> Any:
         return self.model.config
 
-    def method_context(self, data_dir: str | Path | None = None, progress: bool = True) -> MethodContext:
-        """The model as `dashskip.methods.build` takes it."""
-        return MethodContext(self.engine, self.tokenizer, self.model, self.fingerprint, self.costs, self.policy,
-                             data_dir, progress, self.wall_clock)  # fmt: skip
+    def method_context(
+        self, data_dir: str | Path | None = None, progress: bool = True, costs: CostTable | None = None
+    ) -> MethodContext:
+        """The model as `dashskip.methods.build` takes it; `costs`: another cost table than the model's own
+        (methods compared at compute ratios on this host's table)."""
+        return MethodContext(self.engine, self.tokenizer, self.model, self.fingerprint, costs or self.costs,
+                             self.policy, data_dir, progress, self.wall_clock)  # fmt: skip
 
     def _pick(self, speedup: float | OperatingPoint | None, decider: Decider | None) -> Decider:
         if decider is not None:

@@ -129,7 +129,7 @@ def generate(
             tokens_per_second=round(new.numel() / seconds, 2),
             cost_table=dm.costs.provenance(),
             operating_point=dm.point.as_dict(),
-            **({"lossless": dm.last_speculative.as_dict()} if lossless else {}),
+            **({"lossless": out.speculative.as_dict()} if lossless else {}),
         )
         print(
             json.dumps(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -134,6 +134,9 @@ class OperatingCurve:
 
     tried: dict[float, float]  # knob -> compute ratio measured on the held-out text
     points: dict[str, float]  # f"{target:.2f}" -> the knob calibrated for that target
+    # knob -> the share of the text's token-layers run in each state (code -> fraction): what the same knob's
+    # ratio is on another host's cost table (`on`); empty for curves calibrated before it was kept
+    states: dict[float, dict[int, float]] = field(default_factory=dict)
 
     @classmethod
     def calibrate(
@@ -194,19 +197,36 @@ class OperatingCurve:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], points_key: str) -> OperatingCurve:
+        states = {float(k): {int(c): float(f) for c, f in fractions.items()}
+                  for k, fractions in meta.get("curve_states") or []}  # fmt: skip
         return cls({float(k): float(r) for k, r in meta.get("ratio_curve") or []},
-                   {t: float(k) for t, k in (meta.get(points_key) or {}).items()})  # fmt: skip
+                   {t: float(k) for t, k in (meta.get(points_key) or {}).items()}, states)  # fmt: skip
 
     def write(self, meta: dict[str, Any], points_key: str) -> None:
-        """Into a policy file's metadata: the points, the ratio each reached, the curve sorted by knob."""
+        """Into a policy file's metadata: the points, the ratio each reached, the curve sorted by knob, and
+        the states each knob ran (where known)."""
         meta[points_key] = dict(self.points)
         meta["operating_point_ratios"] = {t: round(self.tried[k], 4) for t, k in self.points.items()}
         meta["ratio_curve"] = sorted([[k, r] for k, r in self.tried.items()])
+        if self.states:
+            meta["curve_states"] = sorted([[k, {str(c): round(f, 6) for c, f in s.items()}]
+                                           for k, s in self.states.items()])  # fmt: skip
+
+    def on(self, costs: CostTable) -> OperatingCurve:
+        """The same knobs' compute ratios on another cost table (this host's): the states each knob ran are the
+        text's, their cost is the table's. A policy's reach measured on the table it was calibrated with (an AMD
+        host's: INT8 0.39 of a full layer) overstates it where INT8 costs 0.6. Without the states: as it is.
+        Calibrated points are dropped (they were exact on the other table); knobs are interpolated."""
+        if not self.states or set(self.states) != set(self.tried):
+            return self
+        tried = {k: 1.0 / sum(f * costs.decode[c] for c, f in s.items()) for k, s in self.states.items()}
+        return OperatingCurve(tried, {}, self.states)
 
     def keep(self, knobs: Sequence[float]) -> OperatingCurve:
         """Only these knobs, and the points calibrated at them."""
         tried = {k: self.tried[k] for k in knobs}
-        return OperatingCurve(tried, {t: k for t, k in self.points.items() if k in tried})
+        states = {k: s for k, s in self.states.items() if k in tried}
+        return OperatingCurve(tried, {t: k for t, k in self.points.items() if k in tried}, states)
 
     @property
     def reach(self) -> float:

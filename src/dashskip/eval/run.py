@@ -35,11 +35,11 @@ def evaluate(
     dash = method == "dash"
     dm = from_pretrained(model, speedup=speedup if dash else 1.0, policy=policy if dash else None, mode=mode,
                          wall_clock=False)  # methods are compared at compute ratios
-    if not dash:  # DASH keeps the table its operating points were calibrated with
-        dm.costs = cost_table_for(dm.engine, dm.fingerprint)
+    # DASH keeps the table its operating points were calibrated with; the others run on this host's
+    costs = dm.costs if dash else cost_table_for(dm.engine, dm.fingerprint)
     options = MethodOptions(mode=mode, calibration=Calibration.load(calibration) if calibration else None,
                             control=control)  # fmt: skip
-    built = build(dm.method_context(data_dir), method, speedup, options)
+    built = build(dm.method_context(data_dir, costs=costs), method, speedup, options)
     engine, decider = built.engine or dm.engine, built.decider
     row: dict[str, Any] = {
         "model": model,
@@ -47,13 +47,13 @@ def evaluate(
         "requested_speedup": speedup if method != "full" else 1.0,
         "mode": mode or (dm.policy.config.mode if dash else None),
         "control": control if dash else None,
-        "cost_table": dm.costs.provenance(),
+        "cost_table": costs.provenance(),
     }
     if task != "perplexity":
-        result = run_task(engine, dm.tokenizer, task, decider, dm.costs, TaskSettings(limit=limit), data_dir, cache)
+        result = run_task(engine, dm.tokenizer, task, decider, costs, TaskSettings(limit=limit), data_dir, cache)
         return {**row, **result.as_dict()}
     windows = perplexity_windows(dm.tokenizer, load_text(data, data_dir), context, limit)
-    row.update(perplexity(engine, windows, decider, dm.costs).as_dict())
+    row.update(perplexity(engine, windows, decider, costs).as_dict())
     if isinstance(decider, EarlyExit):  # LM-head evaluations the layer-count compute ratio leaves out
         row["exit_checks_per_token"] = round(decider.checks_per_token, 3)
     return row

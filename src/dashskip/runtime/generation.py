@@ -188,6 +188,7 @@ class GenerateOutput:
     compute_ratio: float  # layers / mean executed cost per produced token, from the cost table
     lengths: list[int] = field(default_factory=list)  # new tokens of each row up to its end (EOS included)
     speedup: float = 1.0  # decode wall clock against the full path (same head), as the cost table predicts it
+    speculative: SpeculativeStats | None = None  # lossless mode: what the drafting achieved
 
     def stats(self) -> dict[str, Any]:
         flat = self.states.reshape(-1, self.states.shape[-1]).long()
@@ -198,6 +199,7 @@ class GenerateOutput:
             "tokens": int(self.states.shape[0] * self.states.shape[1]),
             "state_fractions": {s.name: round(float((flat == s.code).sum()) / total, 4) for s in registered()},
             "layers_per_token": [row.tolist() for row in self.states[0].long()],
+            **({"lossless": self.speculative.as_dict()} if self.speculative is not None else {}),
         }
 
 
@@ -398,7 +400,8 @@ def generate_lossless(
     draft_head: str = "int8",
     **settings: Any,
 ) -> tuple[GenerateOutput, SpeculativeStats]:
-    """Generate with the full model's output, drafting with `draft` (on `draft_engine`, default `engine`)."""
+    """Generate with the full model's output, drafting with `draft` (on `draft_engine`, default `engine`); the
+    drafting's statistics come back beside the output and in it (`GenerateOutput.speculative`)."""
     config = GenerationConfig.build(config, settings)
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
@@ -421,4 +424,4 @@ def generate_lossless(
     sequences = torch.cat([input_ids, torch.tensor([new])], dim=1)
     # Every kept token is the full model's: its path is the verifier's, all layers in full.
     states = torch.full((1, len(new), engine.backbone.num_layers), int(State.FULL), dtype=torch.int8)
-    return GenerateOutput(sequences, states, 1.0, [len(new)]), stats
+    return GenerateOutput(sequences, states, 1.0, [len(new)], speculative=stats), stats

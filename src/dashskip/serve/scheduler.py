@@ -405,7 +405,7 @@ class Scheduler:
             _settle(job.future, exc)
             return
         tokens = out.sequences[0, len(job.ids) :].tolist()
-        stats = {**_stats(self.model, out.states), "lossless": self.model.last_speculative.as_dict()}
+        stats = {**_stats(self.model, out.states), "lossless": out.speculative.as_dict()}
         reason = "stop" if tokens and tokens[-1] in self.eos else "length"
         _settle(job.future, Finished(tokens, reason, _report(job, stats)))
 

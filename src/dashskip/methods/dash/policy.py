@@ -376,13 +376,22 @@ class DashPolicy:
         """The cost bias against the compute ratio it gave on held-out text (`training.calibrate_operating_points`)."""
         return OperatingCurve.from_meta(self.meta, "operating_points")
 
-    def max_speedup(self) -> float:
-        return self.curve.reach
+    def curve_on(self, costs: CostTable | None) -> OperatingCurve:
+        """The curve with compute ratios on `costs` (None, or the table it was calibrated with: as calibrated)."""
+        curve = self.curve
+        if costs is None or costs.decode == self.cost_table().decode:
+            return curve
+        return curve.on(costs)
 
-    def bias_for(self, speedup: float) -> float:
-        """Cost bias that delivers `speedup` (compute ratio), interpolated on the held-out ratio curve."""
-        return self.curve.knob_for(speedup, "this policy", "ask for less, or re-run `dashskip train` with a higher "
-                                   "--speedup")  # fmt: skip
+    def max_speedup(self, costs: CostTable | None = None) -> float:
+        """The highest compute ratio it was calibrated to, on `costs` (default: its own table)."""
+        return self.curve_on(costs).reach
+
+    def bias_for(self, speedup: float, costs: CostTable | None = None) -> float:
+        """Cost bias that delivers `speedup` (compute ratio on `costs`, default its own table), interpolated on
+        the held-out ratio curve."""
+        return self.curve_on(costs).knob_for(speedup, "this policy", "ask for less, or re-run `dashskip train` "
+                                             "with a higher --speedup")  # fmt: skip
 
     @property
     def decision_key(self) -> str:
@@ -401,7 +410,7 @@ class DashPolicy:
         a compute ratio on the policy's own table. Refused here, with one message, when out of reach."""
         unit = Unit.RATIO if costs is None else Unit.SPEEDUP
         table = self.cost_table() if costs is None else costs
-        return resolve(asked, unit, self.max_speedup(), table, self.config.num_layers, head, self.decision_key)
+        return resolve(asked, unit, self.max_speedup(costs), table, self.config.num_layers, head, self.decision_key)
 
     def decider(
         self,
@@ -416,7 +425,7 @@ class DashPolicy:
         (`methods/dash/control.py`), off: the calibrated bias as it is (the paper's fixed operating point). The
         ratio is counted and steered on `costs` where given, else on the policy's own table."""
         point = speedup if isinstance(speedup, OperatingPoint) else self.operating_point(speedup, costs, head)
-        bias = self.bias_for(point.ratio)
+        bias = self.bias_for(point.ratio, costs)
         table = costs if costs is not None else self.cost_table()
         rate = self.rate_control(point.ratio, bias, table) if control else None
         return PolicyDecider(self.model, self.scales(), self.costs(), bias, mode=mode, control=rate,
@@ -425,7 +434,7 @@ class DashPolicy:
     def rate_control(self, target: float, bias: float, table: CostTable, steer: bool = True) -> RateControl:
         """A sequence's controller toward `target` from the calibrated `bias`; `steer` off: it only counts what
         the sequence spends (its bias stays where it started: the paper's fixed operating point)."""
-        curve = self.curve
+        curve = self.curve_on(table)
         return RateControl(target, bias, table, self.config.num_layers, curve.slope(bias), curve.span(bias),
                            GAIN if steer else 0.0)  # fmt: skip
 

@@ -466,12 +466,22 @@ def ratio_and_nll(
     policy: DashPolicy | None, engine: Engine, ids: torch.Tensor, bias: float, costs: CostTable, mask=None
 ) -> tuple[float, float]:
     """Compute ratio and mean next-token NLL of the windows at a cost bias (no policy: every layer in full)."""
+    ratio, nll, _ = ratio_nll_states(policy, engine, ids, bias, costs, mask)
+    return ratio, nll
+
+
+@torch.no_grad()
+def ratio_nll_states(
+    policy: DashPolicy | None, engine: Engine, ids: torch.Tensor, bias: float, costs: CostTable, mask=None
+) -> tuple[float, float, dict[int, float]]:
+    """`ratio_and_nll`, and the share of the windows' token-layers run in each state (code -> fraction)."""
     decider = None if policy is None else PolicyDecider(policy.model, engine.scales, policy.costs(), bias)
     result = engine.step(ids, engine.new_session(*ids.shape), decider, mask)
     states = result.states if mask is None else result.states[mask.bool()]
     nll = token_nll(engine.backbone.logits(result.hidden), ids)
     counted = torch.ones_like(nll) if mask is None else mask[:, 1:].to(nll.dtype)
-    return costs.compute_ratio(states), float((nll * counted).sum() / counted.sum())
+    fractions = {int(c): float((states == c).float().mean()) for c in torch.unique(states).tolist()}
+    return costs.compute_ratio(states), float((nll * counted).sum() / counted.sum()), fractions
 
 
 def calibrate_operating_points(
@@ -488,15 +498,17 @@ def calibrate_operating_points(
     `max_ppl_loss`, the curve ends below the first ratio whose held-out perplexity is more than that fraction above
     the full model's, and targets beyond are dropped: a policy is only offered where it keeps its quality."""
     nlls: dict[float, float] = {}
+    states: dict[float, dict[int, float]] = {}
 
     def ratio(bias: float) -> float:
-        ratio, nlls[bias] = ratio_and_nll(policy, engine, heldout, bias, costs, mask)
+        ratio, nlls[bias], states[bias] = ratio_nll_states(policy, engine, heldout, bias, costs, mask)
         return ratio
 
     # One bracket from all-full (ratio 1.0) to past the highest target, so the curve spans every point asked.
     curve = OperatingCurve.calibrate(ratio, targets, rising=True, start=(-1.0, 1.0), steps=14,
                                      cover=(1.0 + 1e-3, max(targets) * 1.05), limit=1e4,
                                      progress=progress)  # fmt: skip
+    curve.states = states  # what each bias ran: its ratio on another host's table (`OperatingCurve.on`)
     if max_ppl_loss is not None:
         full = ratio_and_nll(None, engine, heldout, 0.0, costs, mask)[1]
         limit = full + math.log1p(max_ppl_loss)
