@@ -44,7 +44,7 @@ def main() -> None:
     session, grab = model.engine.new_session(args.rows, capacity=80), Grab()
     model.engine.step(ids, session, grab)
     model.engine.step(ids[:, -1:], session, grab)
-    decider = model.policy.decider(model.operating_point(args.speedup))
+    decider = model.decider_for(args.speedup)  # resolved and biased on this host's table
     scorer, base = decider.greedy, decider.bias
     total = differ = 0
     for bias in (torch.full((args.rows,), base), torch.linspace(base * 0.5, base * 1.5, args.rows)):

@@ -46,7 +46,7 @@ def test_every_operating_point_is_answered_and_the_server_keeps_serving(smollm2)
     nonsense, sent while valid requests (plain and streamed) run; every request ends within the bound, the
     unreachable ones with a 400 naming the reach, the others with 200; afterwards the server still serves."""
     reach = smollm2.operating_point(1.1).reach  # decode wall clock on this host, fp32 head
-    ratio_reach = smollm2.policy.max_speedup()
+    ratio_reach = smollm2.policy.max_speedup(smollm2.costs)  # the compute ratio it reaches on this host's table
     assert reach < ratio_reach  # the head and the decisions cost time: the gap where the old server stalled
     between = [round(reach + f * (ratio_reach - reach), 3) for f in (0.1, 0.5, 0.9)]
     edges = [1.0, 1.0 + 1e-9, math.floor(reach * 1000) / 1000, math.ceil(reach * 1000 + 1) / 1000, ratio_reach]

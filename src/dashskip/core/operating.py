@@ -211,6 +211,8 @@ class OperatingCurve:
         if self.states:
             meta["curve_states"] = sorted([[k, {str(c): round(f, 6) for c, f in s.items()}]
                                            for k, s in self.states.items()])  # fmt: skip
+        else:  # states of another curve must not stay beside this one
+            meta.pop("curve_states", None)
 
     def on(self, costs: CostTable) -> OperatingCurve:
         """The same knobs' compute ratios on another cost table (this host's): the states each knob ran are the
@@ -219,7 +221,7 @@ class OperatingCurve:
         Calibrated points are dropped (they were exact on the other table); knobs are interpolated."""
         if not self.states or set(self.states) != set(self.tried):
             return self
-        tried = {k: 1.0 / sum(f * costs.decode[c] for c, f in s.items()) for k, s in self.states.items()}
+        tried = {k: 1.0 / sum(f * costs.cost(c) for c, f in s.items()) for k, s in self.states.items()}
         return OperatingCurve(tried, {}, self.states)
 
     def keep(self, knobs: Sequence[float]) -> OperatingCurve:
