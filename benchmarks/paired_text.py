@@ -16,7 +16,7 @@ import math
 from dashskip.api import from_pretrained
 from dashskip.core.costs import CostTable
 from dashskip.data import load_text
-from dashskip.eval.evaluation import perplexity_windows, window_nll
+from dashskip.eval.evaluation import perplexity, perplexity_windows
 from dashskip.eval.tasks import paired_difference
 from dashskip.methods import build_decider
 
@@ -38,14 +38,9 @@ def main() -> None:
         ctx = dataclasses.replace(ctx, costs=CostTable(table, table))
     windows = perplexity_windows(dm.tokenizer, load_text(args.data), 256, args.limit)
 
-    def run(decider) -> tuple[list[float], float]:
-        nlls, cost, tokens = [], 0.0, 0
-        for window in windows.split(1):
-            n, c, t = window_nll(ctx.engine, window, decider, ctx.costs)
-            nlls += n
-            cost += c
-            tokens += t
-        return nlls, ctx.backbone.num_layers * tokens / cost
+    def run(decider) -> tuple[list[float], float]:  # each window scored alone, as the table was
+        result = perplexity(ctx.engine, windows, decider, ctx.costs, batch_size=1, progress=False)
+        return result.window_nlls, result.compute_ratio
 
     full, _ = run(None)
     print(f"costs {ctx.costs.decode}; full model ppl {math.exp(sum(full) / len(full)):.2f} (n={len(full)})")
