@@ -179,6 +179,43 @@ def running(
         thread.join(30)
 
 
+@contextmanager
+def kernels_by_rule() -> Iterator[None]:
+    """Kernels chosen by rule (DASHSKIP_SMALL_GEMM=1: dashskip's compiled kernel wherever one applies), the same on
+    every host with these kernels, instead of by timing, which may pick another kernel per row bucket on another
+    host and so another rounding: for comparisons of batched against alone, token for token. Where the portable
+    switch hides the kernels (DASHSKIP_SMALL_GEMM=0) it stays hidden. Also spares measuring kernel choices for a
+    model's shapes (a minute for Gemma-3's on a fresh cache)."""
+    from dashskip.core.kernels import CHOICE
+
+    if os.environ.get("DASHSKIP_SMALL_GEMM") == "0":
+        yield
+        return
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DASHSKIP_SMALL_GEMM", "1")
+    CHOICE.forget()
+    try:
+        yield
+    finally:
+        patch.undo()
+        CHOICE.forget()
+
+
+@pytest.fixture
+def by_rule():
+    """`kernels_by_rule` for one test."""
+    with kernels_by_rule():
+        yield
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma-3-270M as a user loads it (no policy ships for it), once per session."""
+    from dashskip.api import from_pretrained
+
+    return from_pretrained("gemma3-270m")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2 as a user loads it: the shipped policy, `speedup` as decode wall clock on this host, the

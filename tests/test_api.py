@@ -33,7 +33,9 @@ def test_forward_gives_every_token_its_own_states():
     pattern = TokenStates(lambda layer, pos: torch.where(pos % 2 == 0, 4, 2) if layer in (2, 3) else pos * 0 + 4)
     out = dm(torch.randint(3, 97, (1, 6)), decider=pattern)
     assert out.states[0, ::2, 2].eq(4).all() and out.states[0, 1::2, 2].eq(2).all()
-    assert out.compute_ratio > 1.0
+    costs = dm.costs.decode  # layers 2 and 3 in INT8 at odd positions, every other token-layer in full
+    per_token = [4 * costs[4] + 2 * (costs[4] if p % 2 == 0 else costs[2]) for p in range(6)]
+    assert out.compute_ratio == pytest.approx(6 / (sum(per_token) / 6), rel=1e-6)
     fixed = dm(torch.randint(3, 97, (1, 4)), decider=FixedStates([4, 0, 4, 4, 4, 4]))
     assert fixed.states[0, :, 1].eq(0).all()
 

@@ -49,14 +49,20 @@ def pattern_states(pattern):
 
 SKIP_FULL = [4, 0, 4, 0, 0, 4, 4]
 ALL_STATES = [4, 0, 2, 1, 0, 4, 2]
-# fp32 runs agree to ~1e-7; quantized states round activations to bf16, where such noise can flip a rounding
-# (relative step 4e-3), so with them the reference agrees to bf16 precision only.
-TOLERANCE = {"skip/full": 2e-5, "all": 2e-2}
+# Measured with kernels by rule (`by_rule`: another kernel per row bucket would round otherwise) on every family,
+# compiled, without the extension and AVX2-only: prefill and token by token agree to 4e-7 in every state. A
+# pattern with one state one step up or down (INT4/INT8/full) moves the output by 7.4e-3 at least, so "all"'s
+# 2e-3 fails a wrong state while leaving room for a bf16 rounding step (4e-3 on one element) on another host.
+TOLERANCE = {"skip/full": 2e-5, "all": 2e-3}
+# A padded batch against each row alone: the batch's shape changes torch's summation order (without the extension)
+# and so, now and then, an activation's int8 rounding: 3.2e-3 measured there (4e-7 with the compiled kernels); a row
+# that attends to its padding (mask ignored) is 0.99 off.
+PADDED = {"skip/full": 2e-5, "all": 1e-2}
 
 
 @pytest.mark.parametrize("rule", ["copy", "project"])
 @pytest.mark.parametrize("kind, pattern", [("skip/full", SKIP_FULL), ("all", ALL_STATES)])
-def test_mixed_prefill_equals_token_by_token_reference(model, rule, kind, pattern):
+def test_mixed_prefill_equals_token_by_token_reference(by_rule, model, rule, kind, pattern):
     """Prefill with per-token states == feeding the same tokens one at a time, each in its own state."""
     scales = torch.linspace(0.9, 1.2, model.config.num_hidden_layers)
     ids = torch.randint(3, 97, (1, 11), generator=torch.Generator().manual_seed(2))
@@ -71,7 +77,7 @@ def test_mixed_prefill_equals_token_by_token_reference(model, rule, kind, patter
 
 @pytest.mark.parametrize("rule", ["copy", "project"])
 @pytest.mark.parametrize("kind, pattern", [("skip/full", SKIP_FULL), ("all", ALL_STATES)])
-def test_padded_batch_rows_equal_rows_run_alone(model, rule, kind, pattern):
+def test_padded_batch_rows_equal_rows_run_alone(by_rule, model, rule, kind, pattern):
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 97, (n,), generator=gen) for n in (9, 5, 7)]
     width = max(len(p) for p in prompts)
@@ -92,7 +98,7 @@ def test_padded_batch_rows_equal_rows_run_alone(model, rule, kind, pattern):
     batched = eng.step(ids, eng.new_session(3), decider, mask).hidden
     for r, p in enumerate(prompts):
         alone = eng.step(p[None], eng.new_session(1), decider).hidden
-        assert rel_err(batched[r, width - len(p) :], alone[0]) < TOLERANCE[kind]
+        assert rel_err(batched[r, width - len(p) :], alone[0]) < PADDED[kind]
 
 
 def test_skip_outputs_scaled_input_and_first_last_layers_stay_full(model):

@@ -128,7 +128,7 @@ def test_generate_until_stops_at_a_stop_string_and_equals_hf_greedy(tokenizer):
     assert ours == hf.generate_until(reqs)
 
 
-def test_a_policy_runs_per_token_and_batching_changes_no_score(tokenizer):
+def test_a_policy_runs_per_token_and_batching_changes_no_score(by_rule, tokenizer):
     model = tiny_smol(tokenizer)
     dm = DashModel(model, tokenizer, policy=tiny_policy(model), speedup=2.0, wall_clock=False)
     one, four = DashskipLM(dm, batch_size=1), DashskipLM(dm, batch_size=4)

@@ -304,7 +304,7 @@ def test_a_broken_policy_file_is_one_line_naming_the_file(tmp_path, meta, messag
 
 
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_rows_of_one_policy_are_decided_together_as_each_alone(tokens):
+def test_rows_of_one_policy_are_decided_together_as_each_alone(by_rule, tokens):
     """`per_row` fuses requests of one policy at their own operating points (and requests in full) into one
     scoring call per layer; every row's states are exactly those it gets alone, each row keeps its own controller,
     and a row at 1.0x runs in full. Rows at far-apart biases make a row routed to another's bias visible."""

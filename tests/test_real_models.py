@@ -3,8 +3,6 @@
 import pytest
 import torch
 
-import dashskip
-from dashskip.models.loading import load_model
 from tests.conftest import assert_greedy_agrees, within_reach
 
 pytestmark = pytest.mark.real
@@ -20,8 +18,9 @@ PROMPTS = [
 
 @pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m"])
 def real(request):
-    model, tok = load_model(request.param)
-    return model, tok, dashskip.apply(model, tokenizer=tok)
+    """The session's model (its transformers model, tokenizer and DashModel); the full path is checked here."""
+    dm = request.getfixturevalue("smollm2" if request.param == "smollm2-135m" else "gemma3")
+    return dm.model, dm.tokenizer, dm
 
 
 def test_full_path_logits_match_transformers(real):

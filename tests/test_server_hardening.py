@@ -17,25 +17,17 @@ from dashskip.api import DashModel
 from dashskip.models.chat import chat_input_ids
 from dashskip.serve.scheduler import BatchLimits, Job, Scheduler
 from dashskip.serve.server import Security, ServerLimits
-from tests.conftest import NAME, running, tiny_policy, tiny_smol
+from tests.conftest import NAME, kernels_by_rule, running, tiny_policy, tiny_smol
 
 HEADERS = {"content-type": "application/json"}
 COMPLETION = {"model": NAME, "prompt": "hi", "max_tokens": 4, "temperature": 0}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def kernels_by_rule():
-    """Batched and alone are compared token for token here: kernels chosen by rule (DASHSKIP_SMALL_GEMM=1), the
-    same on every host with these kernels, not by timing, which may pick another kernel per row bucket on another
-    host and so another rounding."""
-    from dashskip.core.kernels import CHOICE
-
-    patch = pytest.MonkeyPatch()
-    patch.setenv("DASHSKIP_SMALL_GEMM", "1")
-    CHOICE.forget()
-    yield
-    patch.undo()
-    CHOICE.forget()
+def pinned_kernels():
+    """Batched and alone are compared token for token here: kernels chosen by rule (`kernels_by_rule`)."""
+    with kernels_by_rule():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,27 @@ def test_a_request_at_a_speedup_reports_that_speedup(smollm2, head, speedup):
     assert report["operating_point"]["head"] == head
 
 
+@pytest.mark.real
+def test_lossless_requests_on_the_real_model_give_its_full_text(smollm2, by_rule):
+    """Lossless through the server on the real model, drafted by the shipped policy and by INT8 (greedy, streamed
+    and not): the full model's text. Kernels by rule (`by_rule`): verification's rows round as decoding's one."""
+    prompt = "The history of the Roman Empire is"
+    base = {"model": NAME, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+    with running(smollm2, ServerLimits()) as (url, _):
+        status, text = _ask(url, base)
+        assert status == 200, text
+        full = json.loads(text)["choices"][0]["text"]
+        for extra in ({"lossless": True, "speedup": within_reach(smollm2, 1.5)}, {"lossless": True}):
+            status, text = _ask(url, {**base, **extra})
+            assert status == 200, text
+            answer = json.loads(text)
+            assert answer["choices"][0]["text"] == full, extra
+            assert answer["dashskip"]["lossless"]["rounds"] >= 1
+        status, text = _ask(url, {**base, "lossless": True, "stream": True}, stream=True)
+        chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        assert status == 200 and _stream_ended(text) and "".join(c["choices"][0]["text"] for c in chunks) == full
+
+
 @pytest.fixture
 def tiny_server(tokenizer):
     smol = tiny_smol(tokenizer)
@@ -221,15 +242,20 @@ def test_a_client_leaving_mid_upload_is_dropped_quietly(tiny_server, caplog):
     import logging
     import socket
 
-    url, _ = tiny_server
+    url, service = tiny_server
     host, port = url.removeprefix("http://").split(":")
     caplog.set_level(logging.INFO)
+    before = service.left_mid_upload
     for _ in range(3):
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                     "Content-Length: 100000\r\n\r\n")  # fmt: skip
             sock.sendall(head.encode() + b'{"model": "tiny", "prompt": "' + b"x" * 5000)
-        time.sleep(0.3)  # the server reads, finds the client gone
+    deadline = time.monotonic() + BOUND  # the server reads each body, finds its client gone, and counts it
+    while service.left_mid_upload < before + 3:
+        assert time.monotonic() < deadline, f"{service.left_mid_upload - before} of 3 disconnects seen"
+        time.sleep(0.01)
+    assert httpx.get(f"{url}/health").json()["left_mid_upload"] == service.left_mid_upload
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
     status, text = _ask(url, {"model": NAME, "prompt": "Hello", "max_tokens": 2})
     assert status == 200, text

@@ -354,6 +354,7 @@ class Service:
         # use it refuses concurrently, "Already borrowed"); the streams' decoding, which only reads, stays on the
         # event loop.
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="dashskip-tokenize")
+        self.left_mid_upload = 0  # clients that left while sending their body (answered 499, nobody's error)
         self.context = getattr(model.config, "max_position_embeddings", None)
 
     def check_model(self, name: str) -> None:
@@ -632,6 +633,7 @@ def create_app(
 
     @app.exception_handler(ClientDisconnect)
     async def client_left(_: Request, exc: ClientDisconnect) -> Response:
+        service.left_mid_upload += 1
         return Response(status_code=499)  # the client left while sending its body: nobody reads an answer
 
     @app.exception_handler(Exception)
@@ -643,7 +645,8 @@ def create_app(
     async def health() -> JSONResponse:
         """200 while the generation loop runs; 503 once it stopped (a load balancer then takes this one out)."""
         alive = service.scheduler.alive
-        body = {"status": "ok" if alive else "unavailable", "model": service.name, **service.scheduler.health()}
+        body = {"status": "ok" if alive else "unavailable", "model": service.name, **service.scheduler.health(),
+                "left_mid_upload": service.left_mid_upload}  # fmt: skip
         return JSONResponse(body, status_code=200 if alive else 503)
 
     def model_card() -> dict[str, Any]:
