@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--long-prompt", type=int, default=4000)
-    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=BatchLimits().max_batch)
     args = parser.parse_args()
     model = from_pretrained(args.model, speedup=args.speedup)
     limits = ServerLimits(max_tokens=64, max_prompt_tokens=args.long_prompt + 16,

@@ -49,19 +49,22 @@ def fresh_choices(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("out_features, in_features", [(100, 37), (48, 64), (16, 1)])
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, SMALL_ROWS])
-def test_packed_fp32_kernel_matches_f_linear_for_any_shape(ext, out_features, in_features, rows):
+def test_fp32_kernels_match_f_linear_for_any_shape(ext, out_features, in_features, rows):
+    """dashskip's packed kernel and oneDNN's product on its reordered weight (where torch has oneDNN)."""
     torch.manual_seed(rows)
     weight, bias = torch.randn(out_features, in_features), torch.randn(out_features)
     x = torch.randn(rows, in_features)
     handler = FullPrecision()
-    assert handler.kernels(x) == ["torch", "packed"]
-    got = handler.run("packed", handler.prepare("packed", handler.quantize([weight])), x, out_features) + bias
-    torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    assert handler.kernels(x) == ["torch", "packed"] + (["onednn"] if kernels.onednn() else [])
+    for kernel in handler.kernels(x)[1:]:
+        got = handler.run(kernel, handler.prepare(kernel, handler.quantize([weight])), x, out_features) + bias
+        torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
-def test_only_torchs_op_runs_outside_the_kernels_range(ext):
+def test_only_torchs_ops_run_outside_the_kernels_range(ext):
     handler = FullPrecision()
-    assert handler.kernels(torch.randn(SMALL_ROWS + 1, 16)) == ["torch"]
+    onednn = ["onednn"] if kernels.onednn() else []  # torch's too: oneDNN's product on its reordered weight
+    assert handler.kernels(torch.randn(SMALL_ROWS + 1, 16)) == ["torch", *onednn]
     assert handler.kernels(torch.randn(2, 16).double()) == ["torch"]
     x = torch.randn(2, 16, requires_grad=True)  # autograd: the kernels have no backward
     assert handler.kernels(x) == ["torch"] and Int8WeightOnly().kernels(x) == ["gemm"]

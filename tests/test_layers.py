@@ -147,13 +147,17 @@ def test_layer_equals_the_transformers_layer(family, state, prefix, tokens, comp
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("state", [State.FULL, State.INT8, State.INT4])
-@pytest.mark.parametrize("kernel", ["compiled", "torch"])
+@pytest.mark.parametrize("kernel", ["compiled", "torch", "onednn"])
 def test_layer_in_one_compiled_call_equals_its_ops_one_by_one(ops, monkeypatch, family, state, kernel):
     """csrc/fused_layer.cpp runs the layer's ops with the kernels chosen for its projections: same output and
-    same K/V as calling them one by one; a projection whose kernel has no native form keeps the op-by-op path."""
+    same K/V as calling them one by one; a projection whose kernel has no native form keeps the op-by-op path.
+    "onednn": the full projections on oneDNN's reordered weights (called from C++ through torch's dispatcher)."""
     monkeypatch.setenv("DASHSKIP_SMALL_GEMM", "1")  # the compiled kernels by rule (timing may pick either)
-    if kernel == "torch":
-        monkeypatch.setattr(kernels.CHOICE, "pick", lambda scheme, shape, rows, names, timer: "torch")
+    if kernel == "onednn" and not kernels.onednn():
+        pytest.skip("torch has no oneDNN here")
+    if kernel != "compiled":
+        monkeypatch.setattr(kernels.CHOICE, "pick",
+                            lambda scheme, shape, rows, names, timer: kernel if kernel in names else "torch")
     kernels.CHOICE.forget()
     bb = Backbone(tiny_model(family))
     layer, tokens = bb.layers[2], 3

@@ -589,7 +589,11 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free port)")] = 8000,
     max_tokens: Annotated[int, typer.Option(min=1, help="most new tokens one request may ask for")] = 512,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="most prompt tokens one request may send")] = 4096,
-    max_batch: Annotated[int, typer.Option(min=1, help="requests decoded together in one step")] = 16,
+    max_batch: Annotated[int, typer.Option(min=1, help="requests decoded together in one step")] = 32,
+    prefill_chunk: Annotated[
+        int, typer.Option(min=16, help="prompt tokens prefilled between two decode steps (larger: more throughput, "
+                          "longer pauses of running streams)")
+    ] = 1024,
     max_queue: Annotated[int, typer.Option(min=1, help="requests waiting or running; more get 429")] = 256,
     max_queued_tokens: Annotated[
         int, typer.Option(min=1, help="prompt + new tokens of all requests waiting or running; more get 429")
@@ -654,8 +658,9 @@ def serve(
         auth = "requests need the API key" if api_key else "it has no API key (--api-key)"
         typer.echo(f"note: listening on {host} exposes the server beyond this machine; {auth}", err=True)
     security = Security(hosts, api_key, special_tokens_in_content)
-    batch = BatchLimits(max_batch=max_batch, max_queue=max_queue, max_queued_tokens=max_queued_tokens,
-                        max_queue_seconds=max_queue_seconds, batch_states=batch_states)  # fmt: skip
+    batch = BatchLimits(max_batch=max_batch, prefill_chunk=prefill_chunk, max_queue=max_queue,
+                        max_queued_tokens=max_queued_tokens, max_queue_seconds=max_queue_seconds,
+                        batch_states=batch_states)  # fmt: skip
     limits = ServerLimits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, batch=batch)
     sock = listen(host, port)  # a busy port fails before the model loads
     # with the shipped policy loaded, requests can move the operating point even when the default is 1.0

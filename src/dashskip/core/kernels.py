@@ -149,6 +149,14 @@ def vnni() -> bool:
     return avx512() and bool(extension().has_vnni())
 
 
+def onednn() -> bool:
+    """Whether torch has oneDNN (x86, and ARM builds with it): its matmul on a weight reordered once into its
+    blocked layout (`torch.ops.mkldnn`, what torch's inductor uses for frozen CPU linears). BLAS's GEMM packs the
+    weight on every call; on 2-32 rows the prepacked product measured up to 2.5x faster (SmolLM2's LM head at 8
+    rows: 6.5 ms against 16). A candidate like any other, chosen where it measures fastest."""
+    return torch.backends.mkldnn.is_available()
+
+
 def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 

@@ -119,15 +119,20 @@ class Linear:
 
     def extra_bytes(self) -> int:
         """Memory held beyond the model's own weights: every form and kernel layout made so far."""
-        own = {w.data_ptr() for w in self.weights}
+        own = {_address(w) for w in self.weights}
         seen: set[int] = set()
         total = 0
         for value in [*self.forms.values(), *self.prepared.values()]:
             for t in _tensors(value):
-                if t.data_ptr() not in own and t.data_ptr() not in seen:
-                    seen.add(t.data_ptr())
+                if _address(t) not in own and _address(t) not in seen:
+                    seen.add(_address(t))
                     total += t.numel() * t.element_size()
         return total
+
+
+def _address(t: torch.Tensor) -> int:
+    """Where a tensor's data lives; oneDNN's reordered weights have no storage to point at, only themselves."""
+    return id(t) if t.is_mkldnn else t.data_ptr()
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

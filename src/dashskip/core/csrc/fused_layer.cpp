@@ -8,22 +8,35 @@
 // A projection whose chosen kernel has no native form here keeps the layer on the op-by-op path.
 #include "ops.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <optional>
 #include <string>
 #include <vector>
 
 namespace {
 
-enum class Kind { kTorch, kPacked, kInt8Vnni, kInt8VnniFar, kInt4Vnni, kInt4VnniFar };
+enum class Kind { kTorch, kPacked, kOnednn, kInt8Vnni, kInt8VnniFar, kInt4Vnni, kInt4VnniFar };
 
 Kind parse_kind(const std::string& name) {
   if (name == "torch") return Kind::kTorch;
   if (name == "packed") return Kind::kPacked;
+  if (name == "onednn") return Kind::kOnednn;
   if (name == "int8_vnni") return Kind::kInt8Vnni;
   if (name == "int8_vnni_far") return Kind::kInt8VnniFar;
   if (name == "int4_vnni") return Kind::kInt4Vnni;
   if (name == "int4_vnni_far") return Kind::kInt4VnniFar;
   TORCH_CHECK(false, "FusedLayer: unknown projection kind '", name, "'");
+}
+
+// oneDNN's product on a weight torch reordered for it (mkldnn::_linear_pointwise, core/handlers.py "onednn"),
+// called through torch's dispatcher as Python calls it.
+torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& reordered) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x.contiguous(), reordered, c10::IValue(), c10::IValue(std::string("none")),
+                                 c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
 }
 
 // x @ W^T (+ b) with the kernel chosen for it; x (..., K) -> (..., out).
@@ -47,6 +60,7 @@ struct Projection {
         }
         break;
       case Kind::kPacked: y = ::linear(flat, tensors.at(0), out); break;
+      case Kind::kOnednn: y = onednn_linear(flat, tensors.at(0)); break;
       case Kind::kInt8Vnni:
       case Kind::kInt8VnniFar:
         y = linear_int8_vnni(flat, tensors.at(0), tensors.at(1), tensors.at(2), out, kind == Kind::kInt8VnniFar);
