@@ -368,3 +368,70 @@ def test_what_the_plugin_cannot_run_is_refused_in_one_line(tmp_path):
     with pytest.raises(Exception, match=r"DASH in vLLM does not run dtype torch.bfloat16 .*; q/k norms"):
         LLM(model=str(tmp_path / "model"), skip_tokenizer_init=True, hf_overrides=overrides,
             **{**ENGINE, "max_model_len": 256, "dtype": "bfloat16"})  # fmt: skip
+
+
+
+PROBLEMS = {  # each setting the per-token forward does not run, and the words its refusal names it by
+    "pipeline": ("pipeline parallelism", {"pp": 2}),
+    "dtype": ("dtype torch.bfloat16", {"dtype": torch.bfloat16}),
+    "lora": ("LoRA adapters", {"lora": object()}),
+    "quantized": ("quantized checkpoints", {"quant": object()}),
+    "dummy": ("weights that are not loaded", {"load_format": "dummy"}),
+    "qk_norm": ("q/k norms", {"qk_norm": True}),
+    "llama4": ("llama_4_scaling", {"llama_4_scaling": {"beta": 0.1}}),
+}
+
+
+def _config(monkeypatch, pp=1, dtype=torch.float32, lora=None, quant=None, load_format="auto", qk_norm=False,
+            llama_4_scaling=None):  # fmt: skip
+    """What `_refuse_unsupported` reads of a vLLM configuration, with the pipeline-parallel group's size."""
+    from types import SimpleNamespace
+
+    from dashskip.vllm import model as plugin
+
+    monkeypatch.setattr(plugin, "get_pp_group", lambda: SimpleNamespace(world_size=pp))
+    hf = SimpleNamespace(qk_norm=qk_norm, llama_4_scaling=llama_4_scaling)
+    return SimpleNamespace(model_config=SimpleNamespace(dtype=dtype, hf_config=hf), lora_config=lora,
+                           quant_config=quant, load_config=SimpleNamespace(load_format=load_format))  # fmt: skip
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_each_unsupported_setting_is_refused_by_name(problem, monkeypatch):
+    """Every setting `_refuse_unsupported` lists, alone (the engine test above starts one with two): one line
+    naming it, where the forward would otherwise compute something else than asked; without it, accepted."""
+    from dashskip.errors import DashskipError
+    from dashskip.vllm.model import _refuse_unsupported
+
+    words, change = PROBLEMS[problem]
+    with pytest.raises(DashskipError, match=words) as info:
+        _refuse_unsupported(_config(monkeypatch, **change))
+    others = [w for name, (w, _) in PROBLEMS.items() if name != problem]
+    assert "\n" not in str(info.value) and not any(w in str(info.value) for w in others)  # this problem alone
+    _refuse_unsupported(_config(monkeypatch))
+
+
+@pytest.mark.parametrize("mismatch", ["kv_rule", "layers", "fingerprint"])
+def test_a_policy_that_does_not_fit_the_model_is_refused(mismatch, tmp_path, monkeypatch):
+    """A policy trained with the 'copy' K/V rule (vLLM runs 'project'), for another layer count, or for other
+    weights: refused when the model is built or loads, in one line."""
+    from types import SimpleNamespace
+
+    from dashskip.errors import DashskipError
+    from dashskip.vllm import model as plugin
+    from tests.conftest import tiny_model, tiny_policy
+
+    model = tiny_model("llama")
+    policy = tiny_policy(model)
+    policy.meta["kv_rule"] = "copy" if mismatch == "kv_rule" else "project"
+    policy.meta["fingerprint"] = "another-model" if mismatch == "fingerprint" else policy.meta["fingerprint"]
+    policy.save(tmp_path / "policy.safetensors")
+    n = model.config.num_hidden_layers + (mismatch == "layers")
+    weight = SimpleNamespace(weight=torch.zeros(4, 4))
+    layer = SimpleNamespace(self_attn=SimpleNamespace(qkv_proj=weight), mlp=SimpleNamespace(down_proj=weight))
+    inner = SimpleNamespace(layers=[layer] * n, config=model.config, embed_tokens=weight)
+    monkeypatch.setattr(plugin, "get_tensor_model_parallel_world_size", lambda: 1)
+    words = {"kv_rule": "trained with 'copy'", "layers": f"the policy is for {n - 1} layers, the model has {n}",
+             "fingerprint": "trained on another model"}[mismatch]
+    with pytest.raises(DashskipError, match=words) as info:
+        plugin.DashRunner(inner, plugin.DashSettings(tmp_path / "policy.safetensors", 1.0, True)).after_loading()
+    assert "\n" not in str(info.value)
