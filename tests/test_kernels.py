@@ -55,7 +55,7 @@ def test_fp32_kernels_match_f_linear_for_any_shape(ext, out_features, in_feature
     weight, bias = torch.randn(out_features, in_features), torch.randn(out_features)
     x = torch.randn(rows, in_features)
     handler = FullPrecision()
-    assert handler.kernels(x) == ["torch", "packed"] + (["onednn"] if kernels.onednn() else [])
+    assert handler.kernels(x) == ["torch", "packed"] + (["onednn"] if kernels.onednn() and rows > 1 else [])
     for kernel in handler.kernels(x)[1:]:
         got = handler.run(kernel, handler.prepare(kernel, handler.quantize([weight])), x, out_features) + bias
         torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)

@@ -124,6 +124,10 @@ class Handler:
 # oneDNN reorders a weight for a row count: 8 (batched decode, verification) measured as fast as each count's own
 # layout on 1-16 rows of SmolLM2's shapes, so one reordered copy serves every row count.
 ONEDNN_ROWS = 8
+# Not offered for one row (a single stream's decode): there it never beat torch's and the packed kernel in steady
+# decode (`benchmarks/batched_step.py`: 33.6 ms a full step without it, 35.9 with it among the choices), while a
+# noisy measurement could still pick it.
+ONEDNN_FROM_ROWS = 2
 
 
 class FullPrecision(Handler):
@@ -140,7 +144,9 @@ class FullPrecision(Handler):
 
     def kernels(self, x: torch.Tensor) -> list[str]:
         names = ["torch", "packed"] if K.compiled_rows(x) else ["torch"]
-        if K.onednn() and x.dtype == torch.float32 and x.device.type == "cpu" and not K.needs_grad(x):
+        rows = x.numel() // max(x.shape[-1], 1)
+        usable = x.dtype == torch.float32 and x.device.type == "cpu" and not K.needs_grad(x)
+        if rows >= ONEDNN_FROM_ROWS and usable and K.onednn():
             names.append("onednn")
         return names
 

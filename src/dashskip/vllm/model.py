@@ -48,6 +48,7 @@ from dashskip.core.decisions import BatchMajority, Decider, FullFor, decide_and_
 from dashskip.core.linear import Linear
 from dashskip.core.states import State, spec
 from dashskip.errors import DashskipError
+from dashskip.methods.dash.control import SequenceState
 from dashskip.methods.dash.policy import DashPolicy, PolicyDecider, ScoredStep
 from dashskip.models.loading import fingerprint_of
 from dashskip.vllm import BATCH_STATES
@@ -207,12 +208,13 @@ class DashRunner:
         for start, end, request in spans:
             if request is None:
                 continue
-            if request.control is None:  # first seen: its operating point, and its controller (steering or not)
+            if request.sequence is None:  # first seen: its operating point, and its controller (steering or not)
                 target = self._target(request)
                 start_bias = self.policy.bias_for(target) if target > 1.0 else 0.0
                 steer = self.settings.control and target > 1.0
-                request.control = self.policy.rate_control(target, start_bias, self.costs, steer)
-                request.control.reset(1)
+                control = self.policy.rate_control(target, start_bias, self.costs, steer)
+                control.reset(1)
+                request.sequence = SequenceState(start_bias, control)
             if request.control.target <= 1.0:
                 full[start:end] = True
                 continue

@@ -25,7 +25,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from dashskip.errors import DashskipError
-from dashskip.methods.dash.control import RateControl
+from dashskip.methods.dash.control import RateControl, SequenceState
 from dashskip.methods.dash.policy import DashPolicy
 
 if TYPE_CHECKING:
@@ -78,14 +78,24 @@ def _policy(path: str) -> DashPolicy | None:
 
 @dataclass
 class Request:
-    """One request in the batch: what it asked for, and its sequence's controller (made by the model when it first
-    runs the request: the operating point it runs at, the bias, what its produced tokens spent)."""
+    """One request in the batch: what it asked for, and its sequence's state (`SequenceState`, made by the model
+    when it first runs the request: the bias of the operating point it runs at, and its controller: what its
+    produced tokens spent), kept here in vLLM's input batch as dashskip's scheduler keeps it with each request."""
 
     speedup: float | None  # None: the model's default operating point
     prompt_len: int
     outputs: list[int] = field(default_factory=list)  # vLLM's live list of the request's output tokens
     params: SamplingParams | None = None  # identifies the request when vLLM adds it back after preempting it
-    control: RateControl | None = None
+    sequence: SequenceState | None = None
+
+    @property
+    def control(self) -> RateControl | None:
+        """The sequence's controller (every request the model ran has one, steering or only counting)."""
+        return None if self.sequence is None else self.sequence.control
+
+    @control.setter
+    def control(self, control: RateControl) -> None:
+        self.sequence = SequenceState(control.base_bias, control)
 
     @property
     def counted(self) -> int:

@@ -33,7 +33,7 @@ from dashskip.core.operating import OperatingCurve, OperatingPoint, Unit, resolv
 from dashskip.core.states import State, by_name, code_lookup, parse, spec
 from dashskip.errors import DashskipError
 from dashskip.measure.profiling import wall_clock_table
-from dashskip.methods.dash.control import GAIN, RateControl
+from dashskip.methods.dash.control import GAIN, RateControl, SequenceState
 from dashskip.runtime.engine import Engine
 
 RMS_EPS = 1e-6
@@ -219,7 +219,8 @@ class Record:
 
 class PolicyDecider(Lookahead):
     """Decides states with a scoring model: greedy (inference) or sampled at a temperature (training). One per
-    sequence (a request): it holds the sequence's state, its operating point's bias and its rate controller."""
+    sequence (a request), as the decider of that sequence's state (`SequenceState`: its operating point's bias and
+    its rate controller); the scoring model itself is shared."""
 
     def __init__(
         self,
@@ -237,10 +238,8 @@ class PolicyDecider(Lookahead):
         self.traits = Traits(decisions=decisions)  # where a cost table keeps what these decisions cost
         self.model = model
         self.scales = scales
-        self.bias = bias
+        self.sequence = SequenceState(bias, control)
         self.cost_bias = bias * costs  # (states,), subtracted from the scores
-        self.control = control
-        self.counting = False
         self.mode = mode or model.config.mode
         self.temperature = temperature
         self.generator = generator
@@ -254,20 +253,19 @@ class PolicyDecider(Lookahead):
         if control is not None and self.greedy is None:
             raise DashskipError("rate control steers greedy decisions; sampled or recorded ones train at a fixed bias")
 
+    @property
+    def control(self) -> RateControl | None:
+        """Its sequence's rate controller (None: the calibrated bias as it is)."""
+        return self.sequence.control
+
     def begin(self, step: StepInfo) -> None:
         self.pending = None
         if self.control is not None:
-            if step.prefill:  # a new sequence: its spending starts over
-                self.control.reset(step.positions.shape[0])
-            # Steps that produce a token count it (the prompt's last position, a decode step); a chunk of a
-            # prompt that goes on does not (a chunked prompt then runs as it does whole).
-            self.counting = step.produces
-            self.control.applied = bias = self.control.bias()  # (batch,): each row's own
+            bias = self.sequence.begin(step)  # (batch,): each row's own
             self.table = self.greedy.table(bias[0] if bool((bias == bias[0]).all()) else bias)
 
     def end(self, states: torch.Tensor) -> None:
-        if self.control is not None and self.counting:
-            self.control.observe(states)
+        self.sequence.end(states)
 
     @classmethod
     def fuse(cls, rows: Sequence[Decider]) -> Decider | None:
@@ -279,7 +277,7 @@ class PolicyDecider(Lookahead):
         return PolicyRows(rows) if same and known else None
 
     def again(self, states: torch.Tensor, valid: torch.Tensor | None) -> bool:
-        return self.control is not None and self.control.retarget(states, valid)
+        return self.sequence.again(states, valid)
 
     @torch.no_grad()
     def choose(self, hidden: torch.Tensor, current: int, nxt: int, previous: StateChoice) -> StateChoice:
