@@ -24,6 +24,7 @@ def test_help_lists_commands():
         (["calibrate", "--model", "smollm2-135m", "--data", "nope"], "error: unknown data set 'nope'"),
         (["generate", "hi", "--speedup", "0.5"], "error: speedup must be >= 1.0"),
         (["generate", "hi", "--kv-rule", "borrow"], "error: unknown K/V rule 'borrow'"),
+        (["serve", "--prefill-chunk", "4"], "error: Invalid value for '--prefill-chunk'"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, message):

@@ -207,6 +207,8 @@ def test_batch_majority_runs_one_state_per_layer_and_keeps_a_full_request_full(t
 
     with pytest.raises(DashskipError, match="batch states must be one of token, majority"):
         BatchLimits(batch_states="vote")
+    with pytest.raises(DashskipError, match="prefill_chunk must be >= 1"):  # an empty chunk would never finish
+        BatchLimits(prefill_chunk=0)
     smol = tiny_smol(tokenizer)
     model = DashModel(smol, tokenizer, policy=tiny_policy(smol), wall_clock=False)
     steps = []

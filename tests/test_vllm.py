@@ -87,7 +87,7 @@ def test_the_request_table_follows_vllms_batch_updates():
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
     from dashskip.core.costs import CostTable
-    from dashskip.methods.dash.control import RateControl
+    from dashskip.methods.dash.control import RateControl, SequenceState
 
     def spent(cost: float, tokens: int) -> RateControl:  # a controller that counted `tokens` costing `cost` in all
         control = RateControl(2.0, 0.0, CostTable({4: 1.0}, {4: 1.0}), 30)
@@ -101,14 +101,14 @@ def test_the_request_table_follows_vllms_batch_updates():
     table.update(BatchUpdate(3, [], [(0, params[0], [1, 2, 3], []), (1, params[1], [1], []),
                                      (2, params[2], [1, 2], [])], []))  # fmt: skip
     assert {i: r.speedup for i, r in table.slots.items()} == {0: 2.0, 1: None, 2: 1.33}
-    table.slots[1].control = spent(150.0, 10)
+    table.slots[1].sequence = SequenceState(spent(150.0, 10))
     table.update(BatchUpdate(2, [], [], [(2, 1, MoveDirectionality.UNIDIRECTIONAL)]))  # index 1 finished
     assert {i: r.speedup for i, r in table.slots.items()} == {0: 2.0, 1: 1.33}
     assert [(r.tokens, r.compute_ratio) for r in table.reports] == [(10, 2.0)]  # 30 layers x 10 / 150
     table.update(BatchUpdate(2, [], [], [(0, 1, MoveDirectionality.SWAP)]))
     assert {i: r.speedup for i, r in table.slots.items()} == {0: 1.33, 1: 2.0}
     first = table.slots[1]
-    first.control = spent(45.0, 3)
+    first.sequence = SequenceState(spent(45.0, 3))
     table.update(BatchUpdate(1, [1], [], []))  # preempted
     table.update(BatchUpdate(2, [], [(1, params[0], [1, 2, 3], [7, 8, 9])], []))  # and back
     assert table.slots[1] is first and first.counted == 3
@@ -189,8 +189,8 @@ def test_each_request_gets_its_own_rows_states(dash, monkeypatch):
 
     biases = plugin.DashRunner._biases
 
-    def planted(self, spans, tokens):
-        bias, full = biases(self, spans, tokens)
+    def planted(self, spans, produces, tokens):
+        bias, full = biases(self, spans, produces, tokens)
         for start, end, request in spans:
             if request is not None and request.control.target in PLANTED:
                 bias[start:end] = PLANTED[request.control.target]
@@ -410,28 +410,38 @@ def test_each_unsupported_setting_is_refused_by_name(problem, monkeypatch):
     _refuse_unsupported(_config(monkeypatch))
 
 
-@pytest.mark.parametrize("mismatch", ["kv_rule", "layers", "fingerprint"])
+@pytest.mark.parametrize("mismatch", ["kv_rule", "layers", "fingerprint", None])
 def test_a_policy_that_does_not_fit_the_model_is_refused(mismatch, tmp_path, monkeypatch):
     """A policy trained with the 'copy' K/V rule (vLLM runs 'project'), for another layer count, or for other
-    weights: refused when the model is built or loads, in one line."""
+    weights: refused when the model is built or loads, in one line; the same policy for these weights loads."""
     from types import SimpleNamespace
 
     from dashskip.errors import DashskipError
+    from dashskip.models.loading import fingerprint_of
     from dashskip.vllm import model as plugin
     from tests.conftest import tiny_model, tiny_policy
 
     model = tiny_model("llama")
-    policy = tiny_policy(model)
-    policy.meta["kv_rule"] = "copy" if mismatch == "kv_rule" else "project"
-    policy.meta["fingerprint"] = "another-model" if mismatch == "fingerprint" else policy.meta["fingerprint"]
-    policy.save(tmp_path / "policy.safetensors")
     n = model.config.num_hidden_layers + (mismatch == "layers")
-    weight = SimpleNamespace(weight=torch.zeros(4, 4))
+    weight = SimpleNamespace(weight=torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))
     layer = SimpleNamespace(self_attn=SimpleNamespace(qkv_proj=weight), mlp=SimpleNamespace(down_proj=weight))
     inner = SimpleNamespace(layers=[layer] * n, config=model.config, embed_tokens=weight)
+    policy = tiny_policy(model)
+    policy.meta["kv_rule"] = "copy" if mismatch == "kv_rule" else "project"
+    fits = fingerprint_of(model.config, weight.weight, weight.weight, weight.weight)  # what these weights probe to
+    policy.meta["fingerprint"] = "another-model" if mismatch == "fingerprint" else fits
+    policy.save(tmp_path / "policy.safetensors")
     monkeypatch.setattr(plugin, "get_tensor_model_parallel_world_size", lambda: 1)
+    monkeypatch.setattr(plugin.LayerForms, "of", classmethod(lambda cls, layer: SimpleNamespace(make=lambda s: None)))
+
+    def runner() -> plugin.DashRunner:
+        return plugin.DashRunner(inner, plugin.DashSettings(tmp_path / "policy.safetensors", 1.0, True))
+
+    if mismatch is None:
+        runner().after_loading()  # fits: loads
+        return
     words = {"kv_rule": "trained with 'copy'", "layers": f"the policy is for {n - 1} layers, the model has {n}",
              "fingerprint": "trained on another model"}[mismatch]
     with pytest.raises(DashskipError, match=words) as info:
-        plugin.DashRunner(inner, plugin.DashSettings(tmp_path / "policy.safetensors", 1.0, True)).after_loading()
+        runner().after_loading()
     assert "\n" not in str(info.value)

@@ -146,7 +146,7 @@ class FullPrecision(Handler):
         names = ["torch", "packed"] if K.compiled_rows(x) else ["torch"]
         rows = x.numel() // max(x.shape[-1], 1)
         usable = x.dtype == torch.float32 and x.device.type == "cpu" and not K.needs_grad(x)
-        if rows >= ONEDNN_FROM_ROWS and usable and K.onednn():
+        if rows >= ONEDNN_FROM_ROWS and usable and K.mode() == "measured" and K.onednn():
             names.append("onednn")
         return names
 
@@ -162,7 +162,7 @@ class FullPrecision(Handler):
         if kernel == "packed":
             return K.extension().linear(x, prepared, out_features)
         if kernel == "onednn":
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), prepared, None, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), prepared, None, "none", [], None)
         if len(prepared) == 1:
             return F.linear(x, prepared[0])
         return torch.cat([F.linear(x, w) for w in prepared], dim=-1)

@@ -153,7 +153,8 @@ def onednn() -> bool:
     """Whether torch has oneDNN (x86, and ARM builds with it): its matmul on a weight reordered once into its
     blocked layout (`torch.ops.mkldnn`, what torch's inductor uses for frozen CPU linears). BLAS's GEMM packs the
     weight on every call; on 2-32 rows the prepacked product measured up to 2.5x faster (SmolLM2's LM head at 8
-    rows: 6.5 ms against 16). A candidate like any other, chosen where it measures fastest."""
+    rows: 6.4 ms against 13.0 packed, 17.3 torch). A candidate like any other, chosen where it measures fastest (never
+    under DASHSKIP_SMALL_GEMM=0 or 1, which mean torch's op only and dashskip's kernels by rule)."""
     return torch.backends.mkldnn.is_available()
 
 

@@ -66,6 +66,9 @@ class BatchLimits:
     batch_states: str = "token"
 
     def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.prefill_chunk < 1:
+            raise DashskipError(f"max_batch and prefill_chunk must be >= 1, got {self.max_batch} and "
+                                f"{self.prefill_chunk}")  # fmt: skip
         if self.batch_states not in BATCH_STATES:
             raise DashskipError(f"batch states must be one of {', '.join(BATCH_STATES)}, got '{self.batch_states}'")
 

@@ -44,7 +44,7 @@ from vllm.sequence import IntermediateTensors
 from dashskip.api import bundled_policy
 from dashskip.core.cache import KVRule
 from dashskip.core.context import Rows, StateChoice
-from dashskip.core.decisions import BatchMajority, Decider, FullFor, decide_and_run
+from dashskip.core.decisions import BatchMajority, Decider, FullFor, StepInfo, decide_and_run
 from dashskip.core.linear import Linear
 from dashskip.core.states import State, spec
 from dashskip.errors import DashskipError
@@ -201,11 +201,14 @@ class DashRunner:
             return top
         return asked
 
-    def _biases(self, spans: list[tuple[int, int, Request | None]], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per token: the cost bias of its request, and whether it must run every layer in full (1.0x)."""
+    def _biases(
+        self, spans: list[tuple[int, int, Request | None]], produces: list[bool], tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token: the cost bias of its request, and whether it must run every layer in full (1.0x). Each
+        request's sequence begins its step here (`SequenceState.begin`: its bias, whether its chunk counts)."""
         bias = torch.full((tokens,), self.default_bias)
         full = torch.full((tokens,), self.settings.speedup <= 1.0)
-        for start, end, request in spans:
+        for (start, end, request), counts in zip(spans, produces, strict=True):
             if request is None:
                 continue
             if request.sequence is None:  # first seen: its operating point, and its controller (steering or not)
@@ -214,12 +217,16 @@ class DashRunner:
                 steer = self.settings.control and target > 1.0
                 control = self.policy.rate_control(target, start_bias, self.costs, steer)
                 control.reset(1)
-                request.sequence = SequenceState(start_bias, control)
+                request.sequence = SequenceState(control)
+            # one row; started over when first seen (a preempted request resumes its count, so never here)
+            step = StepInfo(torch.zeros(1, 1, dtype=torch.long), prefill=False, num_layers=self.num_layers,
+                            produces=counts)  # fmt: skip
+            row_bias = request.sequence.begin(step)
             if request.control.target <= 1.0:
                 full[start:end] = True
                 continue
             full[start:end] = False
-            bias[start:end] = float(request.control.bias()[0])
+            bias[start:end] = float(row_bias[0])
         return bias, full
 
     def _spans(self, tokens: int) -> tuple[list[tuple[int, int, Request | None]], list[bool]]:
@@ -240,11 +247,11 @@ class DashRunner:
             produces.append(request is not None and request.produces(lengths[b]))
         return spans, produces
 
-    def _account(self, spans: list[tuple[int, int, Request | None]], produces: list[bool], states: torch.Tensor):
-        for (start, end, request), counts in zip(spans, produces, strict=True):
-            if request is None or not counts or end <= start:
-                continue
-            request.control.observe(states[end - 1 : end][None])  # (1, 1, layers): the token this chunk produces
+    def _account(self, spans: list[tuple[int, int, Request | None]], states: torch.Tensor) -> None:
+        """Each request's sequence ends its step: the token its chunk produced, if it produced one, is counted."""
+        for start, end, request in spans:
+            if request is not None and end > start:
+                request.sequence.end(states[end - 1 : end][None])  # (1, 1, layers): the chunk's last token
 
     # --- the layers ---------------------------------------------------------------------------------------------
 
@@ -252,14 +259,14 @@ class DashRunner:
         """The decoder layers from the embedded tokens: (hidden, residual) as vLLM's final norm takes them."""
         tokens = hidden.shape[0]
         spans, produces = self._spans(tokens)
-        bias, full = self._biases(spans, tokens)
+        bias, full = self._biases(spans, produces, tokens)
         layers = self.model.layers
         if bool(full.all()):  # every token at 1.0x: vLLM's stock layers
             residual = None
             for layer in layers:
                 hidden, residual = layer(positions, hidden, residual)
             states = torch.full((tokens, self.num_layers), FULL, dtype=torch.int8)
-            self._account(spans, produces, states)
+            self._account(spans, states)
             return hidden, residual
         decider: Decider = ScoredStep(self.decider, self.decider.greedy.table(bias))  # a bias per token
         if self.majority:
@@ -273,7 +280,7 @@ class DashRunner:
 
         x, states = decide_and_run(hidden[:, None], decider, self.num_layers, run)
         x, states = x[:, 0], states[:, 0]
-        self._account(spans, produces, states)
+        self._account(spans, states)
         return x, None
 
     def _layer(self, i: int, layer: Any, rows: Rows, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

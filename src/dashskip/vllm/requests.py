@@ -93,10 +93,6 @@ class Request:
         """The sequence's controller (every request the model ran has one, steering or only counting)."""
         return None if self.sequence is None else self.sequence.control
 
-    @control.setter
-    def control(self, control: RateControl) -> None:
-        self.sequence = SequenceState(control.base_bias, control)
-
     @property
     def counted(self) -> int:
         """Tokens counted: the prompt's last and each decoded one."""

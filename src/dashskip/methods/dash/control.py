@@ -125,18 +125,16 @@ class RateControl:
 @dataclass
 class SequenceState:
     """What one sequence keeps between its steps, owned by what runs it (a `generate` call's decider, a server
-    request's, a vLLM request), never by the policy, whose one scorer serves every sequence: the calibrated bias of
-    its operating point and, where the rate is steered, its controller (target, the bias of its next step, the
-    totals that bias is steered by). The asynchronous decision pending between two layers lives within a step."""
+    request's, a vLLM request in the plugin's request table), never by the policy, whose one scorer serves every
+    sequence: its rate controller (target, the bias of its next step, the totals that bias is steered by, or only
+    counts where it does not steer) and whether the step being run counts. The asynchronous decision pending
+    between two layers lives within a step."""
 
-    bias: float
-    control: RateControl | None = None  # None: the calibrated bias as it is (the paper's fixed operating point)
+    control: RateControl
     counting: bool = False  # whether the step being run produces a token the controller counts
 
     def begin(self, step: StepInfo) -> torch.Tensor:
         """(rows,) the bias each of the sequence's rows runs this step with; a prefill starts the sequence over."""
-        if self.control is None:
-            return torch.tensor([self.bias])
         if step.prefill:  # a new sequence: its spending starts over
             self.control.reset(step.positions.shape[0])
         # Steps that produce a token count it (the prompt's last position, a decode step); a chunk of a prompt
@@ -146,10 +144,11 @@ class SequenceState:
         return bias
 
     def end(self, states: torch.Tensor) -> None:
-        """After the step, with the (rows, tokens, layers) states that ran: the controller counts what it spent."""
-        if self.control is not None and self.counting:
+        """After the step, with the (rows, tokens, layers) states that ran: the controller counts the token each
+        row produced (its last position)."""
+        if self.counting:
             self.control.observe(states)
 
     def again(self, states: torch.Tensor, valid: torch.Tensor | None) -> bool:
         """After a scored window: whether to score it again, the controller having moved the bias (`Engine.score`)."""
-        return self.control is not None and self.control.retarget(states, valid)
+        return self.control.retarget(states, valid)

@@ -238,7 +238,7 @@ class PolicyDecider(Lookahead):
         self.traits = Traits(decisions=decisions)  # where a cost table keeps what these decisions cost
         self.model = model
         self.scales = scales
-        self.sequence = SequenceState(bias, control)
+        self.sequence = SequenceState(control) if control is not None else None  # None: the bias as it is
         self.cost_bias = bias * costs  # (states,), subtracted from the scores
         self.mode = mode or model.config.mode
         self.temperature = temperature
@@ -256,16 +256,17 @@ class PolicyDecider(Lookahead):
     @property
     def control(self) -> RateControl | None:
         """Its sequence's rate controller (None: the calibrated bias as it is)."""
-        return self.sequence.control
+        return None if self.sequence is None else self.sequence.control
 
     def begin(self, step: StepInfo) -> None:
         self.pending = None
-        if self.control is not None:
+        if self.sequence is not None:
             bias = self.sequence.begin(step)  # (batch,): each row's own
             self.table = self.greedy.table(bias[0] if bool((bias == bias[0]).all()) else bias)
 
     def end(self, states: torch.Tensor) -> None:
-        self.sequence.end(states)
+        if self.sequence is not None:
+            self.sequence.end(states)
 
     @classmethod
     def fuse(cls, rows: Sequence[Decider]) -> Decider | None:
@@ -277,7 +278,7 @@ class PolicyDecider(Lookahead):
         return PolicyRows(rows) if same and known else None
 
     def again(self, states: torch.Tensor, valid: torch.Tensor | None) -> bool:
-        return self.sequence.again(states, valid)
+        return self.sequence is not None and self.sequence.again(states, valid)
 
     @torch.no_grad()
     def choose(self, hidden: torch.Tensor, current: int, nxt: int, previous: StateChoice) -> StateChoice:
