@@ -184,15 +184,17 @@ def kernels_by_rule() -> Iterator[None]:
     """Kernels chosen by rule (DASHSKIP_SMALL_GEMM=1: dashskip's compiled kernel wherever one applies), the same on
     every host with these kernels, instead of by timing, which may pick another kernel per row bucket on another
     host and so another rounding: for comparisons of batched against alone, token for token. Where the portable
-    switch hides the kernels (DASHSKIP_SMALL_GEMM=0) it stays hidden. Also spares measuring kernel choices for a
-    model's shapes (a minute for Gemma-3's on a fresh cache)."""
+    switch hides the kernels (DASHSKIP_SMALL_GEMM=0) they stay hidden, and each scheme runs its first kernel,
+    torch's own (timing would pick among torch's kernels per row bucket: a fresh host's choice once put prefill
+    and decode 1e-2 apart). Also spares measuring kernel choices for a model's shapes (a minute for Gemma-3's on a
+    fresh cache)."""
     from dashskip.core.kernels import CHOICE
 
-    if os.environ.get("DASHSKIP_SMALL_GEMM") == "0":
-        yield
-        return
     patch = pytest.MonkeyPatch()
-    patch.setenv("DASHSKIP_SMALL_GEMM", "1")
+    if os.environ.get("DASHSKIP_SMALL_GEMM") == "0":
+        patch.setattr(CHOICE, "pick", lambda scheme, shape, rows, kernels, timer: kernels[0])
+    else:
+        patch.setenv("DASHSKIP_SMALL_GEMM", "1")
     CHOICE.forget()
     try:
         yield
