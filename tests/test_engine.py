@@ -101,6 +101,66 @@ def test_padded_batch_rows_equal_rows_run_alone(by_rule, model, rule, kind, patt
         assert rel_err(batched[r, width - len(p) :], alone[0]) < PADDED[kind]
 
 
+def _left_padded(prompts):
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :], mask[r, width - len(p) :] = p, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("rule", ["copy", "project"])
+@pytest.mark.parametrize("kind, pattern", [("skip/full", SKIP_FULL), ("all", ALL_STATES)])
+def test_rows_that_join_and_leave_a_batch_in_place_get_what_they_get_alone(by_rule, model, rule, kind, pattern):
+    """A server's batch: 12 rows decode, 8 rows with longer prompts join them (the 12 move right in place, their
+    padding grows), 20 rows decode together (past 16 rows: the compiled decode path, states mixed in a step), all
+    but 4 short rows leave (their shared padding is dropped) and those decode on. Every step's output of every
+    row equals that row run alone on the same tokens."""
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 97, (n,), generator=gen) for n in [3, 4, 5, 6, 7, 8, 9, 3, 4, 5, 6, 7]]
+    prompts += [torch.randint(3, 97, (n,), generator=gen) for n in [30, 28, 26, 24, 30, 29, 27, 25]]
+    fed = torch.randint(3, 97, (20, 6), generator=gen)  # the tokens each row decodes, fixed
+    decider = pattern_states(pattern)
+    eng = engine_for(model, rule, torch.linspace(0.9, 1.2, model.config.num_hidden_layers))
+    ids, mask = _left_padded(prompts[:12])
+    batch = eng.new_session(12, capacity=ids.shape[1] + 2)
+    eng.step(ids, batch, decider, mask)
+    seen = {r: [] for r in range(20)}  # each row's output per decode step
+    for t in range(2):
+        out = eng.step(fed[:12, t : t + 1], batch, decider).hidden
+        for r in range(12):
+            seen[r].append(out[r])
+    ids, mask = _left_padded(prompts[12:])
+    joining = eng.new_session(8, capacity=ids.shape[1] + 2)
+    eng.step(ids, joining, decider, mask)
+    eng.step(fed[12:, :2], joining, decider)  # the joining rows' first two decoded tokens, in one step
+    batch.append(joining, room=4)
+    assert batch.cache.batch == 20 and batch.cache.length == joining.cache.length
+    for t in range(2, 4):
+        out = eng.step(fed[:, t : t + 1], batch, decider).hidden
+        for r in range(20):
+            seen[r].append(out[r])
+    kept = [1, 4, 7, 10]
+    length = batch.cache.length
+    batch.keep(kept)
+    assert batch.cache.batch == 4 and batch.cache.length < length  # the padding every kept row had is gone
+    for t in range(4, 6):
+        out = eng.step(fed[kept, t : t + 1], batch, decider).hidden
+        for r, row in zip(kept, out, strict=True):
+            seen[r].append(row)
+    for r, prompt in enumerate(prompts):
+        alone = eng.new_session(1)
+        eng.step(prompt[None], alone, decider)
+        first = 2 if r >= 12 else 0
+        if first:  # its first two tokens went in one step, as in the batch
+            eng.step(fed[r : r + 1, :first], alone, decider)
+        tokens = fed[r, first : first + len(seen[r])]
+        for token, got in zip(tokens, seen[r], strict=True):
+            want = eng.step(token.view(1, 1), alone, decider).hidden[0]
+            assert rel_err(got, want) < PADDED[kind], (r, kind)
+
+
 def test_skip_outputs_scaled_input_and_first_last_layers_stay_full(model):
     n = model.config.num_hidden_layers
     scales = torch.full((n,), 1.5)

@@ -638,7 +638,7 @@ def serve(
         _serve_vllm(model, policy, speedup, _control(control), host, port, served_model_name, max_batch,
                     max_prompt_tokens + max_tokens, api_key, kv_cache_gib, batch_states)  # fmt: skip
         return
-    from dashskip.serve.scheduler import BatchLimits
+    from dashskip.serve.scheduler import BatchLimits, off_the_main_thread
     from dashskip.serve.server import (
         LOOPBACK_HOSTS,
         Security,
@@ -664,8 +664,8 @@ def serve(
     limits = ServerLimits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, batch=batch)
     sock = listen(host, port)  # a busy port fails before the model loads
     # with the shipped policy loaded, requests can move the operating point even when the default is 1.0
-    dm = from_pretrained(model, speedup=speedup, policy=policy or bundled_policy(model), mode=mode,
-                         control=_control(control))  # fmt: skip
+    dm = off_the_main_thread(lambda: from_pretrained(model, speedup=speedup, policy=policy or bundled_policy(model),
+                                                     mode=mode, control=_control(control)))  # fmt: skip
     name = served_model_name or default_served_name(model)
     server = make_server(create_app(dm, name, limits, security, bind=host), sock)
     typer.echo(f"serving '{name}' at http://{host}:{server.port}/v1 (OpenAI-compatible); Ctrl-C stops", err=True)

@@ -28,7 +28,12 @@ class KVRule(StrEnum):
 
 
 class KVCache:
-    """Keys/values of every layer, shape (batch, kv_heads, capacity, head_dim), grown on demand."""
+    """Keys/values of every layer, shape (batch, kv_heads, capacity, head_dim), grown on demand.
+
+    A server's batch changes its rows while it runs: `append` adds the rows of another cache (requests whose prompts
+    are done), `keep` drops finished ones, both in place. Rows live in a store of `slots` rows (room for more) and
+    `keys` / `values` are views of the rows in use, so neither copies the rows that stay (a copy of a 32-row
+    SmolLM2 cache is ~300 MB)."""
 
     def __init__(
         self,
@@ -41,23 +46,27 @@ class KVCache:
         capacity: int = 256,
     ) -> None:
         shape = (batch, kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.store = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * num_layers)]
+        self._use(batch)
         self.length = 0  # positions filled by finished steps
         self.start = 0  # where the step in progress writes
         self.end = 0
 
-    @classmethod
-    def of(cls, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> KVCache:
-        """A cache around existing per-layer tensors, `length` positions filled."""
-        cache = cls.__new__(cls)
-        cache.keys, cache.values = keys, values
-        cache.length = cache.start = cache.end = length
-        return cache
+    def _use(self, rows: int) -> None:
+        """The first `rows` rows of the store are the cache's rows. The views are made with grad mode on: a view
+        made under `no_grad` may not be written in grad mode (a training step writes K/V that carry gradients)."""
+        n = len(self.store) // 2
+        with torch.enable_grad():
+            self.keys = [t[:rows] for t in self.store[:n]]
+            self.values = [t[:rows] for t in self.store[n:]]
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[2]
+        return self.store[0].shape[2]
+
+    @property
+    def slots(self) -> int:
+        return self.store[0].shape[0]
 
     @property
     def batch(self) -> int:
@@ -68,13 +77,17 @@ class KVCache:
         if self.end > self.capacity:
             self.reserve(max(self.end, 2 * self.capacity))
 
-    def reserve(self, capacity: int) -> None:
-        grow = capacity - self.capacity
-        if grow <= 0:
+    def reserve(self, capacity: int, slots: int = 0) -> None:
+        """Room for `capacity` positions and `slots` rows; the rows in use are copied into the new store."""
+        capacity, slots = max(capacity, self.capacity), max(slots, self.slots)
+        if (capacity, slots) == (self.capacity, self.slots):
             return
-        for store in (self.keys, self.values):
-            for i, t in enumerate(store):
-                store[i] = torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], grow, t.shape[3])], dim=2)
+        rows, length = self.batch, self.length
+        for i, t in enumerate(self.store):
+            grown = t.new_zeros(slots, t.shape[1], capacity, t.shape[3])
+            grown[:rows, :, :length] = t[:rows, :, :length]
+            self.store[i] = grown
+        self._use(rows)
 
     def end_step(self) -> None:
         self.length = self.end
@@ -107,32 +120,36 @@ class KVCache:
         """Every key/value up to the end of the step in progress."""
         return self.keys[layer_idx][:, :, : self.end], self.values[layer_idx][:, :, : self.end]
 
-    def rows(self, index: torch.Tensor, first: int = 0, room: int = 0) -> KVCache:
-        """A new cache of the rows `index`, positions from `first` on, with `room` free positions after them."""
-        take = slice(first, self.length)
-        grown = [
-            torch.cat([t[index, :, take], t.new_zeros(len(index), t.shape[1], room, t.shape[3])], dim=2)
-            for t in (*self.keys, *self.values)
-        ]
-        n = len(self.keys)
-        return KVCache.of(grown[:n], grown[n:], self.length - first)
+    def keep(self, rows: list[int]) -> None:
+        """Only these rows (ascending), in place: each moves up over the rows that left."""
+        for dest, src in enumerate(rows):
+            if dest != src:
+                for t in self.store:
+                    t[dest, :, : self.length] = t[src, :, : self.length]
+        self._use(len(rows))
 
-    def pad_left(self, count: int) -> KVCache:
-        """The same rows with `count` empty positions in front (left padding); positions shift by `count`."""
-        if count == 0:
-            return self
-        padded = [torch.cat([t.new_zeros(t.shape[0], t.shape[1], count, t.shape[3]), t], dim=2)
-                  for t in (*self.keys, *self.values)]  # fmt: skip
-        n = len(self.keys)
-        return KVCache.of(padded[:n], padded[n:], self.length + count)
+    def append(self, other: KVCache, room: int = 0) -> int:
+        """`other`'s rows after these, in place, each row's positions right-aligned with this cache's (the shorter
+        side gains empty positions in front: left padding); room for `room` more positions after them. Returns
+        how many empty positions this cache's rows gained in front (their padding grows by as much)."""
+        shift = max(other.length - self.length, 0)
+        length = self.length + shift
+        rows, slots = self.batch, self.batch + other.batch
+        self.reserve(length + room, slots if slots <= self.slots else max(slots, 2 * self.slots))
+        if shift:  # this cache's rows move right; through a copy, as source and destination overlap
+            for t in self.store:
+                t[:rows, :, shift:length] = t[:rows, :, : self.length].clone()
+        pad = length - other.length
+        for t, o in zip(self.store, (*other.keys, *other.values), strict=True):
+            t[rows : rows + other.batch, :, pad:length] = o[:, :, : other.length]
+        self._use(rows + other.batch)
+        self.length = self.start = self.end = length
+        return shift
 
-    @staticmethod
-    def stack(caches: list[KVCache]) -> KVCache:
-        """Rows of caches of one length side by side; capacity is the smallest of theirs."""
-        length = caches[0].length
-        if any(c.length != length for c in caches):
-            raise DashskipError("only caches of one length can be stacked; pad them first")
-        capacity = min(c.capacity for c in caches)
-        keys = [torch.cat([c.keys[i][:, :, :capacity] for c in caches]) for i in range(len(caches[0].keys))]
-        values = [torch.cat([c.values[i][:, :, :capacity] for c in caches]) for i in range(len(caches[0].values))]
-        return KVCache.of(keys, values, length)
+    def drop_front(self, count: int) -> None:
+        """Forget the first `count` positions of every row (padding no row uses any more); positions move left."""
+        if count <= 0:
+            return
+        for t in self.store:
+            t[: self.batch, :, : self.length - count] = t[: self.batch, :, count : self.length].clone()
+        self.length = self.start = self.end = self.length - count

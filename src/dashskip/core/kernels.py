@@ -47,6 +47,9 @@ SMALL_ROWS = 16  # the packed kernels' range; past it BLAS's blocked GEMM reuses
 # beat torch's dequantizing INT8/INT4 kernels well past 16 rows (batched decode, lossless verification, short
 # prefill chunks); where they do is measured like every other choice.
 INT_DOT_ROWS = 256
+# A decode step's rows (one new token each: a server's batch) may take the compiled layer ops up to this many: their
+# attention reads each row's cache once per query, where torch's fused attention costs ~0.7 ms a layer at 32 rows.
+DECODE_ROWS = 256
 CHOICE_VERSION = 2  # 2: the integer kernels take up to 256 rows in passes of 8
 COMPILED = ("vnni", "packed")  # dashskip's kernels, in the order DASHSKIP_SMALL_GEMM=1 prefers them
 
@@ -173,6 +176,12 @@ def compiled_rows(x: torch.Tensor, most: int = SMALL_ROWS) -> bool:
         and not needs_grad(x)
         and extension() is not None
     )
+
+
+def layer_rows(x: torch.Tensor) -> bool:
+    """Whether a layer's small ops (norms, rope, attention) may be compiled calls for `x` (batch, tokens, hidden):
+    few rows, or a decode step's rows however many."""
+    return compiled_rows(x, DECODE_ROWS if x.dim() == 3 and x.shape[1] == 1 else SMALL_ROWS)
 
 
 def row_bucket(rows: int) -> int:

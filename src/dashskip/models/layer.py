@@ -133,7 +133,7 @@ class DecoderLayer:
             return self._planned(plan, x, step, rope, mask)
         if rows.uniform is not None and spec(rows.uniform).skips:
             return self.skip(x, step, rope, scale)
-        if rows.uniform is not None and step.plain_causal(self.window) and K.compiled_rows(x):
+        if rows.uniform is not None and step.plain_causal(self.window) and K.layer_rows(x):
             return self._compiled(rows.uniform, x, step, rope)
         skipped = rows.skipped() if rows.any_skipped() else None
         mid = x + self._attention(rows, x, step, rope, mask, skipped)
@@ -153,7 +153,7 @@ class DecoderLayer:
     def write_skipped_kv(self, x: torch.Tensor, step: StepContext, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
         """The 'project' rule: the layer's own K/V projections of the input, normed and rotated like any key."""
         cache, i = step.cache, self.index
-        compiled = K.compiled_rows(x) and self.k_norm is None
+        compiled = K.layer_rows(x) and self.k_norm is None
         kv = self.kv(State.FULL, self.attn_norm(x, compiled))
         if compiled:
             cos, sin = rope[0].contiguous(), rope[1].contiguous()
@@ -175,14 +175,32 @@ class DecoderLayer:
         mask: torch.Tensor | None,
         skipped: torch.Tensor | None,
     ) -> torch.Tensor:
-        batch, tokens, _ = x.shape
-        h, kv, d = self.heads, self.kv_heads, self.head_dim
-        normed = self.attn_norm(x)
+        compiled = step.plain_causal(self.window) and K.layer_rows(x)  # a decode step's rows in mixed states
+        normed = self.attn_norm(x, compiled)
         qkv = self.qkv.rows(rows, normed)
         if skipped is not None and step.kv_rule is KVRule.PROJECT:
             index = torch.nonzero(skipped.reshape(-1)).squeeze(1)
             flat = qkv.view(-1, qkv.shape[-1])
             flat[index, self.q_width :] = self.kv(State.FULL, normed.reshape(-1, normed.shape[-1])[index])
+        if compiled:
+            attended = self._attend_compiled(qkv, step, rope, skipped)
+        else:
+            attended = self._attend(qkv, step, rope, mask, skipped)
+        out = self.o.rows(rows, attended)
+        return out if self.post_attn_norm is None else self.post_attn_norm(out)
+
+    def _attend(
+        self,
+        qkv: torch.Tensor,
+        step: StepContext,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        skipped: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """q/k/v rows (batch, tokens, (H + 2 KV) * Dh) -> attention's output (batch, tokens, H * Dh), this step's
+        K/V written to the cache (a skipped row's copied from below under the 'copy' rule): torch's ops."""
+        batch, tokens, _ = qkv.shape
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
         heads = qkv.view(batch, tokens, h + 2 * kv, d).transpose(1, 2)
         q, k, v = heads[:, :h], heads[:, h : h + kv], heads[:, h + kv :]
         if self.q_norm is not None:
@@ -200,8 +218,25 @@ class DecoderLayer:
             scale=self.scaling,
             enable_gqa=h != kv,
         )  # fmt: skip
-        out = self.o.rows(rows, attended.transpose(1, 2).reshape(batch, tokens, h * d))
-        return out if self.post_attn_norm is None else self.post_attn_norm(out)
+        return attended.transpose(1, 2).reshape(batch, tokens, h * d)
+
+    def _attend_compiled(
+        self,
+        qkv: torch.Tensor,
+        step: StepContext,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        skipped: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`_attend` as compiled calls (a plain causal mask; `K.layer_rows`): q/k normed per head, rope and the
+        cache write in one, causal attention over the cache in one."""
+        i, cache, ops = self.index, step.cache, K.extension()
+        if self.q_norm is not None:
+            self._norm_heads(qkv)
+        cos, sin = rope[0].contiguous(), rope[1].contiguous()
+        q = ops.rope_and_cache(qkv, cos, sin, cache.keys[i], cache.values[i], self.heads, cache.start)
+        if skipped is not None and step.kv_rule is KVRule.COPY:
+            cache.copy_from_below(i, skipped)
+        return ops.causal_attention(q, cache.keys[i], cache.values[i], cache.start, self.scaling, step.key_begins)
 
     def _mlp(self, rows: Rows, mid: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up.rows(rows, self.mlp_norm(mid)).chunk(2, dim=-1)
@@ -215,21 +250,16 @@ class DecoderLayer:
         projection's chosen kernel has a native form, else the small ops as compiled calls one by one (the same
         ops and kernels either way, so the same output)."""
         i, cache = self.index, step.cache
-        cos, sin = rope[0].contiguous(), rope[1].contiguous()
         fused = self._fused(state, x)
         if fused is not None:
+            cos, sin = rope[0].contiguous(), rope[1].contiguous()
             return fused(x, cos, sin, cache.keys[i], cache.values[i], cache.start, step.key_begins)
-        ops = K.extension()
         qkv = self.qkv(state, self.attn_norm(x, compiled=True))
-        if self.q_norm is not None:
-            self._norm_heads(qkv)
-        q = ops.rope_and_cache(qkv, cos, sin, cache.keys[i], cache.values[i], self.heads, cache.start)
-        attended = ops.causal_attention(q, cache.keys[i], cache.values[i], cache.start, self.scaling, step.key_begins)
-        out = self.o(state, attended)
+        out = self.o(state, self._attend_compiled(qkv, step, rope))
         mid = x + (out if self.post_attn_norm is None else self.post_attn_norm(out, compiled=True))
         gate_up = self.gate_up(state, self.mlp_norm(mid, compiled=True))
         if self.act_name in ("silu", "swish"):
-            hidden = ops.silu_mul(gate_up)
+            hidden = K.extension().silu_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             hidden = self.act(gate) * up

@@ -85,26 +85,27 @@ class Session:
             return torch.ones(self.cache.batch, self.cache.length, dtype=torch.bool)
         return self.key_valid[:, : self.cache.length]
 
-    def keep(self, rows: list[int], room: int = 0) -> Session:
-        """A session of these rows only (others finished); positions that are padding in every kept row go."""
-        index = torch.tensor(rows, dtype=torch.long)
-        valid = self.valid()[index]
-        first = int((~valid).all(0).long().cumprod(0).sum())  # leading columns no kept row uses
-        valid = valid[:, first:]
-        return Session(self.cache.rows(index, first, room), None if bool(valid.all()) else valid)
+    def keep(self, rows: list[int]) -> None:
+        """Only these rows (ascending; the others finished), in place. Positions that are padding in every kept row
+        are dropped once they are a quarter of the cache (each drop moves every row; rarer drops cost less)."""
+        valid = self.valid()[torch.tensor(rows, dtype=torch.long)]
+        self.cache.keep(rows)
+        first = int((~valid).all(0).long().cumprod(0).sum())  # leading positions no kept row uses
+        if 4 * first >= self.cache.length:
+            self.cache.drop_front(first)
+            valid = valid[:, first:]
+        self.key_valid = None if bool(valid.all()) else valid
 
-    @staticmethod
-    def join(sessions: list[Session], room: int = 0) -> Session:
-        """One batched session of several, each row's positions right-aligned (shorter ones left-padded): a
-        sequence that started later decodes in the same step as the others."""
-        length = max(s.length for s in sessions)
-        caches, valid = [], []
-        for s in sessions:
-            pad = length - s.length
-            caches.append(s.cache.rows(torch.arange(s.cache.batch), 0, room).pad_left(pad))
-            valid.append(torch.cat([torch.zeros(s.cache.batch, pad, dtype=torch.bool), s.valid()], dim=1))
-        mask = torch.cat(valid)
-        return Session(KVCache.stack(caches), None if bool(mask.all()) else mask)
+    def append(self, other: Session, room: int = 0) -> None:
+        """`other`'s rows after these, in place, each row's positions right-aligned (shorter ones left-padded): a
+        sequence that started later decodes in the same step as the others. `room`: positions to reserve after."""
+        mine, theirs = self.valid(), other.valid()
+        shift = self.cache.append(other.cache, room)
+        length = self.cache.length
+        mine = torch.cat([torch.zeros(mine.shape[0], shift, dtype=torch.bool), mine], dim=1)
+        theirs = torch.cat([torch.zeros(theirs.shape[0], length - theirs.shape[1], dtype=torch.bool), theirs], dim=1)
+        valid = torch.cat([mine, theirs])
+        self.key_valid = None if bool(valid.all()) else valid
 
     def positions(self, tokens: int) -> torch.Tensor:
         """Position ids of the next `tokens` tokens of every row: real tokens before them, padding not counted."""

@@ -208,10 +208,13 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   auto y = torch::empty(sizes, gate_up.options());
   const float* gp = gate_up.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *g = gp + r * width, *u = g + inter;
-    for (int64_t j = 0; j < inter; ++j) yp[r * inter + j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
-  }
+  // rows split across threads from 8 on (a batched decode step: ~4 ms of a 32-row step on one thread)
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *g = gp + r * width, *u = g + inter;
+      for (int64_t j = 0; j < inter; ++j) yp[r * inter + j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+    }
+  });
   return y;
 }
 
