@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dashskip import Backbone, Engine, FixedStates, State, TokenStates
-from dashskip.core.cache import KVRule
+from dashskip.core.cache import KVRule, fewest_moves
 from dashskip.errors import DashskipError
 from dashskip.runtime.generation import generate
 from tests.conftest import tiny_model
@@ -141,7 +141,8 @@ def test_rows_that_join_and_leave_a_batch_in_place_get_what_they_get_alone(by_ru
         out = eng.step(fed[:, t : t + 1], batch, decider).hidden
         for r in range(20):
             seen[r].append(out[r])
-    kept = [1, 4, 7, 10]
+    kept = fewest_moves([1, 4, 7, 10])  # [4, 1, 7, 10]: row 1 stays, the others fill the gaps
+    assert kept == [4, 1, 7, 10]
     length = batch.cache.length
     batch.keep(kept)
     assert batch.cache.batch == 4 and batch.cache.length < length  # the padding every kept row had is gone
@@ -159,6 +160,13 @@ def test_rows_that_join_and_leave_a_batch_in_place_get_what_they_get_alone(by_ru
         for token, got in zip(tokens, seen[r], strict=True):
             want = eng.step(token.view(1, 1), alone, decider).hidden[0]
             assert rel_err(got, want) < PADDED[kind], (r, kind)
+
+
+def test_a_keep_order_that_would_overwrite_a_kept_row_is_refused(model):
+    session = engine_for(model).new_session(3)
+    with pytest.raises(DashskipError, match="fewest_moves"):
+        session.cache.keep([1, 0])  # row 1 would land on row 0 before row 0 moves
+    assert fewest_moves([0, 2]) == [0, 2] and fewest_moves([1, 2]) == [2, 1]
 
 
 def test_skip_outputs_scaled_input_and_first_last_layers_stay_full(model):

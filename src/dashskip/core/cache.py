@@ -27,6 +27,15 @@ class KVRule(StrEnum):
             raise DashskipError(f"unknown K/V rule '{value}'; use 'copy' or 'project'") from None
 
 
+def fewest_moves(kept: list[int]) -> list[int]:
+    """The rows `kept` (of a batch, ascending) in the order `KVCache.keep` moves the fewest of: those already among
+    the first len(kept) places stay, the others fill the gaps."""
+    count = len(kept)
+    movers = iter(r for r in kept if r >= count)
+    staying = {r for r in kept if r < count}
+    return [r if r in staying else next(movers) for r in range(count)]
+
+
 class KVCache:
     """Keys/values of every layer, shape (batch, kv_heads, capacity, head_dim), grown on demand.
 
@@ -121,7 +130,11 @@ class KVCache:
         return self.keys[layer_idx][:, :, : self.end], self.values[layer_idx][:, :, : self.end]
 
     def keep(self, rows: list[int]) -> None:
-        """Only these rows (ascending), in place: each moves up over the rows that left."""
+        """Only these rows, row j of the result being row `rows[j]`, in place. Each row either stays where it is or
+        comes from past the kept ones (`fewest_moves` gives such an order), so no row is overwritten before it moves
+        and only the rows that fill a gap are copied."""
+        if any(src != dest and src < len(rows) for dest, src in enumerate(rows)):
+            raise DashskipError("keep: a row moves onto one that is kept; order the rows with fewest_moves")
         for dest, src in enumerate(rows):
             if dest != src:
                 for t in self.store:

@@ -86,8 +86,9 @@ class Session:
         return self.key_valid[:, : self.cache.length]
 
     def keep(self, rows: list[int]) -> None:
-        """Only these rows (ascending; the others finished), in place. Positions that are padding in every kept row
-        are dropped once they are a quarter of the cache (each drop moves every row; rarer drops cost less)."""
+        """Only these rows (the others finished), row j being `rows[j]`, in place (`KVCache.keep`: an order from
+        `fewest_moves`). Positions that are padding in every kept row are dropped once they are a quarter of the
+        cache (each drop moves every row; rarer drops cost less)."""
         valid = self.valid()[torch.tensor(rows, dtype=torch.long)]
         self.cache.keep(rows)
         first = int((~valid).all(0).long().cumprod(0).sum())  # leading positions no kept row uses

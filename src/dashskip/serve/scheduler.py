@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import torch
 
 from dashskip.api import DashModel
+from dashskip.core.cache import fewest_moves
 from dashskip.core.decisions import BatchMajority, Decider, FullFor, per_row
 from dashskip.core.operating import OperatingPoint
 from dashskip.errors import DashskipError
@@ -349,7 +350,7 @@ class Scheduler:
 
     def _prompts_done(self, rows: list[Row], session: Session, result: StepResult) -> None:
         """Each row's first token from its prompt's last position; the rows that go on join the batch."""
-        keep = self._advance(rows, result)
+        keep = fewest_moves(self._advance(rows, result))
         if not keep:
             return
         if len(keep) < len(rows):
@@ -369,7 +370,7 @@ class Scheduler:
             full = torch.tensor([type(r.decider) is Decider for r in rows])[:, None]
             decider = BatchMajority(decider, ~full)
             decider = FullFor(decider, full) if bool(full.any()) else decider
-        keep = self._advance(rows, decode_one_token(self.model.engine, session, tokens, decider))
+        keep = fewest_moves(self._advance(rows, decode_one_token(self.model.engine, session, tokens, decider)))
         self.steps += 1
         self.batched_rows += len(rows)
         self.largest_batch = max(self.largest_batch, len(rows))
