@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from dashskip.api import DashModel
 from dashskip.cli import _read_turn, app
 from dashskip.models.chat import chat_input_ids
+from dashskip.serve.scheduler import off_the_main_thread
 from dashskip.serve.server import listen
 from tests.conftest import tiny_smol
 
@@ -117,3 +118,21 @@ def test_the_public_address_warning_comes_before_binding(folder):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and "exposes the server beyond this machine" in lines[0]
     assert "--api-key" in lines[0] and lines[-1].startswith("error: cannot listen on 0.0.0.0")
+
+
+def test_a_model_that_fails_to_load_for_serving_is_a_one_line_error(folder, tmp_path):
+    """The model loads on a thread of its own (`off_the_main_thread`); what fails there reaches the user as the
+    command's one-line error."""
+    broken = tmp_path / "policy.safetensors"
+    broken.write_bytes(b"not a policy")
+    out = run("serve", "--model", folder, "--port", "0", "--policy", str(broken))
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in out.stderr
+
+
+def test_off_the_main_thread_returns_what_the_call_returns_or_raises():
+    import threading
+
+    assert off_the_main_thread(lambda: threading.current_thread() is not threading.main_thread())
+    with pytest.raises(ValueError, match="bad"):
+        off_the_main_thread(lambda: int("bad"))
