@@ -110,36 +110,51 @@ def _left_padded(prompts):
     return ids, mask
 
 
+# A row of a 22-row decode step against the row alone: past 16 rows the fp32 products run BLAS, alone the packed
+# kernel (or torch's kernels in another order without the extension), and now and then an activation's int8
+# rounding flips: measured at most 1.0e-2 (1.2e-2 without the extension) over every family and rule. A row that
+# did not move where it had to (planted: no shift on join, no move on leave) is off by up to 1.5, and on 48-256
+# of the 608 row-steps by more than 5e-2.
+JOINED = {"skip/full": 2e-5, "all": 5e-2}
+
+
 @pytest.mark.parametrize("rule", ["copy", "project"])
 @pytest.mark.parametrize("kind, pattern", [("skip/full", SKIP_FULL), ("all", ALL_STATES)])
 def test_rows_that_join_and_leave_a_batch_in_place_get_what_they_get_alone(by_rule, model, rule, kind, pattern):
-    """A server's batch: 12 rows decode, 8 rows with longer prompts join them (the 12 move right in place, their
-    padding grows), 20 rows decode together (past 16 rows: the compiled decode path, states mixed in a step), all
-    but 4 short rows leave (their shared padding is dropped) and those decode on. Every step's output of every
-    row equals that row run alone on the same tokens."""
+    """A server's batch: 12 rows decode; 8 rows with longer prompts join them (the 12 move right in place, their
+    padding grows), then 2 with shorter ones (padded in front, nobody moves); 22 rows decode together (past 16
+    rows: the compiled decode path, states mixed in a step; the cache grows while it has room for more rows than
+    it holds); all but 4 short rows leave (rows fill the gaps from behind, the padding every kept row has is
+    dropped) and those decode on. Every step's output of every row equals that row run alone on its tokens."""
     gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, 97, (n,), generator=gen) for n in [3, 4, 5, 6, 7, 8, 9, 3, 4, 5, 6, 7]]
-    prompts += [torch.randint(3, 97, (n,), generator=gen) for n in [30, 28, 26, 24, 30, 29, 27, 25]]
-    fed = torch.randint(3, 97, (20, 6), generator=gen)  # the tokens each row decodes, fixed
+    lengths = [3, 4, 5, 6, 7, 8, 9, 3, 4, 5, 6, 7] + [30, 28, 26, 24, 30, 29, 27, 25] + [3, 4]
+    prompts = [torch.randint(3, 97, (n,), generator=gen) for n in lengths]
+    fed = torch.randint(3, 97, (22, 6), generator=gen)  # the tokens each row decodes, fixed
     decider = pattern_states(pattern)
     eng = engine_for(model, rule, torch.linspace(0.9, 1.2, model.config.num_hidden_layers))
     ids, mask = _left_padded(prompts[:12])
     batch = eng.new_session(12, capacity=ids.shape[1] + 2)
     eng.step(ids, batch, decider, mask)
-    seen = {r: [] for r in range(20)}  # each row's output per decode step
+    seen = {r: [] for r in range(22)}  # each row's output per decode step in the batch
     for t in range(2):
         out = eng.step(fed[:12, t : t + 1], batch, decider).hidden
         for r in range(12):
             seen[r].append(out[r])
-    ids, mask = _left_padded(prompts[12:])
-    joining = eng.new_session(8, capacity=ids.shape[1] + 2)
-    eng.step(ids, joining, decider, mask)
-    eng.step(fed[12:, :2], joining, decider)  # the joining rows' first two decoded tokens, in one step
-    batch.append(joining, room=4)
-    assert batch.cache.batch == 20 and batch.cache.length == joining.cache.length
+    ids, mask = _left_padded(prompts[12:20])
+    longer = eng.new_session(8, capacity=ids.shape[1] + 2)
+    eng.step(ids, longer, decider, mask)
+    eng.step(fed[12:20, :2], longer, decider)  # their first two decoded tokens, in one step
+    batch.append(longer, room=1)
+    assert batch.cache.batch == 20 and batch.cache.length == longer.cache.length
+    ids, mask = _left_padded(prompts[20:])
+    shorter = eng.new_session(2)
+    eng.step(ids, shorter, decider, mask)
+    length = batch.cache.length
+    batch.append(shorter, room=1)
+    assert batch.cache.batch == 22 and batch.cache.length == length and batch.cache.slots > 22
     for t in range(2, 4):
         out = eng.step(fed[:, t : t + 1], batch, decider).hidden
-        for r in range(20):
+        for r in range(22):
             seen[r].append(out[r])
     kept = fewest_moves([1, 4, 7, 10])  # [4, 1, 7, 10]: row 1 stays, the others fill the gaps
     assert kept == [4, 1, 7, 10]
@@ -153,19 +168,21 @@ def test_rows_that_join_and_leave_a_batch_in_place_get_what_they_get_alone(by_ru
     for r, prompt in enumerate(prompts):
         alone = eng.new_session(1)
         eng.step(prompt[None], alone, decider)
-        first = 2 if r >= 12 else 0
-        if first:  # its first two tokens went in one step, as in the batch
-            eng.step(fed[r : r + 1, :first], alone, decider)
-        tokens = fed[r, first : first + len(seen[r])]
-        for token, got in zip(tokens, seen[r], strict=True):
+        first = 0 if r < 12 else 2  # where the row's tokens in the batch start
+        if 12 <= r < 20:  # its first two tokens went in one step before it joined
+            eng.step(fed[r : r + 1, :2], alone, decider)
+        for token, got in zip(fed[r, first : first + len(seen[r])], seen[r], strict=True):
             want = eng.step(token.view(1, 1), alone, decider).hidden[0]
-            assert rel_err(got, want) < PADDED[kind], (r, kind)
+            assert rel_err(got, want) < JOINED[kind], (r, kind)
 
 
 def test_a_keep_order_that_would_overwrite_a_kept_row_is_refused(model):
     session = engine_for(model).new_session(3)
     with pytest.raises(DashskipError, match="fewest_moves"):
         session.cache.keep([1, 0])  # row 1 would land on row 0 before row 0 moves
+    for rows in ([2, 2], [3], [-1]):
+        with pytest.raises(DashskipError, match="not distinct rows of a cache of 3"):
+            session.cache.keep(rows)
     assert fewest_moves([0, 2]) == [0, 2] and fewest_moves([1, 2]) == [2, 1]
 
 

@@ -41,8 +41,10 @@ class KVCache:
 
     A server's batch changes its rows while it runs: `append` adds the rows of another cache (requests whose prompts
     are done), `keep` drops finished ones, both in place. Rows live in a store of `slots` rows (room for more) and
-    `keys` / `values` are views of the rows in use, so neither copies the rows that stay (a copy of a 32-row
-    SmolLM2 cache is ~300 MB)."""
+    `keys` / `values` are views of the rows in use, so the rows that stay are copied only where they must move:
+    right when a longer row joins, into a gap a finished row left, forward when shared padding is dropped, and
+    when the store grows (a copy of a 32-row SmolLM2 cache is ~300 MB; joining used to copy the whole batch three
+    times)."""
 
     def __init__(
         self,
@@ -92,6 +94,7 @@ class KVCache:
         if (capacity, slots) == (self.capacity, self.slots):
             return
         rows, length = self.batch, self.length
+        self.keys, self.values = [], []  # the views would keep every old tensor alive until the last is copied
         for i, t in enumerate(self.store):
             grown = t.new_zeros(slots, t.shape[1], capacity, t.shape[3])
             grown[:rows, :, :length] = t[:rows, :, :length]
@@ -131,9 +134,12 @@ class KVCache:
 
     def keep(self, rows: list[int]) -> None:
         """Only these rows, row j of the result being row `rows[j]`, in place. Each row either stays where it is or
-        comes from past the kept ones (`fewest_moves` gives such an order), so no row is overwritten before it moves
-        and only the rows that fill a gap are copied."""
-        if any(src != dest and src < len(rows) for dest, src in enumerate(rows)):
+        comes from past the kept ones (`fewest_moves` gives such an order): a rule stricter than needed, which
+        no row is overwritten under before it moves, and only the rows that fill a gap are copied."""
+        count = len(rows)
+        if len(set(rows)) != count or any(not 0 <= src < self.batch for src in rows):
+            raise DashskipError(f"keep: rows {rows} are not distinct rows of a cache of {self.batch}")
+        if any(src != dest and src < count for dest, src in enumerate(rows)):
             raise DashskipError("keep: a row moves onto one that is kept; order the rows with fewest_moves")
         for dest, src in enumerate(rows):
             if dest != src:
@@ -141,19 +147,23 @@ class KVCache:
                     t[dest, :, : self.length] = t[src, :, : self.length]
         self._use(len(rows))
 
-    def append(self, other: KVCache, room: int = 0) -> int:
+    def append(self, other: KVCache, room: int = 0, most: int = 0) -> int:
         """`other`'s rows after these, in place, each row's positions right-aligned with this cache's (the shorter
-        side gains empty positions in front: left padding); room for `room` more positions after them. Returns
-        how many empty positions this cache's rows gained in front (their padding grows by as much)."""
+        side gains empty positions in front: left padding, zeros); room for `room` more positions after them, and
+        for more rows (doubling, up to `most` if given: the most rows the caller will ever hold). Returns how many
+        empty positions this cache's rows gained in front (their padding grows by as much; they are copied then)."""
         shift = max(other.length - self.length, 0)
         length = self.length + shift
         rows, slots = self.batch, self.batch + other.batch
-        self.reserve(length + room, slots if slots <= self.slots else max(slots, 2 * self.slots))
-        if shift:  # this cache's rows move right; through a copy, as source and destination overlap
-            for t in self.store:
-                t[:rows, :, shift:length] = t[:rows, :, : self.length].clone()
+        if slots > self.slots:
+            slots = max(slots, min(2 * self.slots, most) if most else 2 * self.slots)
+        self.reserve(length + room, slots)
         pad = length - other.length
         for t, o in zip(self.store, (*other.keys, *other.values), strict=True):
+            if shift:  # this cache's rows move right; through a copy, as source and destination overlap
+                t[:rows, :, shift:length] = t[:rows, :, : self.length].clone()
+                t[:rows, :, :shift] = 0
+            t[rows : rows + other.batch, :, :pad] = 0  # no stale values, even where a mask gives them weight 0
             t[rows : rows + other.batch, :, pad:length] = o[:, :, : other.length]
         self._use(rows + other.batch)
         self.length = self.start = self.end = length

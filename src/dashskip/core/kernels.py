@@ -180,7 +180,7 @@ def compiled_rows(x: torch.Tensor, most: int = SMALL_ROWS) -> bool:
 
 def layer_rows(x: torch.Tensor) -> bool:
     """Whether a layer's small ops (norms, rope, attention) may be compiled calls for `x` (batch, tokens, hidden):
-    few rows, or a decode step's rows however many."""
+    few rows, or a decode step's rows up to `DECODE_ROWS`."""
     return compiled_rows(x, DECODE_ROWS if x.dim() == 3 and x.shape[1] == 1 else SMALL_ROWS)
 
 

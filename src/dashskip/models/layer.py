@@ -6,7 +6,8 @@ the execution states of a step: q/k/v and gate/up each one product (`core.linear
 k together, K/V straight into the preallocated cache, grouped-query attention in one call. Rows in different
 states are grouped per projection; a skipped row's output is `scale * x` and its K/V follow the engine's rule
 ('project': the layer's own K/V projections of its input, normed and rotated; 'copy': the layer below's).
-For few rows of one state with a plain causal mask the small ops are compiled calls (`csrc/layer_ops.cpp`).
+For few rows (or a decode step's rows, one token each) with a plain causal mask the small ops are compiled
+calls (`csrc/layer_ops.cpp`), and rows of one state run the whole layer as one compiled call.
 
 The arithmetic is the transformers layer's own: outputs equal it up to summation order (tests/test_layers.py).
 The transformers modules are only read (weights, epsilons), never called or changed.
@@ -246,9 +247,9 @@ class DecoderLayer:
     def _compiled(
         self, state: int, x: torch.Tensor, step: StepContext, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
-        """Few rows in one state with a plain causal mask: the whole layer as one compiled call where every
-        projection's chosen kernel has a native form, else the small ops as compiled calls one by one (the same
-        ops and kernels either way, so the same output)."""
+        """Few rows (or a decode step's rows) in one state with a plain causal mask: the whole layer as one
+        compiled call where every projection's chosen kernel has a native form, else the small ops as compiled
+        calls one by one (the same ops and kernels either way, so the same output)."""
         i, cache = self.index, step.cache
         fused = self._fused(state, x)
         if fused is not None:

@@ -97,11 +97,12 @@ class Session:
             valid = valid[:, first:]
         self.key_valid = None if bool(valid.all()) else valid
 
-    def append(self, other: Session, room: int = 0) -> None:
+    def append(self, other: Session, room: int = 0, most: int = 0) -> None:
         """`other`'s rows after these, in place, each row's positions right-aligned (shorter ones left-padded): a
-        sequence that started later decodes in the same step as the others. `room`: positions to reserve after."""
+        sequence that started later decodes in the same step as the others. `room`: positions to reserve after;
+        `most`: the most rows this session will hold (`KVCache.append`)."""
         mine, theirs = self.valid(), other.valid()
-        shift = self.cache.append(other.cache, room)
+        shift = self.cache.append(other.cache, room, most)
         length = self.cache.length
         mine = torch.cat([torch.zeros(mine.shape[0], shift, dtype=torch.bool), mine], dim=1)
         theirs = torch.cat([torch.zeros(theirs.shape[0], length - theirs.shape[1], dtype=torch.bool), theirs], dim=1)
