@@ -4,9 +4,11 @@ runs them).
 
 --batches sessions of WikiText-2 prompts (--prompt tokens each) prefilled in one step, then --tokens greedy steps
 (engine step, head, argmax); median ms per step over the steps after the first four. The model is loaded on a
-short-lived thread and the steps run on another, as `dashskip serve` runs them (serve/scheduler.py says why).
+short-lived thread and the steps run on another, as `dashskip serve` runs them (serve/scheduler.py says why);
+--load-on-main loads it on the main thread instead, as `dashskip serve` did before, to measure what that costs.
 
 Usage: python benchmarks/batched_states.py [--model smollm2-135m] [--batches 8 32] [--speedup 1.33] [--full-share 0.14]
+       [--load-on-main]
 """
 
 import argparse
@@ -60,8 +62,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=14)
     parser.add_argument("--speedup", type=float, default=1.33)
     parser.add_argument("--full-share", type=float, default=0.14)
+    parser.add_argument("--load-on-main", action="store_true", help="load the model on the main thread")
     args = parser.parse_args()
-    dm = off_the_main_thread(lambda: dashskip.from_pretrained(args.model, policy=bundled_policy(args.model)))
+
+    def load() -> dashskip.DashModel:
+        return dashskip.from_pretrained(args.model, policy=bundled_policy(args.model))
+
+    dm = load() if args.load_on_main else off_the_main_thread(load)
     layers = dm.backbone.num_layers
     windows = token_windows(dm.tokenizer, load_text("wikitext2"), max(args.batches), args.prompt, seed=1)
     point = dm.operating_point(args.speedup)
@@ -73,7 +80,9 @@ def main() -> None:
     }
 
     def run() -> None:
-        print(f"{args.model}, {host_description()}; median ms per decode step (state counts of the last step)")
+        loaded = "the main thread" if args.load_on_main else "a thread of its own"
+        print(f"{args.model}, {host_description()}, loaded on {loaded}; median ms per decode step (state counts of "
+              "the last step)")
         for batch in args.batches:
             for name, make in kinds.items():
                 ms, counts = ms_per_step(dm, windows[:batch], make(batch), args.tokens)

@@ -48,7 +48,7 @@ SMALL_ROWS = 16  # the packed kernels' range; past it BLAS's blocked GEMM reuses
 # prefill chunks); where they do is measured like every other choice.
 INT_DOT_ROWS = 256
 # A decode step's rows (one new token each: a server's batch) may take the compiled layer ops up to this many: their
-# attention reads each row's cache once per query, where torch's fused attention costs ~0.7 ms a layer at 32 rows.
+# attention reads each row's cache once per query, and rows of one state run the layer as one compiled call.
 DECODE_ROWS = 256
 CHOICE_VERSION = 2  # 2: the integer kernels take up to 256 rows in passes of 8
 COMPILED = ("vnni", "packed")  # dashskip's kernels, in the order DASHSKIP_SMALL_GEMM=1 prefers them

@@ -53,8 +53,8 @@ def off_the_main_thread(fn: Callable[[], T]) -> T:
     """`fn()` (loading the model a server will serve) on a thread of its own that ends with it; its result or its
     exception. Why: torch's CPU threads are an OpenMP team per thread that runs parallel work, and GNU OpenMP stops
     spinning between parallel regions once more such threads exist than cores. A model loaded on the main thread
-    leaves that thread's team behind, and the scheduler's thread then ran every step ~10% slower (on a 2-core Xeon:
-    a 32-row decode step 107 -> 95 ms, 32 requests 159 -> 173 tok/s, loading on such a thread instead)."""
+    leaves that thread's team behind, and the scheduler's thread then ran every step slower (docs/serving.md:
+    `benchmarks/batched_states.py` with and without `--load-on-main`)."""
     outcome: dict[str, Any] = {}
 
     def load() -> None:
