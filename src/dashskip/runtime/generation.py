@@ -108,7 +108,7 @@ def next_tokens(
     """Each row's next token from a step's last position, each row sampled with its own settings and generator
     (a server's requests in one batch)."""
     logits = engine.backbone.logits(result.hidden[:, -1]).float()
-    greedy = logits.argmax(-1).tolist()  # every greedy row in one call
+    greedy = logits.argmax(-1).tolist() if not all(c.sampling for c in configs) else []  # greedy rows in one call
     return [int(next_token(logits[i : i + 1], config, generator)[0]) if config.sampling else greedy[i]
             for i, (config, generator) in enumerate(zip(configs, generators, strict=True))]  # fmt: skip
 
