@@ -2,10 +2,12 @@ import pytest
 import torch
 
 from dashskip import Backbone, Engine, FixedStates, State, TokenStates
+from dashskip.core import kernels
 from dashskip.core.cache import KVRule, fewest_moves
+from dashskip.core.decisions import Wrapper
 from dashskip.errors import DashskipError
 from dashskip.runtime.generation import generate
-from tests.conftest import tiny_model
+from tests.conftest import FAMILIES, tiny_model
 
 
 def rel_err(a, b):
@@ -336,3 +338,71 @@ def test_quantized_linears_match_their_dequantized_weights():
         assert rel_err(lin(state, x), ref) < 1e-2
     # Full precision runs the fastest kernel of this host: F.linear's values up to summation order.
     torch.testing.assert_close(lin(4, x), linear(x), rtol=1e-6, atol=1e-6)
+
+
+class LayerByLayer(Wrapper):
+    """The same answers asked layer by layer: a decider that decides per layer has no plan for the step."""
+
+    def __call__(self, layer, hidden, previous):
+        return self.decider(layer, hidden, previous)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("schedule", ["full", "int8", "int4", "mixed", "with a skip"])
+def test_a_planned_step_in_one_call_equals_its_layers_one_by_one(by_rule, monkeypatch, family, schedule):
+    """A decider that knows every layer's state before the step (a fixed schedule, every layer in full) has the
+    whole step's layers run as one compiled call (csrc/fused_layer.cpp `run_layers`): the same layers' calls in
+    the same order, so the same hidden states, K/V and states, step after step, as asking layer by layer. A plan
+    with a skip runs layer by layer (no compiled skip)."""
+    if kernels.extension() is None:
+        pytest.skip("the compiled kernels are off here")
+    n = 6
+    states = {"full": [4] * n, "int8": [4] + [2] * (n - 2) + [4], "int4": [4] + [1] * (n - 2) + [4],
+              "mixed": [4, 1, 2, 4, 2, 4], "with a skip": [4, 2, 0, 4, 1, 4]}[schedule]  # fmt: skip
+    eng = engine_for(tiny_model(family), rule="project")
+    planned_runs = []
+    run_planned = Engine._run_planned
+    monkeypatch.setattr(Engine, "_run_planned",
+                        lambda self, *a: planned_runs.append(run_planned(self, *a)) or planned_runs[-1])  # fmt: skip
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for decider in (FixedStates(states), LayerByLayer(FixedStates(states))):
+        session = eng.new_session(2, 16)
+        out = [eng.step(ids[:, :5], session, decider)]
+        out += [eng.step(ids[:, t : t + 1], session, decider) for t in range(5, 9)]
+        runs.append((out, session))
+    (planned, planned_session), (alone, alone_session) = runs
+    # The prompt (10 rows: few) and 4 decode steps, each while no sliding window is in reach (Gemma-3's is 5).
+    windows = [w for w in eng.backbone.windows if w is not None]
+    plain = sum(all(end <= w for w in windows) for end in range(5, 10))
+    assert sum(r is not None for r in planned_runs) == (0 if schedule == "with a skip" else plain)
+    for a, b in zip(planned, alone, strict=True):
+        torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-6, atol=1e-6)
+        assert torch.equal(a.states, b.states)
+        assert a.states[0, 0].tolist() == states
+    for a, b in zip(planned_session.cache.keys + planned_session.cache.values,
+                    alone_session.cache.keys + alone_session.cache.values, strict=True):  # fmt: skip
+        torch.testing.assert_close(a[:, :, :9], b[:, :, :9], rtol=1e-6, atol=1e-6)
+
+
+def test_a_planned_step_follows_a_weight_changed_in_place(by_rule):
+    """The engine keeps each plan's compiled calls between steps; a weight changed in place must not leave them
+    stale (the step after the change equals the layer-by-layer step on the changed weights)."""
+    if kernels.extension() is None:
+        pytest.skip("the compiled kernels are off here")
+    model = tiny_model("llama")
+    eng = engine_for(model)
+    states = [4, 2, 2, 2, 2, 4]
+    ids = torch.tensor([[5, 6, 7, 8]])
+
+    def last(decider) -> torch.Tensor:
+        session = eng.new_session(1, 8)
+        eng.step(ids[:, :3], session, decider)
+        return eng.step(ids[:, 3:], session, decider).hidden
+
+    before = last(FixedStates(states))
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.mul_(3)
+    after = last(FixedStates(states))
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, last(LayerByLayer(FixedStates(states))), rtol=1e-6, atol=1e-6)

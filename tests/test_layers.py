@@ -167,13 +167,13 @@ def test_layer_in_one_compiled_call_equals_its_ops_one_by_one(ops, monkeypatch, 
     layer, tokens = bb.layers[2], 3
     x = torch.randn(1, tokens, bb.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 2
     native = state == State.FULL or (kernel == "compiled" and kernels.vnni())
-    assert (layer._fused(int(state), x) is not None) == native
+    assert (layer.one_call(int(state), x) is not None) == native
     outputs = []
     for fused in (True, False):
         cache = filled_cache(bb, 9)
         step = step_context(bb, cache, x, 9, compiled=True)
         if not fused:
-            monkeypatch.setattr(layer, "_fused", lambda *_: None)
+            monkeypatch.setattr(layer, "one_call", lambda *_: None)
         out = layer(Rows(int(state)), x, step, step.ropes[bb.layer_types[2]], None, torch.tensor(1.0))
         outputs.append((out, cache.keys[2][:, :, : 9 + tokens], cache.values[2][:, :, : 9 + tokens]))
     for got, want in zip(*outputs, strict=True):
@@ -195,12 +195,12 @@ def test_the_one_call_layer_is_rebuilt_when_a_weight_changes(ops, monkeypatch):
         return layer(Rows(int(State.FULL)), x, step, step.ropes[bb.layer_types[1]], None, torch.tensor(1.0))
 
     before = run()
-    built = layer._fused(int(State.FULL), x)
+    built = layer.one_call(int(State.FULL), x)
     with torch.no_grad():
         bb.hf_layers[1].mlp.down_proj.weight.mul_(3)
     after = run()
-    assert layer._fused(int(State.FULL), x) is not built and not torch.allclose(before, after)
-    monkeypatch.setattr(layer, "_fused", lambda *_: None)
+    assert layer.one_call(int(State.FULL), x) is not built and not torch.allclose(before, after)
+    monkeypatch.setattr(layer, "one_call", lambda *_: None)
     torch.testing.assert_close(after, run(), rtol=1e-6, atol=1e-6)
     kernels.CHOICE.forget()
 

@@ -83,6 +83,15 @@ class Decider:
     def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
         return int(State.FULL)
 
+    def planned(self, num_layers: int) -> list[int] | None:
+        """Every layer's state for every row of the coming step, where it is known before the step runs (a fixed
+        schedule): a runner may then run the step's layers without asking layer by layer (the engine: as one
+        compiled call). None: asked layer by layer. The base decider answers for itself only (all full); a
+        subclass that decides per layer says None unless it overrides this too."""
+        if type(self).__call__ is Decider.__call__:
+            return [int(State.FULL)] * num_layers
+        return None
+
     def end(self, states: torch.Tensor) -> None:
         """Called after every step with the states that ran, (batch, tokens, layers) (a controller's feedback)."""
 
@@ -116,15 +125,24 @@ def decide_and_run(
     num_layers: int,
     run: Callable[[int, StateChoice, torch.Tensor], torch.Tensor],
     held_full: Sequence[int] = (),
+    run_planned: Callable[[list[int], torch.Tensor], torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The decision loop, the one every runner drives (the engine; vLLM's model, its tokens as rows of one):
     for each layer, ask `decider` with the hidden state entering it, then `run(i, choice, x)` the layer in the
     states chosen. Every layer is shown to the decider (an asynchronous policy decides layer i+1 while layer i
     runs), but the first layer always runs in full whatever it answers, and so does the last unless the decider
     exits early, and so do `held_full` (a plan's layers). `x`: (batch, tokens, hidden). Returns the hidden state
-    after the last layer and the (batch, tokens, layers) int8 states that ran."""
+    after the last layer and the (batch, tokens, layers) int8 states that ran. `run_planned(states, x)`: where the
+    decider knows every layer's state before the step (`Decider.planned`), the runner may run them all at once
+    (None where it cannot, then the layers run one by one)."""
     batch, tokens = x.shape[:2]
     forced = {0, *held_full} if decider.traits.may_skip_last else {0, num_layers - 1, *held_full}
+    planned = None if run_planned is None else decider.planned(num_layers)
+    if planned is not None:
+        chosen = [int(State.FULL) if i in forced else planned[i] for i in range(num_layers)]
+        out = run_planned(chosen, x)
+        if out is not None:
+            return out, torch.tensor(chosen, dtype=torch.int8).expand(batch, tokens, num_layers).clone()
     states = torch.full((batch, tokens, num_layers), int(State.FULL), dtype=torch.int8)
     previous: StateChoice = int(State.FULL)
     for i in range(num_layers):
@@ -187,6 +205,9 @@ class TimedDecider(Wrapper):
         self.steps += not step.prefill
         self.decider.begin(step)
 
+    def planned(self, num_layers: int) -> list[int] | None:
+        return self.decider.planned(num_layers)  # nothing to time: no decision is asked for
+
     def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
         t0 = time.perf_counter()
         answer = self.decider(layer, hidden, previous)
@@ -213,6 +234,9 @@ class FixedStates(Decider):
 
     def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
         return self.states[layer]
+
+    def planned(self, num_layers: int) -> list[int] | None:
+        return list(self.states) if type(self).__call__ is FixedStates.__call__ else None
 
 
 def inner_layers(num_layers: int, state: int | str) -> FixedStates:

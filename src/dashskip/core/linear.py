@@ -40,8 +40,12 @@ class Linear:
         self.made_from: tuple | None = None
         self.bias: torch.Tensor | None = None  # the parts' biases side by side (zeros for a part without)
 
+    def current(self) -> tuple:
+        """What the weights are now (each one's storage and in-place version): `sources()` without remaking."""
+        return tuple(_source(t) for t in [*self.weights, *(b for b in self.biases if b is not None)])
+
     def _check_source(self) -> None:
-        source = tuple(_source(t) for t in [*self.weights, *(b for b in self.biases if b is not None)])
+        source = self.current()
         if source != self.made_from:
             self.forms.clear()
             self.prepared.clear()

@@ -116,6 +116,10 @@ class DecoderLayer:
         self.fused: dict[tuple, Any] = {}  # (state, row bucket, kernel choices) -> the layer as one compiled call
         self.fused_from: tuple | None = None  # the projections' sources the fused layers were built from
 
+    def projections(self) -> tuple[Linear, Linear, Linear, Linear]:
+        """What the one-call layer multiplies with: q/k/v, o, gate/up, down."""
+        return self.qkv, self.o, self.gate_up, self.down
+
     def linears(self) -> dict[str, Linear]:
         return {"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down, "kv": self.kv}
 
@@ -251,7 +255,7 @@ class DecoderLayer:
         compiled call where every projection's chosen kernel has a native form, else the small ops as compiled
         calls one by one (the same ops and kernels either way, so the same output)."""
         i, cache = self.index, step.cache
-        fused = self._fused(state, x)
+        fused = self.one_call(state, x)
         if fused is not None:
             cos, sin = rope[0].contiguous(), rope[1].contiguous()
             return fused(x, cos, sin, cache.keys[i], cache.values[i], cache.start, step.key_begins)
@@ -267,11 +271,11 @@ class DecoderLayer:
         out = self.down(state, hidden)
         return mid + (out if self.post_mlp_norm is None else self.post_mlp_norm(out, compiled=True))
 
-    def _fused(self, state: int, x: torch.Tensor) -> Any | None:
+    def one_call(self, state: int, x: torch.Tensor) -> Any | None:
         """The layer as one compiled call for `x`'s rows in `state` (csrc/fused_layer.cpp), built on first use from
         the kernels measured fastest for each projection; None where one of them has no native form. Rebuilt when
         a weight or the kernel choices change."""
-        projections = (self.qkv, self.o, self.gate_up, self.down)
+        projections = self.projections()
         sources = tuple(p.sources() for p in projections)
         if sources != self.fused_from:
             self.fused.clear()
