@@ -1,6 +1,7 @@
 """dashskip against llama.cpp, the engine a CPU user would pick instead, in one process on one host.
 
-Rows: transformers `generate`; the engine's full path; INT8 and INT4 on every inner layer and DASH at each
+Rows: transformers `generate`; the engine's full path; INT8 and INT4 on every inner layer, INT8 on every layer (the
+first and last too, as llama.cpp's Q8_0 quantizes every layer) and DASH at each
 --speedup (rate control on), these with the INT8 LM head (llama.cpp quantizes its output matrix too); and
 llama.cpp (`llama-cpp-python`) on the GGUF the alias ships (SmolLM2: Q4_1) and on Q8_0 and Q4_0 made by
 llama.cpp's own quantizer from it (`allow_requantize`: the shipped weights dequantized to f32, which are exactly
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from dashskip.api import from_pretrained
-from dashskip.core.decisions import inner_layers
+from dashskip.core.decisions import every_layer, inner_layers
 from dashskip.core.files import cache_dir
 from dashskip.core.handlers import activations
 from dashskip.core.kernels import host_description
@@ -146,6 +147,7 @@ def main() -> None:
         except DashskipError as exc:  # beyond the policy's range on this machine: say so, time the rest
             print(f"dash {speedup:g}x left out: {exc}", flush=True)
     configs = [("engine, full", None, "full"), ("engine, int8 (int8 head)", inner_layers(n, "int8"), "int8"),
+               ("engine, int8 every layer (int8 head)", every_layer(n, "int8"), "int8"),
                ("engine, int4 (int8 head)", inner_layers(n, "int4"), "int8"), *dash]  # fmt: skip
     shipped = ALIASES[args.model].gguf_path()
     ggufs = {f"llama.cpp {shipped.stem.rsplit('.', 1)[-1]} (shipped)": shipped,

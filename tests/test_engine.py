@@ -4,7 +4,7 @@ import torch
 from dashskip import Backbone, Engine, FixedStates, State, TokenStates
 from dashskip.core import kernels
 from dashskip.core.cache import KVRule, fewest_moves
-from dashskip.core.decisions import Wrapper
+from dashskip.core.decisions import Wrapper, every_layer, inner_layers
 from dashskip.errors import DashskipError
 from dashskip.runtime.generation import generate
 from tests.conftest import FAMILIES, tiny_model
@@ -348,7 +348,7 @@ class LayerByLayer(Wrapper):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("schedule", ["full", "int8", "int4", "mixed", "with a skip"])
+@pytest.mark.parametrize("schedule", ["full", "int8", "int4", "mixed", "int8 every layer", "with a skip"])
 def test_a_planned_step_in_one_call_equals_its_layers_one_by_one(by_rule, monkeypatch, family, schedule):
     """A decider that knows every layer's state before the step (a fixed schedule, every layer in full) has the
     whole step's layers run as one compiled call (csrc/fused_layer.cpp `run_layers`): the same layers' calls in
@@ -358,7 +358,9 @@ def test_a_planned_step_in_one_call_equals_its_layers_one_by_one(by_rule, monkey
         pytest.skip("the compiled kernels are off here")
     n = 6
     states = {"full": [4] * n, "int8": [4] + [2] * (n - 2) + [4], "int4": [4] + [1] * (n - 2) + [4],
-              "mixed": [4, 1, 2, 4, 2, 4], "with a skip": [4, 2, 0, 4, 1, 4]}[schedule]  # fmt: skip
+              "mixed": [4, 1, 2, 4, 2, 4], "int8 every layer": [2] * n,
+              "with a skip": [4, 2, 0, 4, 1, 4]}[schedule]  # fmt: skip
+    fixed = every_layer(n, "int8") if schedule == "int8 every layer" else FixedStates(states)
     eng = engine_for(tiny_model(family), rule="project")
     planned_runs = []
     run_planned = Engine._run_planned
@@ -366,16 +368,18 @@ def test_a_planned_step_in_one_call_equals_its_layers_one_by_one(by_rule, monkey
                         lambda self, *a: planned_runs.append(run_planned(self, *a)) or planned_runs[-1])  # fmt: skip
     ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(3))
     runs = []
-    for decider in (FixedStates(states), LayerByLayer(FixedStates(states))):
+    for decider in (fixed, LayerByLayer(fixed)):
         session = eng.new_session(2, 16)
         out = [eng.step(ids[:, :5], session, decider)]
         out += [eng.step(ids[:, t : t + 1], session, decider) for t in range(5, 9)]
         runs.append((out, session))
     (planned, planned_session), (alone, alone_session) = runs
-    # The prompt (10 rows: few) and 4 decode steps, each while no sliding window is in reach (Gemma-3's is 5).
+    # The prompt (10 rows: few) and 4 decode steps, each while no sliding window is in reach (Gemma-3's is 5),
+    # where every layer's state has a compiled form (INT8 / INT4: the VNNI kernels; not on an AVX2-only CPU).
     windows = [w for w in eng.backbone.windows if w is not None]
     plain = sum(all(end <= w for w in windows) for end in range(5, 10))
-    assert sum(r is not None for r in planned_runs) == (0 if schedule == "with a skip" else plain)
+    compiled = schedule != "with a skip" and (set(states) == {int(State.FULL)} or kernels.vnni())
+    assert sum(r is not None for r in planned_runs) == (plain if compiled else 0)
     for a, b in zip(planned, alone, strict=True):
         torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-6, atol=1e-6)
         assert torch.equal(a.states, b.states)
@@ -406,3 +410,19 @@ def test_a_planned_step_follows_a_weight_changed_in_place(by_rule):
     after = last(FixedStates(states))
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, last(LayerByLayer(FixedStates(states))), rtol=1e-6, atol=1e-6)
+
+
+def test_the_outer_layers_run_quantized_only_where_asked(model):
+    """The first and last layer run in full whatever a schedule gives them (METHOD.md), unless the schedule says
+    they run quantized (`every_layer`, as llama.cpp's Q8_0 quantizes every layer); a skip there is refused."""
+    eng = engine_for(model)
+    n = eng.backbone.num_layers
+    ids = torch.tensor([[5, 6, 7]])
+    kept_full = eng.step(ids, eng.new_session(1), FixedStates([2] * n)).states[0, 0].tolist()
+    assert kept_full == inner_layers(n, "int8").states
+    every = eng.step(ids, eng.new_session(1), every_layer(n, "int8"))
+    assert every.states[0, 0].tolist() == [2] * n
+    inner = eng.step(ids, eng.new_session(1), inner_layers(n, "int8"))
+    assert not torch.allclose(every.hidden, inner.hidden)  # layer 0 and the last did run in INT8
+    with pytest.raises(DashskipError, match="first and the last layer"):
+        FixedStates([0] * n, quantized_outer=True)

@@ -136,3 +136,15 @@ def test_cli_eval_task_and_sweep(setup):
     assert "| random |" in (out / "table.md").read_text()
     bad = runner.invoke(app, ["sweep", "--model", model, "--speedups", "fast", "--out", str(out)])
     assert isinstance(bad.exception, DashskipError) and "comma-separated numbers" in str(bad.exception)
+
+
+def test_eval_places_dash_and_the_baselines_on_one_table(setup):
+    """`dashskip eval` runs every method on this host's measured cost table (docs/policy.md): DASH's row names the
+    same table as a baseline's, not the table its policy file was calibrated with (an unmeasured one here)."""
+    from dashskip.eval.run import evaluate
+
+    common = dict(model=str(setup / "model"), policy=str(setup / "policy.safetensors"), data_dir=None, limit=1)
+    dash = evaluate(method="dash", speedup=1.1, **common)
+    full = evaluate(method="full", speedup=1.0, **common)
+    assert dash["cost_table"] == full["cost_table"]
+    assert dash["cost_table"]["measured"]  # the policy's own table says it was not

@@ -43,6 +43,7 @@ class Traits:
     skip_scales: torch.Tensor | None = None  # scales it was calibrated with; None: the engine's own
     sublayers: dict[int, SublayerSkip] = field(default_factory=dict)  # layers with statically skipped sublayers
     may_skip_last: bool = False  # only exit-style methods may skip the last layer (METHOD.md)
+    quantized_outer: bool = False  # the first and last layers run the states given (quantized, never skipped)
     plan_ratio: float | None = None  # a sublayer plan's compute ratio, which the (all full) states cannot show
     decisions: str | None = None  # the cost table's key for what this decider's answers cost a token (a policy's)
 
@@ -52,9 +53,10 @@ class Traits:
             and other.skip_scales is not None
             and torch.equal(self.skip_scales, other.skip_scales)
         )
-        return scales_equal and (self.sublayers, self.may_skip_last, self.plan_ratio) == (
+        return scales_equal and (self.sublayers, self.may_skip_last, self.quantized_outer, self.plan_ratio) == (
             other.sublayers,
             other.may_skip_last,
+            other.quantized_outer,
             other.plan_ratio,
         )
 
@@ -136,7 +138,9 @@ def decide_and_run(
     decider knows every layer's state before the step (`Decider.planned`), the runner may run them all at once
     (None where it cannot, then the layers run one by one)."""
     batch, tokens = x.shape[:2]
-    forced = {0, *held_full} if decider.traits.may_skip_last else {0, num_layers - 1, *held_full}
+    traits = decider.traits
+    outer = set() if traits.quantized_outer else {0} if traits.may_skip_last else {0, num_layers - 1}
+    forced = {*outer, *held_full}
     planned = None if run_planned is None else decider.planned(num_layers)
     if planned is not None:
         chosen = [int(State.FULL) if i in forced else planned[i] for i in range(num_layers)]
@@ -221,12 +225,18 @@ class TimedDecider(Wrapper):
 
 
 class FixedStates(Decider):
-    """One state per layer for every token (static skipping, uniform quantization, ...); codes or names."""
+    """One state per layer for every token (static skipping, uniform quantization, ...); codes or names.
 
-    def __init__(self, states: Sequence[int | str]) -> None:
+    The first and the last layer run in full whatever is given for them (METHOD.md), unless `quantized_outer`: then
+    they run the state given, which may be quantized but never a skip (llama.cpp's Q8_0 quantizes every layer; an
+    option a user asks for, with its perplexity cost measured in docs/speed.md)."""
+
+    def __init__(self, states: Sequence[int | str], quantized_outer: bool = False) -> None:
         self.states = [parse(s) for s in states]
         if len(self.states) >= 2 and (spec(self.states[0]).skips or spec(self.states[-1]).skips):
             raise DashskipError("the first and the last layer always run in full (state 4); remove state 0 from them")
+        if quantized_outer:
+            self.traits = Traits(quantized_outer=True)
 
     def begin(self, step: StepInfo) -> None:
         if len(self.states) != step.num_layers:
@@ -242,6 +252,11 @@ class FixedStates(Decider):
 def inner_layers(num_layers: int, state: int | str) -> FixedStates:
     """`state` on every layer but the first and the last, which run in full."""
     return FixedStates([int(State.FULL)] + [parse(state)] * (num_layers - 2) + [int(State.FULL)])
+
+
+def every_layer(num_layers: int, state: int | str) -> FixedStates:
+    """`state` (not a skip) on every layer, the first and the last included."""
+    return FixedStates([parse(state)] * num_layers, quantized_outer=True)
 
 
 class TokenStates(Decider):

@@ -33,10 +33,11 @@ def evaluate(
     """The result row: quality with its SE and sample count, the measured compute ratio, what ran."""
     check_method(method)
     dash = method == "dash"
-    dm = from_pretrained(model, speedup=speedup if dash else 1.0, policy=policy if dash else None, mode=mode,
+    dm = from_pretrained(model, policy=policy if dash else None, mode=mode,
                          wall_clock=False)  # methods are compared at compute ratios
-    # DASH keeps the table its operating points were calibrated with; the others run on this host's
-    costs = dm.costs if dash else cost_table_for(dm.engine, dm.fingerprint)
+    # Every method on this host's table, so one measure places them all; DASH reads its operating curve on it
+    # (the states each of its biases ran, kept in the policy file)
+    costs = cost_table_for(dm.engine, dm.fingerprint)
     options = MethodOptions(mode=mode, calibration=Calibration.load(calibration) if calibration else None,
                             control=control)  # fmt: skip
     built = build(dm.method_context(data_dir, costs=costs), method, speedup, options)

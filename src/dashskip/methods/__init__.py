@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dashskip.core.decisions import Decider
+from dashskip.core.operating import Unit
 from dashskip.errors import DashskipError
 from dashskip.measure.calibration import Calibration
 from dashskip.methods.context import MethodContext, calibration_for
@@ -68,9 +69,13 @@ def _dash(ctx: MethodContext, speedup: float, options: MethodOptions) -> Built:
             "method 'dash' needs a trained policy and this model has none; load one (policy=FILE, --policy FILE, "
             "or an alias that ships one)"
         )
-    head = ctx.backbone.head_precision
-    costs = ctx.policy.wall_clock_costs(ctx.engine, ctx.fingerprint, head) if ctx.wall_clock else None
-    return Built(ctx.policy.decider(speedup, options.mode, control=options.control, costs=costs, head=head))
+    policy, head = ctx.policy, ctx.backbone.head_precision
+    if ctx.wall_clock:  # a decode speedup on this machine
+        costs = policy.wall_clock_costs(ctx.engine, ctx.fingerprint, head)
+        return Built(policy.decider(speedup, options.mode, control=options.control, costs=costs, head=head))
+    # A compute ratio on the table every method of the comparison is placed on (its curve read on that table)
+    point = policy.operating_point(speedup, ctx.costs, head, Unit.RATIO)
+    return Built(policy.decider(point, options.mode, control=options.control, costs=ctx.costs, head=head))
 
 
 def _quantized(states: tuple[int, ...]) -> Builder:

@@ -403,11 +403,14 @@ class DashPolicy:
         and what these decisions cost (measured the first time, a second or two, and kept with the table)."""
         return wall_clock_table(engine, fingerprint, head, self.decider(1.0, control=False), self.decision_key)
 
-    def operating_point(self, asked: Any, costs: CostTable | None = None, head: str = "full") -> OperatingPoint:
+    def operating_point(
+        self, asked: Any, costs: CostTable | None = None, head: str = "full", unit: Unit | None = None
+    ) -> OperatingPoint:
         """`asked` as an operating point of this policy: with `costs`, this machine's table, a decode wall-clock
-        speedup against the full path with the same `head` (the table knows the cost beyond the layers); without,
-        a compute ratio on the policy's own table. Refused here, with one message, when out of reach."""
-        unit = Unit.RATIO if costs is None else Unit.SPEEDUP
+        speedup against the full path with the same `head` (the table knows the cost beyond the layers), or with
+        `unit` RATIO a compute ratio on that table (methods compared on one table); without, a compute ratio on the
+        policy's own table. Refused here, with one message, when out of reach."""
+        unit = unit or (Unit.RATIO if costs is None else Unit.SPEEDUP)
         table = self.cost_table() if costs is None else costs
         return resolve(asked, unit, self.max_speedup(costs), table, self.config.num_layers, head, self.decision_key)
 
