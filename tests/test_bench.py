@@ -145,3 +145,24 @@ def test_bench_command_runs_three_configurations_side_by_side(tmp_path, smollm2)
         full["weight_read_gbs"] / bandwidth, rel=0.02, abs=2e-3
     )
     assert set(data["ratios"]) >= {"decode_vs_engine_full", "decode_vs_transformers", "prefill_vs_engine_full"}
+
+
+@pytest.mark.real
+def test_bench_runs_the_outer_layers_quantized_only_where_asked(tmp_path, smollm2):
+    """`--quantized-outer` puts the first and last layer in the method's state too (llama.cpp's Q8_0 quantizes
+    every layer): the row's compute ratio is that schedule's on the table bench ran with; other methods refuse it."""
+    from typer.testing import CliRunner
+
+    from dashskip.cli import app
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--method", "int8", "--quantized-outer", "--prompt-len", "8", "--new-tokens", "3", "--repeats",
+            "1", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())["rows"][2]
+    assert "int8 every layer" in row["name"]
+    expected = DashModel(smollm2.model, smollm2.tokenizer).costs.compute_ratio(torch.tensor([2] * 30))
+    assert row["compute_ratio"] == pytest.approx(expected, rel=0.03)
+    refused = CliRunner().invoke(app, ["bench", "--method", "dash", "--quantized-outer"])
+    assert isinstance(refused.exception, DashskipError) and "applies to --method int8 or int4" in str(refused.exception)

@@ -544,6 +544,9 @@ def bench(
     mode: Annotated[str | None, typer.Option(help="dash decision mode: async or sync (default: the policy's)")] = None,
     control: ControlOpt = "on",
     majority: Annotated[bool, typer.Option(help="batch-majority voting instead of per-row states")] = False,
+    quantized_outer: Annotated[
+        bool, typer.Option(help="with --method int8 / int4: the first and last layer in that state too")
+    ] = False,
     head: Annotated[str, typer.Option(help="LM head precision in the engine: full, bf16 or int8")] = "full",
     policy: Annotated[Path | None, typer.Option(help="policy file (default: the one shipped for the alias)")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="folder holding the shared data sets")] = None,
@@ -559,7 +562,7 @@ def bench(
 
     result = run_bench(
         model, method, speedup, batch, prompt_len, new_tokens, repeats, mode, majority, head, policy, data_dir,
-        control=_control(control),
+        control=_control(control), quantized_outer=quantized_outer,
     )
     data = result.to_dict()
     if out is not None:

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dashskip.core import kernels
-from dashskip.core.decisions import BatchMajority, Decider, TimedDecider, inner_layers
+from dashskip.core.decisions import BatchMajority, Decider, TimedDecider, every_layer, inner_layers
 from dashskip.core.states import State, codes, spec
 from dashskip.errors import DashskipError
 from dashskip.methods import MethodOptions, build_decider, check_method
@@ -181,11 +181,17 @@ def time_engine(name: str, dm, ids: torch.Tensor, decider: Decider | None, new_t
     )
 
 
-def method_decider(dm, method: str, speedup: float, mode: str | None, data_dir=None, control: bool = True) -> Decider:
+def method_decider(
+    dm, method: str, speedup: float, mode: str | None, data_dir=None, control: bool = True, quantized_outer=False
+) -> Decider:
     """The registry's decider, except that int8 / int4 run every inner layer in that state (the kernels' speed,
-    as docs/benchmarks.md measured it), not the sensitivity-chosen layers at `speedup`."""
+    as docs/benchmarks.md measured it), not the sensitivity-chosen layers at `speedup`; with `quantized_outer`,
+    the first and last layer too."""
+    if quantized_outer and method not in ("int8", "int4"):
+        raise DashskipError(f"--quantized-outer applies to --method int8 or int4, not '{method}'; leave it out")
     if method in ("int8", "int4"):
-        return inner_layers(dm.backbone.num_layers, method)
+        n = dm.backbone.num_layers
+        return every_layer(n, method) if quantized_outer else inner_layers(n, method)
     return build_decider(dm.method_context(data_dir), method, speedup, MethodOptions(mode=mode, control=control))
 
 
@@ -275,6 +281,7 @@ def run_bench(
     data_dir=None,
     progress: bool = True,
     control: bool = True,
+    quantized_outer: bool = False,
 ) -> BenchResult:
     """Benchmark `method` on the model `name` against its full path and plain transformers `generate`."""
     from dashskip.api import from_pretrained
@@ -285,15 +292,18 @@ def run_bench(
     dm = from_pretrained(name, speedup=speedup if method == "dash" else 1.0, policy=policy, head=head)
     reference = dm.model  # the engine reads the transformers model's weights and leaves the model as it was
     ids = token_windows(dm.tokenizer, load_text("wikitext2", data_dir), batch, prompt_len, seed=0)
-    decider = method_decider(dm, method, speedup, mode, data_dir, control)
+    decider = method_decider(dm, method, speedup, mode, data_dir, control, quantized_outer)
     plan_ratio = decider.traits.plan_ratio  # a sublayer plan's ratio: the states cannot show it
     label = method if method in ("int8", "int4") else f"{method} {speedup:g}x"
+    if quantized_outer:
+        label += " every layer"
     if method == "dash":
         label += f" {mode or dm.policy.config.mode}"
     if majority:
         decider, label = BatchMajority(decider), f"{label}, batch-majority"
     config = dict(
-        model=name, method=method, speedup=speedup, mode=mode, control=control, majority=majority, batch=batch,
+        model=name, method=method, speedup=speedup, mode=mode, control=control, majority=majority,
+        quantized_outer=quantized_outer, batch=batch,
         prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, head=head, threads=torch.get_num_threads(),
         small_row_kernel=kernels.extension() is not None,
     )  # fmt: skip
