@@ -162,7 +162,9 @@ def test_bench_runs_the_outer_layers_quantized_only_where_asked(tmp_path, smollm
     assert result.exit_code == 0, result.output
     row = json.loads(out.read_text())["rows"][2]
     assert "int8 every layer" in row["name"]
-    expected = DashModel(smollm2.model, smollm2.tokenizer).costs.compute_ratio(torch.tensor([2] * 30))
-    assert row["compute_ratio"] == pytest.approx(expected, rel=0.03)
+    costs = DashModel(smollm2.model, smollm2.tokenizer).costs
+    every, inner = (costs.compute_ratio(torch.tensor(s)) for s in ([2] * 30, [4] + [2] * 28 + [4]))
+    assert row["compute_ratio"] == pytest.approx(every, rel=2e-3)
+    assert row["compute_ratio"] != pytest.approx(inner, rel=2e-3)
     refused = CliRunner().invoke(app, ["bench", "--method", "dash", "--quantized-outer"])
     assert isinstance(refused.exception, DashskipError) and "applies to --method int8 or int4" in str(refused.exception)

@@ -4,7 +4,7 @@ import torch
 from dashskip import Backbone, Engine, FixedStates, State, TokenStates
 from dashskip.core import kernels
 from dashskip.core.cache import KVRule, fewest_moves
-from dashskip.core.decisions import Wrapper, every_layer, inner_layers
+from dashskip.core.decisions import Decider, Traits, Wrapper, every_layer, inner_layers
 from dashskip.errors import DashskipError
 from dashskip.runtime.generation import generate
 from tests.conftest import FAMILIES, tiny_model
@@ -380,24 +380,29 @@ def test_a_planned_step_in_one_call_equals_its_layers_one_by_one(by_rule, monkey
     plain = sum(all(end <= w for w in windows) for end in range(5, 10))
     compiled = schedule != "with a skip" and (set(states) == {int(State.FULL)} or kernels.vnni())
     assert sum(r is not None for r in planned_runs) == (plain if compiled else 0)
-    for a, b in zip(planned, alone, strict=True):
-        torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-6, atol=1e-6)
+    for a, b in zip(planned, alone, strict=True):  # the same calls in the same order: equal to the bit
+        assert torch.equal(a.hidden, b.hidden)
         assert torch.equal(a.states, b.states)
         assert a.states[0, 0].tolist() == states
     for a, b in zip(planned_session.cache.keys + planned_session.cache.values,
                     alone_session.cache.keys + alone_session.cache.values, strict=True):  # fmt: skip
-        torch.testing.assert_close(a[:, :, :9], b[:, :, :9], rtol=1e-6, atol=1e-6)
+        assert torch.equal(a[:, :, :9], b[:, :, :9])
 
 
-def test_a_planned_step_follows_a_weight_changed_in_place(by_rule):
+def test_a_planned_step_follows_a_weight_changed_in_place(by_rule, monkeypatch):
     """The engine keeps each plan's compiled calls between steps; a weight changed in place must not leave them
-    stale (the step after the change equals the layer-by-layer step on the changed weights)."""
+    stale (the step after the change equals the layer-by-layer step on the changed weights). Every layer in full:
+    a plan with a compiled form on every CPU the extension runs on."""
     if kernels.extension() is None:
         pytest.skip("the compiled kernels are off here")
     model = tiny_model("llama")
     eng = engine_for(model)
-    states = [4, 2, 2, 2, 2, 4]
+    states = [4] * 6
     ids = torch.tensor([[5, 6, 7, 8]])
+    in_one_call = []
+    run_planned = Engine._run_planned
+    monkeypatch.setattr(Engine, "_run_planned",
+                        lambda self, *a: in_one_call.append(run_planned(self, *a)) or in_one_call[-1])  # fmt: skip
 
     def last(decider) -> torch.Tensor:
         session = eng.new_session(1, 8)
@@ -409,7 +414,8 @@ def test_a_planned_step_follows_a_weight_changed_in_place(by_rule):
         model.model.layers[2].mlp.down_proj.weight.mul_(3)
     after = last(FixedStates(states))
     assert not torch.allclose(before, after)
-    torch.testing.assert_close(after, last(LayerByLayer(FixedStates(states))), rtol=1e-6, atol=1e-6)
+    assert torch.equal(after, last(LayerByLayer(FixedStates(states))))
+    assert sum(r is not None for r in in_one_call) == 4  # both steps of both runs before the layer-by-layer one
 
 
 def test_the_outer_layers_run_quantized_only_where_asked(model):
@@ -426,3 +432,12 @@ def test_the_outer_layers_run_quantized_only_where_asked(model):
     assert not torch.allclose(every.hidden, inner.hidden)  # layer 0 and the last did run in INT8
     with pytest.raises(DashskipError, match="first and the last layer"):
         FixedStates([0] * n, quantized_outer=True)
+
+    class SkipsEverywhere(Decider):  # a decider with the trait that answers a skip: the outer layers run in full
+        traits = Traits(quantized_outer=True)
+
+        def __call__(self, layer, hidden, previous):
+            return int(State.SKIP) if layer % 2 else torch.full(hidden.shape[:2], int(State.SKIP), dtype=torch.int8)
+
+    ran = eng.step(torch.tensor([[5, 6, 7], [8, 9, 10]]), eng.new_session(2), SkipsEverywhere()).states
+    assert ran[:, :, 0].eq(4).all() and ran[:, :, -1].eq(4).all() and ran[:, :, 1:-1].eq(0).all()

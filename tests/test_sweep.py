@@ -148,3 +148,12 @@ def test_eval_places_dash_and_the_baselines_on_one_table(setup):
     full = evaluate(method="full", speedup=1.0, **common)
     assert dash["cost_table"] == full["cost_table"]
     assert dash["cost_table"]["measured"]  # the policy's own table says it was not
+    # and DASH's decider steers its rate on that table, not on the policy's
+    from dashskip.api import from_pretrained
+    from dashskip.measure.profiling import cost_table_for
+    from dashskip.methods import build
+
+    dm = from_pretrained(common["model"], policy=common["policy"], wall_clock=False)
+    host = cost_table_for(dm.engine, dm.fingerprint)
+    decider = build(dm.method_context(costs=host), "dash", 1.1).decider
+    assert decider.sequence.control.costs is host and host.decode != dm.policy.cost_table().decode

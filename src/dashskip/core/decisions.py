@@ -43,7 +43,9 @@ class Traits:
     skip_scales: torch.Tensor | None = None  # scales it was calibrated with; None: the engine's own
     sublayers: dict[int, SublayerSkip] = field(default_factory=dict)  # layers with statically skipped sublayers
     may_skip_last: bool = False  # only exit-style methods may skip the last layer (METHOD.md)
-    quantized_outer: bool = False  # the first and last layers run the states given (quantized, never skipped)
+    # The first and last layers run the states given (quantized; a skip there runs in full). Rows of a batch must
+    # agree on it (`same_as`), as on every trait.
+    quantized_outer: bool = False
     plan_ratio: float | None = None  # a sublayer plan's compute ratio, which the (all full) states cannot show
     decisions: str | None = None  # the cost table's key for what this decider's answers cost a token (a policy's)
 
@@ -139,11 +141,13 @@ def decide_and_run(
     (None where it cannot, then the layers run one by one)."""
     batch, tokens = x.shape[:2]
     traits = decider.traits
-    outer = set() if traits.quantized_outer else {0} if traits.may_skip_last else {0, num_layers - 1}
-    forced = {*outer, *held_full}
+    outer = {0} if traits.may_skip_last else {0, num_layers - 1}
+    forced = {*held_full} if traits.quantized_outer else {*outer, *held_full}
+    unskipped = outer if traits.quantized_outer else set()  # run the state given, but never a skip
     planned = None if run_planned is None else decider.planned(num_layers)
     if planned is not None:
         chosen = [int(State.FULL) if i in forced else planned[i] for i in range(num_layers)]
+        chosen = [int(State.FULL) if i in unskipped and spec(s).skips else s for i, s in enumerate(chosen)]
         out = run_planned(chosen, x)
         if out is not None:
             return out, torch.tensor(chosen, dtype=torch.int8).expand(batch, tokens, num_layers).clone()
@@ -152,10 +156,23 @@ def decide_and_run(
     for i in range(num_layers):
         answer = decider(i, x, previous)
         choice = int(State.FULL) if i in forced else as_choice(answer, batch, tokens)
+        if i in unskipped:
+            choice = unskip(choice)
         x = run(i, choice, x)
         states[:, :, i] = choice if isinstance(choice, int) else choice.to(torch.int8)
         previous = choice
     return x, states
+
+
+def unskip(choice: StateChoice) -> StateChoice:
+    """`choice` with full precision where it skips (an outer layer runs quantized where asked, never skipped)."""
+    if isinstance(choice, int):
+        return int(State.FULL) if spec(choice).skips else choice
+    skips = torch.tensor([spec(int(c)).skips for c in choice.unique()], dtype=torch.bool)
+    if not bool(skips.any()):
+        return choice
+    codes = choice.unique()[skips]
+    return torch.where(torch.isin(choice, codes), torch.full_like(choice, int(State.FULL)), choice)
 
 
 def per_row(deciders: Sequence[Decider]) -> Decider:
@@ -210,7 +227,11 @@ class TimedDecider(Wrapper):
         self.decider.begin(step)
 
     def planned(self, num_layers: int) -> list[int] | None:
-        return self.decider.planned(num_layers)  # nothing to time: no decision is asked for
+        """The wrapped decider's plan (nothing to time: no decision is asked for); None for a subclass that
+        answers otherwise (`measure.profiling._Consulted` runs every layer in full while it times the answers)."""
+        if type(self).__call__ is not TimedDecider.__call__:
+            return None
+        return self.decider.planned(num_layers)
 
     def __call__(self, layer: int, hidden: torch.Tensor, previous: StateChoice) -> StateChoice:
         t0 = time.perf_counter()

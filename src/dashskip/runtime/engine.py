@@ -145,7 +145,8 @@ class Engine:
             raise DashskipError(f"{self.scales.numel()} skip scales given for a model with {n} layers")
         self.kv_rule = KVRule.parse(kv_rule)
         self._warned_nonfinite = False
-        self._planned: dict[tuple, tuple[tuple, list[Any] | None]] = {}  # `_planned_calls`, the latest few plans
+        self._planned: dict[tuple, list[Any] | None] = {}  # `_planned_calls`: the latest-used few plans
+        self._planned_from: tuple | None = None  # the weights they were built from
 
     def new_session(self, batch: int, capacity: int = 256) -> Session:
         cfg = self.backbone.config
@@ -202,19 +203,24 @@ class Engine:
 
     def _planned_calls(self, states: list[int], x: torch.Tensor) -> list[Any] | None:
         """Each layer's one compiled call in its planned state (`DecoderLayer.one_call`), kept for the next step
-        with the same plan, rows, kernel choices and weights: asking every layer for it cost ~0.7 ms a step."""
+        with the same plan, rows, kernel choices and weights (asking every layer for it cost ~0.7 ms a step). The
+        latest-used few plans are kept; a weight changed in place or replaced drops them all (and the packed
+        weights they hold)."""
         rows = x.numel() // x.shape[-1]
         key = (tuple(states), K.row_bucket(rows), K.CHOICE.generation, K.activations(), torch.get_num_threads())
         layers = self.backbone.layers
         weights = tuple(p.current() for layer in layers for p in layer.projections())
-        kept = self._planned.get(key)
-        if kept is not None and kept[0] == weights:
-            return kept[1]
+        if weights != self._planned_from:
+            self._planned.clear()
+            self._planned_from = weights
+        if key in self._planned:
+            self._planned[key] = self._planned.pop(key)  # the most recently used last
+            return self._planned[key]
         calls = [None if spec(s).skips else layer.one_call(s, x) for layer, s in zip(layers, states, strict=True)]
         found = None if any(c is None for c in calls) else calls
         if len(self._planned) >= PLANS_KEPT:
-            self._planned.pop(next(iter(self._planned)))
-        self._planned[key] = (weights, found)
+            self._planned.pop(next(iter(self._planned), None), None)
+        self._planned[key] = found
         return found
 
     def _run_planned(self, states: list[int], x: torch.Tensor, step: StepContext) -> torch.Tensor | None:
