@@ -120,26 +120,24 @@ def measure_beyond_layers(
     steps: int = 16,
 ) -> None:
     """Time real decode steps (the LM head at `head`, greedy) and put into `table` what a token costs beyond its
-    layers: `outside[head]` (embedding, norm, head, sampling, the engine's step as the full path runs it); with
-    `decider`, also `decisions[key]`, what deciding layer by layer adds to a step: its answers and the engine's loop
-    between layers, which a step planned in advance (the full path, a fixed schedule: one compiled call for its
-    layers) does not run. Both in full layers, medians over `steps` steps against a `context`-token cache.
+    layers: `outside[head]` (embedding, norm, head, sampling, the engine's loop); with `decider`, also
+    `decisions[key]`, the time its answers took. Both in full layers, medians over `steps` steps against a
+    `context`-token cache.
 
-    Steps with every layer in full, asked layer by layer, alternate with steps whose inner layers are skipped (also
-    layer by layer): their difference is the inner layers' cost at this moment, (L - 2) x (1 - skip cost) full
-    layers, which converts milliseconds into full layers at the same time as they were measured. A shared host runs
-    at different speeds from minute to minute, and the sweep that timed the states ran earlier. The full path's own
-    steps (planned where they can be) alternate with both."""
+    Steps with every layer in full alternate with steps whose inner layers are skipped: their difference is the
+    inner layers' cost at this moment, (L - 2) x (1 - skip cost) full layers, which converts milliseconds into full
+    layers at the same time as they were measured. A shared host runs at different speeds from minute to minute,
+    and the sweep that timed the states ran earlier."""
     bb = engine.backbone
     n = bb.num_layers
     consulted = _Consulted(decider or Decider())
     skipping = FixedStates([int(State.FULL)] + [int(State.SKIP)] * (n - 2) + [int(State.FULL)])
-    session = engine.new_session(1, context + 3 * steps + 7)
+    session = engine.new_session(1, context + 2 * steps + 5)
     token = bb.logits(engine.step(torch.randint(0, bb.config.vocab_size, (1, context)), session).hidden[:, -1:])
     token = token.argmax(-1)
-    full_ms, skip_ms, path_ms, deciding = [], [], [], []
+    full_ms, skip_ms, deciding = [], [], []
     for i in range(steps + 2):  # the first two warm up (the head's form, kernel choices)
-        for times, step_decider in ((full_ms, consulted), (skip_ms, skipping), (path_ms, Decider())):
+        for times, step_decider in ((full_ms, consulted), (skip_ms, skipping)):
             consulted.seconds = 0.0
             t0 = time.perf_counter()
             token = bb.logits(engine.step(token, session, step_decider).hidden[:, -1:], head).argmax(-1)
@@ -147,28 +145,21 @@ def measure_beyond_layers(
                 times.append((time.perf_counter() - t0 - consulted.seconds) * 1000)
                 if step_decider is consulted:
                     deciding.append(consulted.seconds * 1000)
-    full, skipped, path = statistics.median(full_ms), statistics.median(skip_ms), statistics.median(path_ms)
+    full, skipped = statistics.median(full_ms), statistics.median(skip_ms)
     saved = (n - 2) * (1 - table.cost(int(State.SKIP)))  # full layers a skipping step saves
     # Where skipping saves too little to measure by (a tiny model's layers cost less than the engine's loop),
     # the sweep's own full-layer time converts instead.
     sweep_ms = statistics.mean(table.layer_ms["decode"][str(int(State.FULL))])
     layer_ms = (full - skipped) / saved if saved >= 1 and full > skipped else sweep_ms
-    table.outside[head] = round(max(path / layer_ms - n, 0.0), 4)
+    table.outside[head] = round(max(full / layer_ms - n, 0.0), 4)
     if decider is not None and key is not None:
-        loop = max(full - path, 0.0)  # the engine's loop between layers, where the full path has none
-        table.decisions[key] = round((statistics.median(deciding) + loop) / layer_ms, 4)
-
-
-# What a table's numbers mean; tables of another meaning are measured anew. 2: `outside` is the full path's step
-# as it runs (one compiled call for a planned step's layers), the loop between layers is in `decisions`.
-TABLE_MEANING = 2
+        table.decisions[key] = round(statistics.median(deciding) / layer_ms, 4)
 
 
 def default_profile_path(fingerprint: str, kv_rule: str) -> Path:
     """Where the cost table lives; per K/V rule, since the rule sets what a skipped layer costs, and per activation
     arithmetic, since it sets what the INT8 and INT4 states cost."""
-    name = f"{fingerprint}-{machine_id()}-{kv_rule}-{activations()}.json"
-    return cache_dir() / f"profiles-m{TABLE_MEANING}" / name
+    return cache_dir() / "profiles" / f"{fingerprint}-{machine_id()}-{kv_rule}-{activations()}.json"
 
 
 def cost_table_for(engine: Engine, fingerprint: str, progress: bool = True) -> CostTable:
