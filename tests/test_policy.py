@@ -399,6 +399,9 @@ def test_a_point_resolved_for_another_head_is_resolved_again():
     dm.set_head("int8")  # both heads measured; then what a token costs beyond the layers set apart by hand:
     dm.set_head("full")  # a tiny model's head costs nothing measurable on some hosts, and both would resolve alike
     dm.costs.outside.update(full=4.0, int8=1.0)
+    # and what the policy's decisions cost: a tiny model's layers take microseconds, so its measured decisions
+    # range from under one of its layers to several over hosts (3.3 on an AMD EPYC: 1.2x out of reach)
+    dm.costs.decisions[dm.policy.decision_key] = 0.5
     point = dm.operating_point(1.2)
     assert dm.operating_point(point) is point and point.head == "full"
     dm.set_head("int8")
