@@ -147,7 +147,7 @@ def decide_and_run(
     planned = None if run_planned is None else decider.planned(num_layers)
     if planned is not None:
         chosen = [int(State.FULL) if i in forced else planned[i] for i in range(num_layers)]
-        chosen = [int(State.FULL) if i in unskipped and spec(s).skips else s for i, s in enumerate(chosen)]
+        chosen = [unskip(s) if i in unskipped else s for i, s in enumerate(chosen)]
         out = run_planned(chosen, x)
         if out is not None:
             return out, torch.tensor(chosen, dtype=torch.int8).expand(batch, tokens, num_layers).clone()
