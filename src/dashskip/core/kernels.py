@@ -123,7 +123,7 @@ def extension() -> ModuleType | None:
         if built is not None:
             return built
         build.mkdir(parents=True, exist_ok=True)
-        print("dashskip: building its CPU kernels, once for this machine (about a minute)...", file=sys.stderr)
+        print("dashskip: building its CPU kernels, once for this machine (about 40 seconds)...", file=sys.stderr)
         try:
             return load(EXTENSION, [str(p) for p in SOURCES], extra_cflags=["-O3", "-mavx", "-mfma"],
                         build_directory=str(build), verbose=False)  # fmt: skip

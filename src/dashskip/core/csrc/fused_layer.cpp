@@ -9,6 +9,7 @@
 #include "ops.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/utils/pybind.h>  // the tensor casters alone: torch/extension.h compiles ~12 s longer
 
 #include <optional>
 #include <string>
@@ -31,7 +32,7 @@ Kind parse_kind(const std::string& name) {
 
 // oneDNN's product on a weight torch reordered for it (mkldnn::_linear_pointwise, core/handlers.py "onednn"),
 // called through torch's dispatcher as Python calls it.
-torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& reordered) {
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& reordered) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   std::vector<c10::IValue> stack{x.contiguous(), reordered, c10::IValue(), c10::IValue(std::string("none")),
                                  c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
@@ -42,19 +43,19 @@ torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& reorder
 // x @ W^T (+ b) with the kernel chosen for it; x (..., K) -> (..., out).
 struct Projection {
   Kind kind;
-  std::vector<torch::Tensor> tensors;
+  std::vector<at::Tensor> tensors;
   int64_t out;
-  std::optional<torch::Tensor> bias;
+  std::optional<at::Tensor> bias;
 
-  torch::Tensor operator()(const torch::Tensor& x) const {
+  at::Tensor operator()(const at::Tensor& x) const {
     const auto flat = x.reshape({-1, x.size(-1)});
-    torch::Tensor y;
+    at::Tensor y;
     switch (kind) {
       case Kind::kTorch:
         if (tensors.size() == 1) {
           y = at::linear(flat, tensors[0]);
         } else {
-          std::vector<torch::Tensor> parts;
+          std::vector<at::Tensor> parts;
           for (const auto& w : tensors) parts.push_back(at::linear(flat, w));
           y = at::cat(parts, -1);
         }
@@ -78,7 +79,7 @@ struct Projection {
 };
 
 struct Norm {
-  std::optional<torch::Tensor> weight;
+  std::optional<at::Tensor> weight;
   double eps;
   explicit operator bool() const { return weight.has_value(); }
 };
@@ -98,9 +99,9 @@ class FusedLayer {
  public:
   // projections: q/k/v, o, gate/up, down, each (kind, tensors, out_features, bias). norms: attention, MLP, q, k,
   // post-attention, post-MLP (absent ones None), with their epsilons.
-  FusedLayer(const std::vector<std::string>& kinds, const std::vector<std::vector<torch::Tensor>>& tensors,
-             const std::vector<int64_t>& outs, const std::vector<std::optional<torch::Tensor>>& biases,
-             const std::vector<std::optional<torch::Tensor>>& norms, const std::vector<double>& eps,
+  FusedLayer(const std::vector<std::string>& kinds, const std::vector<std::vector<at::Tensor>>& tensors,
+             const std::vector<int64_t>& outs, const std::vector<std::optional<at::Tensor>>& biases,
+             const std::vector<std::optional<at::Tensor>>& norms, const std::vector<double>& eps,
              const std::string& act, int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling)
       : act_(parse_act(act)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), scaling_(scaling) {
     TORCH_CHECK(kinds.size() == 4 && tensors.size() == 4 && outs.size() == 4 && biases.size() == 4,
@@ -113,9 +114,9 @@ class FusedLayer {
   }
 
   // x (B, T, D) contiguous; cos/sin (B, T, Dh); keys/values (B, KV, capacity, Dh), this step's slots from start.
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                        const torch::Tensor& keys, const torch::Tensor& values, int64_t start,
-                        const torch::Tensor& begins) const {
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                        const at::Tensor& keys, const at::Tensor& values, int64_t start,
+                        const at::Tensor& begins) const {
     auto qkv = proj_[0](::rms_norm(x, *norm_[0].weight, norm_[0].eps));
     if (norm_[2]) norm_heads(qkv);
     const auto q = rope_and_cache(qkv, cos, sin, keys, values, heads_, start);
@@ -126,12 +127,12 @@ class FusedLayer {
   }
 
  private:
-  static torch::Tensor post(const torch::Tensor& out, const Norm& norm) {
+  static at::Tensor post(const at::Tensor& out, const Norm& norm) {
     return norm ? ::rms_norm(out, *norm.weight, norm.eps) : out;
   }
 
   // q and k of the fused q/k/v rows normed per head, in place (Gemma3's qk-norm), as torch's rms_norm does it.
-  void norm_heads(torch::Tensor& qkv) const {
+  void norm_heads(at::Tensor& qkv) const {
     const int64_t qw = heads_ * head_dim_, kw = kv_heads_ * head_dim_;
     auto q = qkv.narrow(-1, 0, qw).unflatten(-1, {heads_, head_dim_});
     auto k = qkv.narrow(-1, qw, kw).unflatten(-1, {kv_heads_, head_dim_});
@@ -139,7 +140,7 @@ class FusedLayer {
     k.copy_(at::rms_norm(k, {head_dim_}, norm_[3].weight, norm_[3].eps));
   }
 
-  torch::Tensor activate(const torch::Tensor& gate_up) const {
+  at::Tensor activate(const at::Tensor& gate_up) const {
     if (act_ == Act::kSilu) return silu_mul(gate_up);
     const auto halves = gate_up.chunk(2, -1);
     return at::gelu(halves[0], act_ == Act::kGeluTanh ? "tanh" : "none") * halves[1];
@@ -157,10 +158,10 @@ class FusedLayer {
 // lookup, the states' bookkeeping: ~60 us a layer, ~15% of an INT8 decode step of SmolLM2) is not run at all, and
 // the GIL is released for the whole step (a server's other threads run meanwhile). Layer i reads cos[i] / sin[i]
 // (models with two rope kinds) and writes keys[i] / values[i]; each layer is the very call the Python loop makes.
-torch::Tensor run_layers(const std::vector<const FusedLayer*>& layers, torch::Tensor x,
-                         const std::vector<torch::Tensor>& cos, const std::vector<torch::Tensor>& sin,
-                         const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
-                         int64_t start, const torch::Tensor& begins) {
+at::Tensor run_layers(const std::vector<const FusedLayer*>& layers, at::Tensor x,
+                         const std::vector<at::Tensor>& cos, const std::vector<at::Tensor>& sin,
+                         const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
+                         int64_t start, const at::Tensor& begins) {
   const size_t n = layers.size();
   TORCH_CHECK(cos.size() == n && sin.size() == n && keys.size() == n && values.size() == n,
               "run_layers: need a rope, keys and values per layer");
@@ -168,11 +169,27 @@ torch::Tensor run_layers(const std::vector<const FusedLayer*>& layers, torch::Te
   return x;
 }
 
-void register_fused_layer(pybind11::module& m) {
+// The extension's one Python module: every op of ops.h and the fused layer.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack, "pack a (N, K) float32 weight into 16-column panels");
+  m.def("linear", &linear, "x @ W^T for few rows, W packed by pack()");
+  m.def("has_int8", &has_int8, "whether this CPU runs linear_int8 (AVX-512)");
+  m.def("pack_int8", &pack_int8, "pack a (N, K) int8 weight and its scales into 16-column panels");
+  m.def("linear_int8", &linear_int8, "(x @ q^T) * scale for few fp32 rows, q packed by pack_int8()");
+  m.def("decide", &decide, "the DASH policy's folded greedy decision for few rows");
+  m.def("rms_norm", &rms_norm, "RMS norm of each row");
+  m.def("rope_and_cache", &rope_and_cache, "rope on q and k of a fused q/k/v row, k and v into the cache");
+  m.def("causal_attention", &causal_attention, "causal attention of few queries over the cache, grouped heads");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up row");
+  m.def("has_vnni", &has_vnni, "whether this CPU runs the integer dot-product kernels (AVX512-VNNI)");
+  m.def("pack_int8_vnni", &pack_int8_vnni, "pack an int8 weight for linear_int8_vnni");
+  m.def("linear_int8_vnni", &linear_int8_vnni, "few rows quantized to int8 times an INT8 weight, VNNI; far: the L2 prefetch plan");
+  m.def("pack_int4_vnni", &pack_int4_vnni, "pack INT4 codes, scales and minima for linear_int4_vnni");
+  m.def("linear_int4_vnni", &linear_int4_vnni, "few rows quantized to int8 times an INT4 weight, VNNI; far: the L2 prefetch plan");
   pybind11::class_<FusedLayer>(m, "FusedLayer", "a decoder layer for few rows in one state, one call")
-      .def(pybind11::init<const std::vector<std::string>&, const std::vector<std::vector<torch::Tensor>>&,
-                          const std::vector<int64_t>&, const std::vector<std::optional<torch::Tensor>>&,
-                          const std::vector<std::optional<torch::Tensor>>&, const std::vector<double>&,
+      .def(pybind11::init<const std::vector<std::string>&, const std::vector<std::vector<at::Tensor>>&,
+                          const std::vector<int64_t>&, const std::vector<std::optional<at::Tensor>>&,
+                          const std::vector<std::optional<at::Tensor>>&, const std::vector<double>&,
                           const std::string&, int64_t, int64_t, int64_t, double>())
       .def("__call__", &FusedLayer::forward, "x, cos, sin, keys, values, start, begins -> the layer's output");
   m.def("run_layers", &run_layers, pybind11::call_guard<pybind11::gil_scoped_release>(),

@@ -22,7 +22,7 @@
 // (core/kernels.py): near, 2 KB ahead into L1; far, 4 KB ahead into L2. Which one streams faster depends on the
 // CPU's prefetchers: on an AMD EPYC (Zen 4) far read INT8 weights ~20% faster and near was faster for INT4, whose
 // unpacking makes it less bound by memory.
-#include <torch/extension.h>
+#include "ops.h"
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
@@ -175,9 +175,9 @@ void row_passes(int64_t m, Kernel&& kernel) {
   }
 }
 
-void check_x(const torch::Tensor& x, int64_t k, const char* what) {
+void check_x(const at::Tensor& x, int64_t k, const char* what) {
   TORCH_CHECK(cpu_has_vnni(), what, ": this CPU has no AVX512-VNNI");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(), what,
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), what,
               ": need 2-D float32 CPU rows");
   TORCH_CHECK(x.size(1) == k, what, ": the rows' width does not match the packed weight");
 }
@@ -188,25 +188,25 @@ bool has_vnni() { return cpu_has_vnni(); }
 
 // weight (N, K) int8, scales (N,) -> panels (P, G, 16 quads, 16, 4) int8 with G = ceil(K / 64), 128 x the column
 // sums per block (P, G, 16) int32, scales (P*16,) float32; zero-padded past N and K.
-std::vector<torch::Tensor> pack_int8_vnni(const torch::Tensor& weight, const torch::Tensor& scales) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kInt8, "pack_int8_vnni: need a 2-D int8 weight");
+std::vector<at::Tensor> pack_int8_vnni(const at::Tensor& weight, const at::Tensor& scales) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "pack_int8_vnni: need a 2-D int8 weight");
   const int64_t n = weight.size(0), k = weight.size(1), panels = (n + kCols - 1) / kCols;
   const int64_t groups = (k + kGroup - 1) / kGroup;
-  auto padded = torch::zeros({panels * kCols, groups * kGroup}, weight.options());
+  auto padded = at::zeros({panels * kCols, groups * kGroup}, weight.options());
   padded.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
   auto blocks = padded.view({panels, kCols, groups, kGroup / 4, 4});
   auto packed = blocks.permute({0, 2, 3, 1, 4}).contiguous();
-  auto comp = blocks.to(torch::kInt32).sum({3, 4}).mul(128).to(torch::kInt32).permute({0, 2, 1}).contiguous();
-  auto s = torch::zeros({panels * kCols}, torch::dtype(torch::kFloat32));
+  auto comp = blocks.to(at::kInt).sum({3, 4}).mul(128).to(at::kInt).permute({0, 2, 1}).contiguous();
+  auto s = at::zeros({panels * kCols}, at::dtype(at::kFloat));
   s.narrow(0, 0, n).copy_(scales);
   return {packed, comp, s};
 }
 
 // x (M, K) float32 -> (M, out_features) = sum over blocks of (q(x) . w) * block scale, times the column scale.
-torch::Tensor linear_int8_vnni(const torch::Tensor& x_in, const torch::Tensor& packed, const torch::Tensor& comp,
-                               const torch::Tensor& wscale, int64_t out_features, bool far) {
+at::Tensor linear_int8_vnni(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& comp,
+                               const at::Tensor& wscale, int64_t out_features, bool far) {
   const int64_t panels = packed.size(0), groups = packed.size(1), k = x_in.size(1), width = panels * kCols;
-  TORCH_CHECK(packed.dim() == 5 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous() &&
+  TORCH_CHECK(packed.dim() == 5 && packed.scalar_type() == at::kChar && packed.is_contiguous() &&
                   (k + kGroup - 1) / kGroup == groups,
               "linear_int8_vnni: the rows' width does not match the packed weight");
   check_x(x_in, k, "linear_int8_vnni");
@@ -215,7 +215,7 @@ torch::Tensor linear_int8_vnni(const torch::Tensor& x_in, const torch::Tensor& p
   std::vector<uint8_t> q(m * groups * kGroup);
   std::vector<float> xs(m * groups);
   quantize_rows(x.data_ptr<float>(), m, k, groups, true, q.data(), xs.data());
-  auto y = torch::empty({m, width}, x.options());
+  auto y = at::empty({m, width}, x.options());
   const int8_t* pp = packed.data_ptr<int8_t>();
   const int32_t* cp = comp.data_ptr<int32_t>();
   const float* sp = wscale.data_ptr<float>();
@@ -234,20 +234,20 @@ torch::Tensor linear_int8_vnni(const torch::Tensor& x_in, const torch::Tensor& p
 
 // codes (N, K) uint8 in 0..15, scales and minima (N, K/64) -> nibbles (P, K/64, 16 quads, 32) uint8, scales and
 // minima (P, K/64, 16) bf16; zero-padded past N.
-std::vector<torch::Tensor> pack_int4_vnni(const torch::Tensor& codes, const torch::Tensor& scales,
-                                          const torch::Tensor& minima) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8, "pack_int4_vnni: need 2-D uint8 codes");
+std::vector<at::Tensor> pack_int4_vnni(const at::Tensor& codes, const at::Tensor& scales,
+                                          const at::Tensor& minima) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte, "pack_int4_vnni: need 2-D uint8 codes");
   const int64_t n = codes.size(0), k = codes.size(1), panels = (n + kCols - 1) / kCols;
   TORCH_CHECK(k % kGroup == 0, "pack_int4_vnni: in_features must be a multiple of 64");
   const int64_t groups = k / kGroup;
-  auto padded = torch::zeros({panels * kCols, k}, codes.options());
+  auto padded = at::zeros({panels * kCols, k}, codes.options());
   padded.narrow(0, 0, n).copy_(codes);
   // (P, 16 cols, G, 16 quads, 4) -> (P, G, 16 quads, 16 cols, 4): 64 codes per quad block, cols 0-7 then 8-15
   auto blocks = padded.view({panels, kCols, groups, kGroup / 4, 4}).permute({0, 2, 3, 1, 4}).contiguous();
   auto flat = blocks.view({-1, 2, 32});
   auto nibbles = (flat.select(1, 0) | flat.select(1, 1).bitwise_left_shift(4)).contiguous();
-  auto per_panel = [&](const torch::Tensor& t) {
-    auto out = torch::zeros({panels * kCols, groups}, torch::dtype(torch::kBFloat16));
+  auto per_panel = [&](const at::Tensor& t) {
+    auto out = at::zeros({panels * kCols, groups}, at::dtype(at::kBFloat16));
     out.narrow(0, 0, n).copy_(t);
     return out.view({panels, kCols, groups}).permute({0, 2, 1}).contiguous();
   };
@@ -255,8 +255,8 @@ std::vector<torch::Tensor> pack_int4_vnni(const torch::Tensor& codes, const torc
 }
 
 // x (M, K) float32 -> (M, out_features) = sum over groups of row scale * (scale * q.codes + minimum * sum(q)).
-torch::Tensor linear_int4_vnni(const torch::Tensor& x_in, const torch::Tensor& nibbles, const torch::Tensor& scales,
-                               const torch::Tensor& minima, int64_t out_features, bool far) {
+at::Tensor linear_int4_vnni(const at::Tensor& x_in, const at::Tensor& nibbles, const at::Tensor& scales,
+                               const at::Tensor& minima, int64_t out_features, bool far) {
   const int64_t panels = nibbles.size(0), groups = nibbles.size(1), k = groups * kGroup, width = panels * kCols;
   check_x(x_in, k, "linear_int4_vnni");
   const auto x = x_in.contiguous();
@@ -267,7 +267,7 @@ torch::Tensor linear_int4_vnni(const torch::Tensor& x_in, const torch::Tensor& n
   std::vector<int32_t> xsum(m * groups, 0);
   for (int64_t r = 0; r < m; ++r)
     for (int64_t i = 0; i < k; ++i) xsum[r * groups + i / kGroup] += static_cast<int8_t>(q[r * k + i]);
-  auto y = torch::empty({m, width}, x.options());
+  auto y = at::empty({m, width}, x.options());
   const uint8_t* cp = nibbles.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
   const auto* mp = reinterpret_cast<const uint16_t*>(minima.data_ptr<at::BFloat16>());
@@ -285,10 +285,3 @@ torch::Tensor linear_int4_vnni(const torch::Tensor& x_in, const torch::Tensor& n
   return width == out_features ? y : y.narrow(1, 0, out_features).contiguous();
 }
 
-void register_int_dot(pybind11::module& m) {
-  m.def("has_vnni", &has_vnni, "whether this CPU runs the integer dot-product kernels (AVX512-VNNI)");
-  m.def("pack_int8_vnni", &pack_int8_vnni, "pack an int8 weight for linear_int8_vnni");
-  m.def("linear_int8_vnni", &linear_int8_vnni, "few rows quantized to int8 times an INT8 weight, VNNI; far: the L2 prefetch plan");
-  m.def("pack_int4_vnni", &pack_int4_vnni, "pack INT4 codes, scales and minima for linear_int4_vnni");
-  m.def("linear_int4_vnni", &linear_int4_vnni, "few rows quantized to int8 times an INT4 weight, VNNI; far: the L2 prefetch plan");
-}

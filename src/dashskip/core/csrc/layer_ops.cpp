@@ -3,7 +3,7 @@
 // causal attention over the cache with grouped heads, SiLU-and-multiply. At one row torch spends ~2-40 us per
 // op in dispatch and allocation, ~5 ms of a ~29 ms SmolLM2 decode step; the arithmetic is tiny. Same formulas as
 // transformers' modules, fp32 throughout; sums run in a different order, so results agree to float rounding.
-#include <torch/extension.h>
+#include "ops.h"
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
@@ -11,8 +11,8 @@
 
 namespace {
 
-void check_rows(const torch::Tensor& t, const char* what) {
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.device().is_cpu(),
+void check_rows(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
               what, ": need a contiguous float32 CPU tensor");
 }
 
@@ -115,12 +115,12 @@ void attend_row(const float* q, const float* k, const float* v, int64_t from, in
 }  // namespace
 
 // x (..., D), weight (D) -> weight * x / sqrt(mean(x^2) + eps), row by row.
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, "rms_norm");
   check_rows(weight, "rms_norm weight");
   const int64_t d = x.size(-1), rows = x.numel() / d;
   TORCH_CHECK(weight.numel() == d, "rms_norm: weight does not match the rows' width");
-  auto y = torch::empty_like(x);
+  auto y = at::empty_like(x);
   const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r) {
@@ -136,14 +136,14 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 // qkv (B, T, (H + 2 KV) * Dh) from the fused projection, cos/sin (B, T, Dh); keys/values (B, KV, capacity, Dh).
 // Rotates q and k (rotate-half convention), writes k and v at positions start..start+T of the cache and returns
 // q as (B, H, T, Dh).
-torch::Tensor rope_and_cache(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
-                             const torch::Tensor& keys, const torch::Tensor& values, int64_t heads,
+at::Tensor rope_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                             const at::Tensor& keys, const at::Tensor& values, int64_t heads,
                              int64_t start) {
-  for (const torch::Tensor* t : {&qkv, &cos, &sin, &keys, &values}) check_rows(*t, "rope_and_cache");
+  for (const at::Tensor* t : {&qkv, &cos, &sin, &keys, &values}) check_rows(*t, "rope_and_cache");
   const int64_t b = qkv.size(0), t = qkv.size(1), kv = keys.size(1), cap = keys.size(2), dh = keys.size(3);
   TORCH_CHECK(qkv.size(2) == (heads + 2 * kv) * dh && cos.size(-1) == dh && start + t <= cap,
               "rope_and_cache: shapes do not match");
-  auto q = torch::empty({b, heads, t, dh}, qkv.options());
+  auto q = at::empty({b, heads, t, dh}, qkv.options());
   const int64_t half = dh / 2, width = qkv.size(2);
   const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
@@ -169,16 +169,16 @@ torch::Tensor rope_and_cache(const torch::Tensor& qkv, const torch::Tensor& cos,
 // q (B, H, T, Dh) for cache slots start..start+T; keys/values (B, KV, capacity, Dh) filled up to start+T. Causal
 // softmax(q k^T * scale) v, query head h reading kv head h / (H / KV). Returns (B, T, H * Dh), o_proj's input.
 // begins (B,) int64, or empty: row b's keys before slot begins[b] are left padding, seen by no query.
-torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
-                               int64_t start, double scale, const torch::Tensor& begins) {
-  for (const torch::Tensor* t : {&q, &keys, &values}) check_rows(*t, "causal_attention");
-  TORCH_CHECK(begins.numel() == 0 || (begins.scalar_type() == torch::kInt64 && begins.numel() == q.size(0) &&
+at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                               int64_t start, double scale, const at::Tensor& begins) {
+  for (const at::Tensor* t : {&q, &keys, &values}) check_rows(*t, "causal_attention");
+  TORCH_CHECK(begins.numel() == 0 || (begins.scalar_type() == at::kLong && begins.numel() == q.size(0) &&
                                       begins.is_contiguous()), "causal_attention: begins must be (B,) int64");
   const int64_t* bp = begins.numel() ? begins.data_ptr<int64_t>() : nullptr;
   const int64_t b = q.size(0), heads = q.size(1), t = q.size(2), dh = q.size(3);
   const int64_t kv = keys.size(1), cap = keys.size(2), group = heads / kv;
   TORCH_CHECK(heads % kv == 0 && start + t <= cap && keys.size(3) == dh, "causal_attention: shapes do not match");
-  auto out = torch::empty({b, t, heads * dh}, q.options());
+  auto out = at::empty({b, t, heads * dh}, q.options());
   const float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, b * heads, 1, [&](int64_t begin, int64_t end) {
@@ -200,12 +200,12 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& keys
 }
 
 // gate_up (..., 2I) from the fused projection -> silu(gate) * up, (..., I).
-torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+at::Tensor silu_mul(const at::Tensor& gate_up) {
   check_rows(gate_up, "silu_mul");
   const int64_t width = gate_up.size(-1), inter = width / 2, rows = gate_up.numel() / width;
   auto sizes = gate_up.sizes().vec();
   sizes.back() = inter;
-  auto y = torch::empty(sizes, gate_up.options());
+  auto y = at::empty(sizes, gate_up.options());
   const float* gp = gate_up.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // rows split across threads from 8 on (a batched decode step: ~4 ms of a 32-row step on one thread)
@@ -246,10 +246,10 @@ void matvec(const float* x, int64_t k, const float* w, int64_t n, float* y) {
 
 // The folded DASH scorer (policy.GreedyScorer) for few rows: the chosen output index of each row, as Python ints
 // (no tensor to allocate and read back: at one row the decision runs 28 times per SmolLM2 token).
-std::vector<int64_t> decide(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& b1,
-                            const torch::Tensor& w2, const torch::Tensor& b2, const torch::Tensor& w3,
-                            const torch::Tensor& b3, double eps) {
-  for (const torch::Tensor* t : {&x, &w1, &b1, &w2, &b2, &w3, &b3}) check_rows(*t, "decide");
+std::vector<int64_t> decide(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                            const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,
+                            const at::Tensor& b3, double eps) {
+  for (const at::Tensor* t : {&x, &w1, &b1, &w2, &b2, &w3, &b3}) check_rows(*t, "decide");
   const int64_t d = x.size(-1), rows = x.numel() / d, h1 = w1.size(1), h2 = w2.size(1), states = w3.size(1);
   // b3: one bias row for every row, or (rows, states): a row's own (its previous state and its cost bias), so a
   // batch of requests is decided in one call, each row exactly as it would be alone.
@@ -279,10 +279,3 @@ std::vector<int64_t> decide(const torch::Tensor& x, const torch::Tensor& w1, con
   return out;
 }
 
-void register_layer_ops(pybind11::module& m) {
-  m.def("decide", &decide, "the DASH policy's folded greedy decision for few rows");
-  m.def("rms_norm", &rms_norm, "RMS norm of each row");
-  m.def("rope_and_cache", &rope_and_cache, "rope on q and k of a fused q/k/v row, k and v into the cache");
-  m.def("causal_attention", &causal_attention, "causal attention of few queries over the cache, grouped heads");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up row");
-}

@@ -9,7 +9,7 @@
 // 32 steps ahead made five rows ~1.4x faster.
 // Panels are split over torch's intra-op threads. An INT4 version (nibbles widened to fp32 in registers) was
 // written and measured: no faster than torch's INT4 kernel (instruction-bound), so it was dropped.
-#include <torch/extension.h>
+#include "ops.h"
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstring>
@@ -108,9 +108,9 @@ void each_panel(int64_t m, int64_t count, Kernel&& kernel) {
 }
 
 // weight (N, K) of any dtype and layout -> (ceil(N / 16), K, 16) contiguous, zero-padded past N.
-torch::Tensor to_panels(const torch::Tensor& weight) {
+at::Tensor to_panels(const at::Tensor& weight) {
   const int64_t n = weight.size(0), k = weight.size(1), panels = (n + kPanel - 1) / kPanel;
-  auto padded = torch::zeros({panels * kPanel, k}, weight.options());
+  auto padded = at::zeros({panels * kPanel, k}, weight.options());
   padded.narrow(0, 0, n).copy_(weight);
   return padded.view({panels, kPanel, k}).transpose(1, 2).contiguous();
 }
@@ -120,25 +120,25 @@ torch::Tensor to_panels(const torch::Tensor& weight) {
 bool has_int8() { return __builtin_cpu_supports("avx512f"); }
 
 // weight (N, K) int8, scales (N,) -> (panels (ceil(N / 16), K, 16) int8, scales (ceil(N / 16) * 16,) float32).
-std::vector<torch::Tensor> pack_int8(const torch::Tensor& weight, const torch::Tensor& scales) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kInt8, "pack_int8: need a 2-D int8 weight");
+std::vector<at::Tensor> pack_int8(const at::Tensor& weight, const at::Tensor& scales) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "pack_int8: need a 2-D int8 weight");
   auto panels = to_panels(weight);
-  auto padded_scales = torch::zeros({panels.size(0) * kPanel}, scales.options().dtype(torch::kFloat32));
+  auto padded_scales = at::zeros({panels.size(0) * kPanel}, scales.options().dtype(at::kFloat));
   padded_scales.narrow(0, 0, weight.size(0)).copy_(scales);
   return {panels, padded_scales};
 }
 
 // x (M, K) float32, panels and scales from pack_int8() -> (M, out_features) float32.
-torch::Tensor linear_int8(const torch::Tensor& x_in, const torch::Tensor& panels, const torch::Tensor& scales,
+at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& panels, const at::Tensor& scales,
                           int64_t out_features) {
   TORCH_CHECK(has_int8(), "linear_int8: this CPU has no AVX-512");
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat32, "linear_int8: need 2-D float32 rows");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "linear_int8: need 2-D float32 rows");
   TORCH_CHECK(panels.dim() == 3 && panels.size(1) == x_in.size(1) && panels.size(2) == kPanel &&
-                  panels.is_contiguous() && panels.scalar_type() == torch::kInt8,
+                  panels.is_contiguous() && panels.scalar_type() == at::kChar,
               "linear_int8: panels do not match the rows' width");
   const auto x = x_in.contiguous();
   const int64_t m = x.size(0), k = x.size(1), count = panels.size(0), width = count * kPanel;
-  auto y = torch::empty({m, width}, x.options());
+  auto y = at::empty({m, width}, x.options());
   std::vector<float> rounded(x.data_ptr<float>(), x.data_ptr<float>() + m * k);
   for (float& v : rounded) v = round_bf16(v);
   const float* xp = rounded.data();
@@ -153,19 +153,19 @@ torch::Tensor linear_int8(const torch::Tensor& x_in, const torch::Tensor& panels
 }
 
 // weight (N, K) float32 -> panels (ceil(N / 16), K, 16), zero-padded past N.
-torch::Tensor pack(const torch::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32, "pack: need a 2-D float32 weight");
+at::Tensor pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, "pack: need a 2-D float32 weight");
   return to_panels(weight);  // any layout in: the column-major weights of the engine too
 }
 
 // x (M, K) float32, panels from pack() -> (M, out_features).
-torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& panels, int64_t out_features) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat32, "linear: need 2-D float32 rows");
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& panels, int64_t out_features) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "linear: need 2-D float32 rows");
   TORCH_CHECK(panels.dim() == 3 && panels.size(1) == x_in.size(1) && panels.size(2) == kPanel &&
                   panels.is_contiguous(), "linear: panels do not match the rows' width");
   const auto x = x_in.contiguous();
   const int64_t m = x.size(0), k = x.size(1), count = panels.size(0), width = count * kPanel;
-  auto y = torch::empty({m, width}, x.options());
+  auto y = at::empty({m, width}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* pp = panels.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -175,17 +175,3 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& panels, int
   return width == out_features ? y : y.narrow(1, 0, out_features).contiguous();
 }
 
-void register_layer_ops(pybind11::module& m);  // layer_ops.cpp
-void register_int_dot(pybind11::module& m);    // int_dot.cpp
-void register_fused_layer(pybind11::module& m);  // fused_layer.cpp
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  register_layer_ops(m);
-  register_int_dot(m);
-  register_fused_layer(m);
-  m.def("pack", &pack, "pack a (N, K) float32 weight into 16-column panels");
-  m.def("linear", &linear, "x @ W^T for few rows, W packed by pack()");
-  m.def("has_int8", &has_int8, "whether this CPU runs linear_int8 (AVX-512)");
-  m.def("pack_int8", &pack_int8, "pack a (N, K) int8 weight and its scales into 16-column panels");
-  m.def("linear_int8", &linear_int8, "(x @ q^T) * scale for few fp32 rows, q packed by pack_int8()");
-}
