@@ -7,12 +7,14 @@ result as a plain safetensors folder so every later load takes about a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,27 @@ ALIASES: dict[str, Alias] = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once(path: Path) -> Iterator[None]:
+    """transformers parses a GGUF file's header for the config, again for the weights and twice more for the
+    tokenizer (each `gguf.GGUFReader(path)`); with Gemma-3's 262k-token vocabulary each parse takes ~13 s, most
+    of its first load. Within this block one reader of `path` serves them all; other files read as before."""
+    import gguf
+
+    original = gguf.GGUFReader
+    reader = original(path)
+
+    def read(file: Any, *args: Any, **kwargs: Any) -> Any:
+        same = not args and not kwargs and Path(file).resolve() == path.resolve()
+        return reader if same else original(file, *args, **kwargs)
+
+    gguf.GGUFReader = read
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _materialize_alias(alias: Alias) -> Path:
     """Dequantize the alias's GGUF once and store it as safetensors; return the folder."""
     target = cache_dir() / "models" / alias.name
@@ -76,8 +99,9 @@ def _materialize_alias(alias: Alias) -> Path:
     gguf = alias.gguf_path()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _gguf_parsed_once(gguf):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF quantizer marks the model unserializable; the weights are plain fp32 by now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
