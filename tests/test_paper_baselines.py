@@ -506,3 +506,32 @@ def test_dp_llm_spends_its_budget_where_the_damage_is_least(dm, monkeypatch):
     states = dm.engine.step(ids, dm.engine.new_session(*ids.shape), decider).states
     low = (states[..., 1:-1] == int(State.INT8)).float().mean((0, 1))  # per inner layer
     assert float(low[0]) > 0.95 and float(low[3]) < float(low[1]) and float(low[3]) < float(low[2])
+
+
+def test_dp_llm_ranks_a_layers_tokens_by_the_estimator_it_is_given(dm):
+    """`dp_llm_for(..., estimator)` (how `benchmarks/damage_fit.py` puts DASH's scoring model in place of the
+    projection): in every inner layer the tokens kept in the higher precision are those the given estimator rates
+    above all the ones moved down, and the projection's order is not used."""
+    from dashskip.methods.dp_llm import Inputs, dp_llm_for
+
+    asked = []
+
+    def estimator(low: int, high: int):
+        asked.append((low, high))
+        return lambda layer, hidden: hidden[..., 0].float().abs() + layer  # a planted order: the first coordinate
+
+    decider = dp_llm_for(dm.method_context(), 1.5, estimator)
+    assert asked == [(int(State.INT8), int(State.FULL))]
+    grab = Inputs()  # each layer's input on text the thresholds were not set on, as the decider would see it
+    ids = windows(4, 32)
+    dm.engine.step(ids, dm.engine.new_session(*ids.shape), grab)
+    split_layers = 0
+    for nxt in range(1, dm.backbone.num_layers - 1):
+        hidden = grab.hidden[nxt - 1]
+        states = decider.choose(hidden, nxt - 1, nxt, int(State.FULL))
+        rating = hidden[:, 0].abs()
+        high, low = rating[states == int(State.FULL)], rating[states == int(State.INT8)]
+        if len(high) and len(low):  # a layer may keep or move all its tokens, by its measured damage
+            split_layers += 1
+            assert float(high.min()) > float(low.max()), nxt
+    assert split_layers >= 1

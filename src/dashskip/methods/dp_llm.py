@@ -16,6 +16,8 @@ evaluation text is never seen.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from dashskip.core.context import StateChoice
@@ -72,18 +74,34 @@ class Inputs(Decider):
         return FULL
 
 
+# What ranks a layer's tokens: estimator(low, high) -> errors(layer, hidden) -> (tokens,) the estimated size of
+# what running `layer` in `low` instead of `high` changes, from the previous layer's input `hidden`.
+Errors = Callable[[int, torch.Tensor], torch.Tensor]
+Estimator = Callable[[int, int], Errors]
+
+
+def projection(engine: Engine) -> Estimator:
+    """DP-LLM's estimator: the random projection of the weight difference (`estimators`)."""
+
+    def for_pair(low: int, high: int) -> Errors:
+        matrices = estimators(engine, low, high)
+        return lambda layer, hidden: estimate(matrices[layer], hidden)
+
+    return for_pair
+
+
 class DPLLM(Lookahead):
     """Layer i+1 runs in `high` where the estimate from layer i's input is above that layer's threshold, else in
     `low`."""
 
-    def __init__(self, matrices: list[torch.Tensor | None], thresholds: list[float], low: int, high: int) -> None:
-        self.matrices, self.thresholds, self.low, self.high = matrices, thresholds, low, high
-        self.mode, self.last = "async", len(matrices) - 1
-        self.scales = torch.ones(len(matrices))
+    def __init__(self, errors: Errors, thresholds: list[float], low: int, high: int) -> None:
+        self.errors, self.thresholds, self.low, self.high = errors, thresholds, low, high
+        self.mode, self.last = "async", len(thresholds) - 1
+        self.scales = torch.ones(len(thresholds))
         self.traits = Traits()
 
     def choose(self, hidden: torch.Tensor, current: int, nxt: int, previous: StateChoice) -> StateChoice:
-        above = estimate(self.matrices[nxt], hidden) > self.thresholds[nxt]
+        above = self.errors(nxt, hidden) > self.thresholds[nxt]
         return torch.where(above, self.high, self.low)
 
 
@@ -111,11 +129,12 @@ def damage_per_layer(ctx: MethodContext, low: int, high: int) -> torch.Tensor:
     return extra.clamp(min=1e-6)
 
 
-def dp_llm_for(ctx: MethodContext, speedup: float) -> Decider:
-    """DP-LLM at compute ratio `speedup` on the model's cost table.
+def dp_llm_for(ctx: MethodContext, speedup: float, estimator: Estimator | None = None) -> Decider:
+    """DP-LLM at compute ratio `speedup` on the model's cost table (`estimator`: what ranks a layer's tokens,
+    DP-LLM's projection by default; `benchmarks/damage_fit.py` gives DASH's scoring model in its place).
 
     Budgets go where they cost least: a token-layer moved to the lower precision is charged the layer's measured
-    damage scaled by the token's share of the layer's estimated error, shrunk toward the layer's mean
+    damage scaled by the token's share of the layer's estimated squared error, shrunk toward the layer's mean
     (`D_l * (w e^2 / mean_l(e^2) + 1 - w)`, w = `SHARE_WEIGHT`), and the cheapest moves over all layers are made
     until the ratio is met (one price, a threshold per layer). Uniform fractions per layer lost to static mixed
     precision beyond INT8's reach (SmolLM2 at 2.75: 42.7 vs 40.4)."""
@@ -123,24 +142,24 @@ def dp_llm_for(ctx: MethodContext, speedup: float) -> Decider:
     if speedup <= 1.0:
         return Decider()
     low, high, fraction = split(ctx.costs, n, speedup)
-    matrices = estimators(ctx.engine, low, high)
+    errors_of = (estimator or projection(ctx.engine))(low, high)
     grab = Inputs()
     windows = validation_windows(ctx, *CALIBRATION, seed=1)
     with torch.no_grad():
         ctx.engine.step(windows, ctx.engine.new_session(*windows.shape), grab)
+        # async: layer i is decided from layer i-1's input
+        errors = torch.stack([errors_of(i, grab.hidden[i - 1]) for i in range(1, n - 1)])  # (inner, tokens)
     damage = damage_per_layer(ctx, low, high)
-    # async: layer i is decided from layer i-1's input
-    errors = torch.stack([estimate(matrices[i], grab.hidden[i - 1]) for i in range(1, n - 1)])  # (inner, tokens)
     share = errors**2 / (errors**2).mean(-1, keepdim=True).clamp(min=1e-30)
     share = SHARE_WEIGHT * share + (1 - SHARE_WEIGHT)
     charge = damage[:, None] * share
     moves = round((1 - fraction) * charge.numel())  # token-layers in the lower precision
     if moves == 0:
-        return DPLLM(matrices, [float("-inf")] * n, low, high)
+        return DPLLM(errors_of, [float("-inf")] * n, low, high)
     if moves == charge.numel():  # every one (at the top of its reach): no rounding may leave a token high
-        return DPLLM(matrices, [float("inf")] * n, low, high)
+        return DPLLM(errors_of, [float("inf")] * n, low, high)
     price = float(charge.reshape(-1).kthvalue(moves).values)
     # a token goes low where its charge is at most the price: w e^2 / mean_l(e^2) + 1 - w <= price / D_l
     bound = ((errors**2).mean(-1) * (price / damage - (1 - SHARE_WEIGHT)) / SHARE_WEIGHT).clamp(min=0).sqrt()
     thresholds = [float("inf"), *bound.tolist(), float("inf")]
-    return DPLLM(matrices, thresholds, low, high)
+    return DPLLM(errors_of, thresholds, low, high)
