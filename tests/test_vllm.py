@@ -231,6 +231,28 @@ def test_an_operating_point_beyond_the_policy_is_refused_not_served_at_another(m
             requested_speedup(SamplingParams(extra_args={"dash_speedup": beyond}))
 
 
+def test_plain_vllm_serve_names_the_policy_where_requests_are_validated(folder, monkeypatch, tmp_path):
+    """Under plain `vllm serve` nothing but the model's configuration says which policy runs. The plugin's
+    configuration hook names it while vLLM builds its configuration, as the API process does at start (the shipped
+    one for a dashskip-made folder, else `dash_policy`), so a request beyond its reach is refused there."""
+    import shutil
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from dashskip.vllm.requests import POLICY_ENV, requested_speedup
+
+    monkeypatch.setenv(POLICY_ENV, "")  # none named (and unset again after the test)
+    named = tmp_path / "policy.safetensors"
+    shutil.copy(bundled_policy(MODEL), named)
+    for policy, expected in ((None, bundled_policy(MODEL)), (str(named), named)):
+        overrides = hf_overrides("LlamaForCausalLM", 2.0, policy)
+        EngineArgs(model=folder, hf_overrides=overrides, **ENGINE).create_engine_config()
+        assert os.environ[POLICY_ENV] == str(expected)
+        assert requested_speedup(SamplingParams(extra_args={"dash_speedup": 2.0})) == 2.0
+        with pytest.raises(VLLMValidationError, match="above the range this policy was calibrated for"):
+            requested_speedup(SamplingParams(extra_args={"dash_speedup": 9.0}))
+
+
 @pytest.mark.parametrize("bad", ["fast", 0.5, float("nan"), True])
 def test_a_bad_operating_point_is_refused_before_any_work(dash, bad):
     with pytest.raises(VLLMValidationError, match="dash_speedup must be a number >= 1.0"):

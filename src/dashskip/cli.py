@@ -697,9 +697,6 @@ def _serve_vllm(model: str, policy: Path | None, speedup: float, control: bool, 
     command = serve_command(folder, speedup, None if policy is None else str(policy), control, host, port, name,
                             max_batch, max_len, int(kv_cache_gib * 2**30), batch_states)  # fmt: skip
     env = {**os.environ, **({"VLLM_API_KEY": api_key} if api_key else {})}
-    served_policy = policy or bundled_policy(model)
-    if served_policy is not None:  # the API process refuses an operating point beyond it (dashskip.vllm.requests)
-        env["DASHSKIP_VLLM_POLICY"] = str(served_policy)
     typer.echo("running: " + shlex.join(command), err=True)
     sys.stdout.flush()
     os.execvpe(command[0], command, env)

@@ -34,9 +34,31 @@ def register() -> None:
 
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
+    try:  # vLLM's per-architecture configuration hooks: how the API process learns which policy the model runs
+        from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    except ImportError:  # a vLLM without them: a request beyond the reach is served at it, with a warning
+        MODELS_CONFIG_MAP = {}
     for dash in ARCHITECTURES.values():
         if dash not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(dash, f"dashskip.vllm.model:{dash}")
+        MODELS_CONFIG_MAP.setdefault(dash, NamePolicy)
+
+
+class NamePolicy:
+    """vLLM's per-architecture configuration hook (its `VerifyAndUpdateConfig` interface), run wherever vLLM builds
+    its configuration, the API process included: names the model's policy to the process (`requests.name_policy`),
+    so that plain `vllm serve` refuses a `dash_speedup` beyond its reach with a 400, as `dashskip serve` does."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: Any) -> None:
+        from dashskip.vllm.requests import name_policy
+
+        model = vllm_config.model_config
+        name_policy(model.hf_config, model.model)
+
+    @staticmethod
+    def verify_and_update_model_config(model_config: Any) -> None:
+        return
 
 
 def hf_overrides(

@@ -25,7 +25,6 @@ folder's alias is used; `dash_batch_states: "majority"` runs one state per layer
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,7 +40,6 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.sequence import IntermediateTensors
 
-from dashskip.api import bundled_policy
 from dashskip.core.cache import KVRule
 from dashskip.core.context import Rows, StateChoice
 from dashskip.core.decisions import BatchMajority, Decider, FullFor, StepInfo, decide_and_run
@@ -52,7 +50,7 @@ from dashskip.methods.dash.control import SequenceState
 from dashskip.methods.dash.policy import DashPolicy, PolicyDecider, ScoredStep
 from dashskip.models.loading import fingerprint_of
 from dashskip.vllm import BATCH_STATES
-from dashskip.vllm.requests import TABLE, Request
+from dashskip.vllm.requests import TABLE, Request, policy_file
 
 log = logging.getLogger("vllm.dashskip")  # under vLLM's logger: its handlers and format
 FULL = int(State.FULL)
@@ -72,7 +70,7 @@ class DashSettings:
         speedup = float(getattr(hf_config, "dash_speedup", 1.0))
         if not speedup >= 1.0:
             raise DashskipError(f"dash_speedup must be >= 1.0 (1.0 = every layer in full), got {speedup}")
-        policy = getattr(hf_config, "dash_policy", None) or _shipped_policy(Path(model_path))
+        policy = policy_file(hf_config, model_path)
         if policy is None or not Path(policy).is_file():
             raise DashskipError(
                 f"no DASH policy for {model_path}: pass one with hf_overrides {{\"dash_policy\": FILE}} "
@@ -82,14 +80,6 @@ class DashSettings:
         if batch_states not in BATCH_STATES:
             raise DashskipError(f"dash_batch_states must be one of {', '.join(BATCH_STATES)}, got {batch_states!r}")
         return cls(Path(policy), speedup, bool(getattr(hf_config, "dash_control", True)), batch_states)
-
-
-def _shipped_policy(folder: Path) -> Path | None:
-    """The policy shipped for the alias a dashskip-made model folder came from (its `dashskip_source.json`)."""
-    source = folder / "dashskip_source.json"
-    if not source.is_file():
-        return None
-    return bundled_policy(json.loads(source.read_text())["alias"])
 
 
 @dataclass

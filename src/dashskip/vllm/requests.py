@@ -12,18 +12,21 @@ each request spent, which is reported when the request leaves the batch.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from dashskip.api import bundled_policy
 from dashskip.errors import DashskipError
 from dashskip.methods.dash.control import RateControl, SequenceState
 from dashskip.methods.dash.policy import DashPolicy
@@ -34,9 +37,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("vllm.dashskip")  # under vLLM's logger: its handlers and format
 
 SPEEDUP_KEY = "dash_speedup"  # the per-request operating point, in `vllm_xargs` / `SamplingParams.extra_args`
-# The policy file the model runs, for the API process, which validates requests but never loads the model:
-# `dashskip serve --engine vllm` sets it, so a request beyond the policy's reach is a 400 there, not served
-# at another point than asked (without it, the model runs such a request at its reach and logs a warning).
+# The policy file the model runs, for the API process, which validates requests but never loads the model: the
+# plugin names it while vLLM builds its configuration (`name_policy`; plain `vllm serve` or `dashskip serve
+# --engine vllm`), so a request beyond the policy's reach is a 400 there, not served at another point than asked
+# (where it cannot, a vLLM without configuration hooks, the model runs such a request at its reach with a warning).
 POLICY_ENV = "DASHSKIP_VLLM_POLICY"
 REPORTS_KEPT = 4096
 
@@ -60,6 +64,27 @@ def requested_speedup(params: SamplingParams) -> float | None:
         except DashskipError as exc:
             raise VLLMValidationError(f"{SPEEDUP_KEY}: {exc}", parameter=SPEEDUP_KEY, value=value) from None
     return speedup
+
+
+def policy_file(hf_config: Any, model_path: str) -> Path | None:
+    """The policy a model configuration runs: its `dash_policy`, else the one shipped for the alias a
+    dashskip-made model folder came from (its `dashskip_source.json`); None where it names none."""
+    named = getattr(hf_config, "dash_policy", None)
+    if named:
+        return Path(named)
+    source = Path(model_path) / "dashskip_source.json"
+    if not source.is_file():
+        return None
+    return bundled_policy(json.loads(source.read_text())["alias"])
+
+
+def name_policy(hf_config: Any, model_path: str) -> None:
+    """Name to this process the policy its model configuration runs (`POLICY_ENV`), so that requests are checked
+    against its reach here. Called while vLLM builds its configuration, in its API process too
+    (`dashskip.vllm.register` hooks it in), which validates requests but never loads the model."""
+    policy = policy_file(hf_config, model_path)
+    if policy is not None and policy.is_file():
+        os.environ[POLICY_ENV] = str(policy)
 
 
 @functools.cache
