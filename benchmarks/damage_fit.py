@@ -143,7 +143,8 @@ def fit(model: ScoringModel, feats, current, damage, sensitivity: torch.Tensor, 
 
 def ranking(model: ScoringModel) -> Estimator:
     """G fitted with the `log` loss as dp-llm's estimator: a token's estimated error in `low` is
-    exp(log-share / 2), so dp-llm's squared-error share is G's predicted share."""
+    exp(log-share / 2), so dp-llm's squared-error share is G's predicted share. G's shares are against full: for
+    INT4 against INT8 (beyond INT8's reach) it ranks by INT4's share against full (INT8 is close to full)."""
 
     def for_pair(low: int, high: int):
         column = LOWER.index(low)

@@ -115,7 +115,7 @@ def extension() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         # One build per sources, torch version and Python ABI: another environment with the same torch imports it
-        # as it is (torch's builder would rebuild for that environment's header paths, about a minute).
+        # as it is (torch's builder would rebuild for that environment's header paths, about 40 s).
         stamp = f"{torch.__version__}:{sys.implementation.cache_tag}".encode()
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + stamp).hexdigest()
         build = cache_dir() / "kernels" / f"small_gemm-{digest[:12]}"

@@ -1,7 +1,7 @@
 """Load a causal LM by alias, local folder or hub id, caching GGUF aliases as safetensors.
 
 The embedded default models ship as 4-bit GGUF files inside registry packages.
-transformers dequantizes a GGUF file in ~20 s; we do that once and keep the
+transformers dequantizes a GGUF file in 20-40 s; we do that once and keep the
 result as a plain safetensors folder so every later load takes about a second.
 """
 
@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,27 +69,30 @@ ALIASES: dict[str, Alias] = {
 }
 
 DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PATCH = threading.Lock()  # `_gguf_parsed_once` replaces a module attribute: one block at a time
 
 
 @contextlib.contextmanager
 def _gguf_parsed_once(path: Path) -> Iterator[None]:
     """transformers parses a GGUF file's header for the config, again for the weights and twice more for the
     tokenizer (each `gguf.GGUFReader(path)`); with Gemma-3's 262k-token vocabulary each parse takes ~13 s, most
-    of its first load. Within this block one reader of `path` serves them all; other files read as before."""
+    of its first load. Within this block one reader of `path` serves them all; other files read as before. One
+    block at a time (`_GGUF_PATCH`): two overlapping ones would restore the module's reader out of order."""
     import gguf
 
-    original = gguf.GGUFReader
-    reader = original(path)
+    with _GGUF_PATCH:
+        original = gguf.GGUFReader
+        reader = original(path)
 
-    def read(file: Any, *args: Any, **kwargs: Any) -> Any:
-        same = not args and not kwargs and Path(file).resolve() == path.resolve()
-        return reader if same else original(file, *args, **kwargs)
+        def read(file: Any, *args: Any, **kwargs: Any) -> Any:
+            same = not args and not kwargs and Path(file).resolve() == path.resolve()
+            return reader if same else original(file, *args, **kwargs)
 
-    gguf.GGUFReader = read
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original
+        gguf.GGUFReader = read
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original
 
 
 def _materialize_alias(alias: Alias) -> Path:

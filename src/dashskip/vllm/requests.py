@@ -81,7 +81,9 @@ def policy_file(hf_config: Any, model_path: str) -> Path | None:
 def name_policy(hf_config: Any, model_path: str) -> None:
     """Name to this process the policy its model configuration runs (`POLICY_ENV`), so that requests are checked
     against its reach here. Called while vLLM builds its configuration, in its API process too
-    (`dashskip.vllm.register` hooks it in), which validates requests but never loads the model."""
+    (`dashskip.vllm.register` hooks it in), which validates requests but never loads the model. Process-wide:
+    an offline `vllm.LLM` refuses such a request too, and where one process builds several configurations, the
+    last one built names the policy."""
     policy = policy_file(hf_config, model_path)
     if policy is not None and policy.is_file():
         os.environ[POLICY_ENV] = str(policy)
