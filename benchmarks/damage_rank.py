@@ -32,7 +32,7 @@ from dashskip.core.decisions import Decider
 from dashskip.core.states import State
 from dashskip.methods.context import validation_windows
 from dashskip.methods.dash.policy import PolicyConfig, ScoringModel
-from dashskip.methods.dp_llm import estimate, estimators
+from dashskip.methods.dp_llm import Errors, projection
 from dashskip.methods.quantized import sensitivity_for
 
 FULL = int(State.FULL)
@@ -49,13 +49,13 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
 
 
-def estimates(engine, feats: torch.Tensor, current: torch.Tensor, matrices: dict[int, list]) -> torch.Tensor:
+def estimates(feats: torch.Tensor, current: torch.Tensor, errors: dict[int, Errors]) -> torch.Tensor:
     """(samples, len(RANKED)) dp-llm's estimate for layer current+1 from layer current's input."""
     out = torch.zeros(len(feats), len(RANKED))
     for layer in current.unique().tolist():
         rows = current == layer
         for k, state in enumerate(RANKED):
-            out[rows, k] = estimate(matrices[state][layer + 1], feats[rows])
+            out[rows, k] = errors[state](layer + 1, feats[rows])
     return out
 
 
@@ -86,8 +86,8 @@ def main() -> None:
     held = label(ctx, held_windows, Decider(), sensitivity)
     train_kl = label_kl(ctx, validation_windows(ctx, args.kl_windows, 256, seed=15))
     held_kl = label_kl(ctx, held_windows)
-    matrices = {s: estimators(engine, s, FULL) for s in RANKED}
-    est_train, est_held = (estimates(engine, f, c, matrices) for f, c, _ in (train, held))
+    errors = {s: projection(engine)(s, FULL) for s in RANKED}
+    est_train, est_held = (estimates(f, c, errors) for f, c, _ in (train, held))
     # the estimates as inputs: log of each over its layer's mean on the training windows (no held-out statistics)
     mean = torch.stack([(est_train[train[1] == c] ** 2).mean(0) for c in range(n)], 0).clamp(min=1e-30)  # (n, 2)
 
