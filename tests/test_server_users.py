@@ -11,6 +11,7 @@ engine step ends its own requests with a 500 and the server goes on; a scheduler
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -19,9 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from starlette.requests import Request
 
 from dashskip.api import DashModel
-from dashskip.serve.server import ServerLimits
+from dashskip.serve.scheduler import Job
+from dashskip.serve.server import Reply, ServerLimits
 from tests.conftest import NAME, running, tiny_policy, tiny_smol, within_reach
 
 BOUND = 120  # seconds any one request may take here (a generous bound for a slow 2-core host, not a timing check)
@@ -167,6 +170,34 @@ def test_a_failing_step_ends_its_requests_with_a_500_and_the_server_goes_on(tiny
     status, text = _ask(url, body)
     assert status == 200 and json.loads(text)["choices"][0]["finish_reason"] == "length"
     assert httpx.get(f"{url}/health").json()["scheduler"] == "running"
+
+
+def test_a_stream_whose_job_failed_before_the_handler_looked_still_gets_its_stream(tiny_server, monkeypatch):
+    """The race behind a flaky CI run: the job started and its step failed before the stream's handler woke up.
+    The stream still opens (200: it had started) and carries the error event, then [DONE]; it was once a bare 500."""
+    _, service = tiny_server
+
+    def started_and_failed(job: Job) -> asyncio.Future:
+        job.started.set()
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(RuntimeError("planted failure"))
+        return future
+
+    async def never_disconnects() -> dict:
+        await asyncio.Event().wait()
+        return {}
+
+    async def stream() -> tuple[int, str]:
+        request = Request(
+            {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, never_disconnects
+        )
+        job = Job([1, 2, 3], 4, 0.0, 1.0, None, 1.0)
+        response = await service._stream(request, Reply(False, NAME, 3), job, include_usage=False)
+        return response.status_code, "".join([part async for part in response.body_iterator])
+
+    monkeypatch.setattr(service, "submit", started_and_failed)
+    status, text = asyncio.run(stream())
+    assert status == 200 and _stream_ended(text) and '"server_error"' in text and "planted" not in text
 
 
 def test_a_stopped_scheduler_is_a_503_everywhere_and_ends_every_stream(tiny_server, monkeypatch):

@@ -489,9 +489,9 @@ class Service:
                 job.cancel.set()  # the client left: nobody will read the answer
             elif not until_started and not future.done():
                 job.cancel.set()  # the server is stopping
-        if until_started and job.started.is_set() and not future.done():
+        if until_started or not future.done():  # a started job's outcome, even a failure, goes into its stream
             return None
-        return _result(future) if future.done() else None
+        return _result(future)
 
     async def _stream(self, request: Request, reply: Reply, job: Job, include_usage: bool) -> Response:
         """Queue the job and answer once it starts: a request refused in the queue gets its 429/503 as a status,
