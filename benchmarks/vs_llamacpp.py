@@ -9,6 +9,7 @@ dashskip's fp32 weights, then quantized; cached under $DASHSKIP_CACHE/gguf). Eve
 WikiText-2 prompt greedily; prefill = the prompt plus the first token, decode = ms per further token (both timed
 inside one run), medians over --repeats within a round and then over --rounds (each round times every row once, so
 the noise of a shared host falls on all rows alike), threads = torch's (llama.cpp is given the same number).
+Each engine row runs with each --kv-cache-dtypes (float32: exact; float16 stores K/V as llama.cpp does).
 Perplexity: the same --ppl-windows WikiText-2 windows of 256 tokens for every row, llama.cpp's logits for its own
 rows. llama.cpp's AMX buffer type crashed on these hosts, so it runs with `use_extra_bufts=False`.
 
@@ -16,7 +17,8 @@ Needs `pip install 'dashskip[bench]'` (llama-cpp-python builds from source in a 
 downloaded at run time.
 
 Usage: python benchmarks/vs_llamacpp.py [--model smollm2-135m] [--speedups 1.33 1.67] [--prompt-len 512]
-       [--new-tokens 32] [--repeats 3] [--rounds 3] [--ppl-windows 20] [--plot docs/img/vs_llamacpp.png]
+       [--new-tokens 32] [--repeats 3] [--rounds 3] [--ppl-windows 20] [--kv-cache-dtypes float32 float16]
+       [--plot docs/img/vs_llamacpp.png]
 """
 
 import argparse
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from dashskip.api import from_pretrained
+from dashskip.core.cache import KVCacheDtype
 from dashskip.core.decisions import every_layer, inner_layers
 from dashskip.core.files import cache_dir
 from dashskip.core.handlers import activations
@@ -133,6 +136,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3, help="every row timed once per round; medians over rounds")
     parser.add_argument("--ppl-windows", type=int, default=20)
+    parser.add_argument("--kv-cache-dtypes", nargs="+", default=["float32", "float16"],
+                        choices=[d.value for d in KVCacheDtype],
+                        help="each engine row with each K/V cache dtype (llama.cpp's cache is f16)")  # fmt: skip
     parser.add_argument("--plot", type=Path, help="also draw perplexity vs decode tok/s here (.png)")
     args = parser.parse_args()
     dm = from_pretrained(args.model, speedup=min(args.speedups))
@@ -146,16 +152,19 @@ def main() -> None:
             dash.append((f"engine, dash {speedup:g}x (int8 head)", dm.decider_for(speedup), "int8"))
         except DashskipError as exc:  # beyond the policy's range on this machine: say so, time the rest
             print(f"dash {speedup:g}x left out: {exc}", flush=True)
-    configs = [("engine, full", None, "full"), ("engine, int8 (int8 head)", inner_layers(n, "int8"), "int8"),
-               ("engine, int8 every layer (int8 head)", every_layer(n, "int8"), "int8"),
-               ("engine, int4 (int8 head)", inner_layers(n, "int4"), "int8"), *dash]  # fmt: skip
+    schedules = [("engine, full", None, "full"), ("engine, int8 (int8 head)", inner_layers(n, "int8"), "int8"),
+                 ("engine, int8 every layer (int8 head)", every_layer(n, "int8"), "int8"),
+                 ("engine, int4 (int8 head)", inner_layers(n, "int4"), "int8"), *dash]  # fmt: skip
+    configs = [(name if kv == "float32" else f"{name}, {kv} K/V", decider, head, KVCacheDtype(kv))
+               for kv in args.kv_cache_dtypes for name, decider, head in schedules]  # fmt: skip
     shipped = ALIASES[args.model].gguf_path()
     ggufs = {f"llama.cpp {shipped.stem.rsplit('.', 1)[-1]} (shipped)": shipped,
              **{f"llama.cpp {t}": requantized(shipped, t, threads) for t in LLAMA_FTYPES}}  # fmt: skip
     quality: dict[str, tuple[float, float] | None] = {"transformers generate (full)": None}
     with torch.inference_mode():
-        for name, decider, head in configs:
+        for name, decider, head, kv in configs:
             dm.backbone.set_head(head)
+            dm.engine.kv_cache_dtype = kv
             result = perplexity(dm.engine, windows, decider, dm.costs, progress=False)
             quality[name] = (result.ppl, result.ppl_se)
     for name, gguf in ggufs.items():
@@ -164,8 +173,9 @@ def main() -> None:
     def one_round() -> list[Row]:
         with torch.inference_mode():
             rows = [time_transformers(dm.model, ids, args.new_tokens, args.repeats)]
-            for name, decider, head in configs:
+            for name, decider, head, kv in configs:
                 dm.backbone.set_head(head)
+                dm.engine.kv_cache_dtype = kv
                 rows.append(time_engine(name, dm, ids, decider, args.new_tokens, args.repeats))
         for name, gguf in ggufs.items():
             rows.append(llama_cpp_row(name, str(gguf), ids[0].tolist(), args.new_tokens, args.repeats, threads))

@@ -24,6 +24,8 @@ def test_help_lists_commands():
         (["calibrate", "--model", "smollm2-135m", "--data", "nope"], "error: unknown data set 'nope'"),
         (["generate", "hi", "--speedup", "0.5"], "error: speedup must be >= 1.0"),
         (["generate", "hi", "--kv-rule", "borrow"], "error: unknown K/V rule 'borrow'"),
+        (["generate", "hi", "--kv-cache-dtype", "fp8"], "error: unknown K/V cache dtype 'fp8'"),
+        (["serve", "--engine", "vllm", "--kv-cache-dtype", "float16"], "error: --kv-cache-dtype is the dashskip"),
         (["serve", "--prefill-chunk", "4"], "error: Invalid value for '--prefill-chunk'"),
     ],
 )
@@ -35,8 +37,10 @@ def test_bad_input_gives_one_line_error(args, message):
 
 
 @pytest.mark.real
-def test_generate_json_on_the_default_model():
-    out = run("generate", "The capital of France is", "--max-new-tokens", "8", "--json")
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "float16"])
+def test_generate_json_on_the_default_model(kv_cache_dtype):
+    out = run("generate", "The capital of France is", "--max-new-tokens", "8", "--json", "--kv-cache-dtype",
+              kv_cache_dtype)  # fmt: skip
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["stats"]["compute_ratio"] == 1.0 and data["stats"]["new_tokens"] == 8

@@ -285,3 +285,31 @@ def test_speed_quality_plot_draws_every_configuration(tmp_path):
     path = tmp_path / "plots" / "vs.png"
     speed_quality_plot({"engine, int8": (84.0, 40.2, 2.9), "llama.cpp Q8_0": (130.0, 40.5, 3.0)}, path, "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 20])  # eight lanes at a time, and a width that is not
+def test_attention_over_a_16_bit_cache_is_torchs_over_the_same_values(ext, dtype, head_dim):
+    """rope_and_cache stores each key/value rounded as torch's copy rounds it (to nearest even); causal_attention
+    reads the 16-bit cache as torch's attention reads it widened to fp32, grouped heads, padding and all."""
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, kv, tokens, start, cap = 2, 4, 2, 3, 13, 32
+    qkv = torch.randn(batch, tokens, (heads + 2 * kv) * head_dim, generator=gen)
+    angles = torch.rand(batch, tokens, head_dim, generator=gen) * 6
+    cos, sin = angles.cos(), angles.sin()
+    wide = [torch.randn(batch, kv, cap, head_dim, generator=gen) for _ in range(2)]
+    narrow = [t.to(dtype) for t in wide]
+    q_wide = ext.rope_and_cache(qkv, cos, sin, *wide, heads, start)
+    q = ext.rope_and_cache(qkv, cos, sin, *narrow, heads, start)
+    assert torch.equal(q, q_wide)  # q stays fp32
+    for w, n in zip(wide, narrow, strict=True):
+        assert n.dtype == dtype and torch.equal(n, w.to(dtype))
+    begins = torch.tensor([0, 5])
+    out = ext.causal_attention(q, *narrow, start, head_dim**-0.5, begins)
+    keys, values = (n[:, :, : start + tokens].float().repeat_interleave(heads // kv, 1) for n in narrow)
+    allowed = torch.ones(tokens, start + tokens).tril(start).bool()[None, None].repeat(batch, 1, 1, 1)
+    allowed[1, :, :, :5] = False
+    ref = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=head_dim**-0.5)
+    assert torch.allclose(out, ref.transpose(1, 2).reshape(out.shape), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        ext.causal_attention(q, *(n.double() for n in narrow), start, 1.0, begins)

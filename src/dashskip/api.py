@@ -69,6 +69,7 @@ class DashModel:
         control: bool = True,
         wall_clock: bool = True,
         head: str = "full",
+        kv_cache_dtype: str = "float32",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -93,7 +94,7 @@ class DashModel:
                     f"(drop --kv-rule or pass '{trained_rule}')"
                 )
             kv_rule = trained_rule
-        self.engine = Engine(self.backbone, scales, kv_rule or "project")
+        self.engine = Engine(self.backbone, scales, kv_rule or "project", kv_cache_dtype)
         self.costs = self._cost_table()
         self.point = operating.full()
         self.decider: Decider = Decider()
@@ -317,6 +318,7 @@ def from_pretrained(
     control: bool = True,
     wall_clock: bool = True,
     head: str = "full",
+    kv_cache_dtype: str = "float32",
 ) -> DashModel:
     """Load a model (alias, folder or hub id) and wrap it in the dashskip engine.
 
@@ -324,13 +326,15 @@ def from_pretrained(
     clock on this machine against the engine's full path with the same LM head (`head`: full, bf16 or int8), from
     this machine's cost table (measured once, announced); `wall_clock=False` takes it as the paper's compute ratio
     instead. `control` (on by default) steers every generated sequence to it; off runs the policy's calibrated
-    bias as it is (the paper's fixed operating point, which moves with the text).
+    bias as it is (the paper's fixed operating point, which moves with the text). `kv_cache_dtype`: float32, bfloat16
+    or float16, what the K/V cache stores (16 bits: half the memory and the bytes each decode step reads).
     """
     chosen = _policy(policy, name_or_path, check_number(speedup))
     model, tokenizer = load_model(name_or_path, dtype=dtype)
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration.load(calibration)
-    return DashModel(model, tokenizer, chosen, speedup, calibration, kv_rule, mode, control, wall_clock, head)
+    return DashModel(model, tokenizer, chosen, speedup, calibration, kv_rule, mode, control, wall_clock, head,
+                     kv_cache_dtype)  # fmt: skip
 
 
 def apply(

@@ -14,6 +14,7 @@ import torch
 import typer
 
 from dashskip.api import bundled_policy, from_pretrained
+from dashskip.core.cache import KVCacheDtype
 from dashskip.errors import DashskipError
 from dashskip.eval.tasks import TASKS
 from dashskip.methods import METHODS
@@ -31,6 +32,12 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help=f"alias ({', '.join
 ControlOpt = Annotated[
     str,
     typer.Option(help="rate control: on steers each sequence to --speedup; off keeps the policy's calibrated bias"),
+]
+
+KVCacheDtypeOpt = Annotated[
+    str,
+    typer.Option(help="what the K/V cache stores: float32, or float16 / bfloat16 (half the bytes each decode step "
+                 "reads; perplexity unchanged within noise on both models, docs/speed.md)"),
 ]
 
 
@@ -51,6 +58,7 @@ def generate(
     control: ControlOpt = "on",
     calibration: Annotated[Path | None, typer.Option(help="calibration file (skip scales, without a policy)")] = None,
     kv_rule: Annotated[str | None, typer.Option(help="K/V of skipped tokens: copy or project")] = None,
+    kv_cache_dtype: KVCacheDtypeOpt = "float32",
     chat: Annotated[bool, typer.Option(help="wrap the prompt in the tokenizer's chat template")] = False,
     sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
     temperature: float = 1.0,
@@ -86,7 +94,7 @@ def generate(
                             "--draft int8")  # fmt: skip
     t0 = time.perf_counter()
     dm = from_pretrained(model, speedup=speedup, policy=policy, calibration=calibration, kv_rule=kv_rule, mode=mode,
-                         control=_control(control))  # fmt: skip
+                         control=_control(control), kv_cache_dtype=kv_cache_dtype)  # fmt: skip
     load_s = time.perf_counter() - t0
     tok = dm.tokenizer
     if chat:
@@ -548,6 +556,7 @@ def bench(
         bool, typer.Option(help="with --method int8 / int4: the first and last layer in that state too")
     ] = False,
     head: Annotated[str, typer.Option(help="LM head precision in the engine: full, bf16 or int8")] = "full",
+    kv_cache_dtype: KVCacheDtypeOpt = "float32",
     policy: Annotated[Path | None, typer.Option(help="policy file (default: the one shipped for the alias)")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="folder holding the shared data sets")] = None,
     out: Annotated[Path | None, typer.Option(help="also write the JSON result here")] = None,
@@ -562,7 +571,7 @@ def bench(
 
     result = run_bench(
         model, method, speedup, batch, prompt_len, new_tokens, repeats, mode, majority, head, policy, data_dir,
-        control=_control(control), quantized_outer=quantized_outer,
+        control=_control(control), quantized_outer=quantized_outer, kv_cache_dtype=kv_cache_dtype,
     )
     data = result.to_dict()
     if out is not None:
@@ -627,6 +636,7 @@ def serve(
                      "state most of its requests chose: one set of weight reads; a request's text then depends on "
                      "what it is batched with)"),
     ] = "token",
+    kv_cache_dtype: KVCacheDtypeOpt = "float32",
 ) -> None:
     """Serve an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (both streaming), /v1/models.
 
@@ -637,7 +647,10 @@ def serve(
     """
     if engine not in ("dashskip", "vllm"):
         raise DashskipError(f"--engine must be dashskip or vllm, got '{engine}'")
+    KVCacheDtype.parse(kv_cache_dtype)  # a typo is refused before the model loads
     if engine == "vllm":
+        if kv_cache_dtype != "float32":
+            raise DashskipError("--kv-cache-dtype is the dashskip engine's; vLLM keeps its own K/V cache (drop it)")
         _serve_vllm(model, policy, speedup, _control(control), host, port, served_model_name, max_batch,
                     max_prompt_tokens + max_tokens, api_key, kv_cache_gib, batch_states)  # fmt: skip
         return
@@ -668,7 +681,8 @@ def serve(
     sock = listen(host, port)  # a busy port fails before the model loads
     # with the shipped policy loaded, requests can move the operating point even when the default is 1.0
     dm = off_the_main_thread(lambda: from_pretrained(model, speedup=speedup, policy=policy or bundled_policy(model),
-                                                     mode=mode, control=_control(control)))  # fmt: skip
+                                                     mode=mode, control=_control(control),
+                                                     kv_cache_dtype=kv_cache_dtype))  # fmt: skip
     name = served_model_name or default_served_name(model)
     server = make_server(create_app(dm, name, limits, security, bind=host), sock)
     typer.echo(f"serving '{name}' at http://{host}:{server.port}/v1 (OpenAI-compatible); Ctrl-C stops", err=True)

@@ -7,24 +7,48 @@ Keys/values are stored in place (no `torch.cat` per step, as in gpt-fast). A ste
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any, Self
 
 import torch
 
 from dashskip.errors import DashskipError
 
 
-class KVRule(StrEnum):
+class Setting(StrEnum):
+    """A setting whose values are its members (`what` names it); `parse` refuses others in one line naming them."""
+
+    def __init_subclass__(cls, what: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._what = what
+
+    @classmethod
+    def parse(cls, value: str | Setting) -> Self:
+        try:
+            return cls(value)
+        except ValueError:
+            names = [f"'{m.value}'" for m in cls]
+            raise DashskipError(f"unknown {cls._what} '{value}'; use {', '.join(names[:-1])} or {names[-1]}") from None
+
+
+class KVRule(Setting, what="K/V rule"):
     """How a token that skips layer i fills its K/V at layer i."""
 
     COPY = "copy"  # the token's K/V at layer i-1 (the second paper's rule; no compute)
     PROJECT = "project"  # layer i's own K/V projections of the token's incoming hidden state
 
-    @classmethod
-    def parse(cls, value: str | KVRule) -> KVRule:
-        try:
-            return cls(value)
-        except ValueError:
-            raise DashskipError(f"unknown K/V rule '{value}'; use 'copy' or 'project'") from None
+
+class KVCacheDtype(Setting, what="K/V cache dtype"):
+    """What the cache stores keys/values in. A decode step reads every cached key and value of every layer it runs:
+    at 2,048 positions SmolLM2's fp32 cache is ~94 MB a token, about as much as its INT8 weights. 16 bits halve it;
+    attention still computes in the model's precision (the compiled kernel widens 8 values at a time)."""
+
+    FLOAT32 = "float32"  # the model's own precision (its dtype, float32 here): exact
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+    def dtype(self, model: torch.dtype) -> torch.dtype:
+        """The storage dtype for a model computing in `model` (float32: the model's own)."""
+        return {KVCacheDtype.BFLOAT16: torch.bfloat16, KVCacheDtype.FLOAT16: torch.float16}.get(self, model)
 
 
 def fewest_moves(kept: list[int]) -> list[int]:

@@ -187,8 +187,6 @@ def method_decider(
     """The registry's decider, except that int8 / int4 run every inner layer in that state (the kernels' speed,
     as docs/benchmarks.md measured it), not the sensitivity-chosen layers at `speedup`; with `quantized_outer`,
     the first and last layer too."""
-    if quantized_outer and method not in ("int8", "int4"):
-        raise DashskipError(f"--quantized-outer applies to --method int8 or int4, not '{method}'; leave it out")
     if method in ("int8", "int4"):
         n = dm.backbone.num_layers
         return every_layer(n, method) if quantized_outer else inner_layers(n, method)
@@ -282,6 +280,7 @@ def run_bench(
     progress: bool = True,
     control: bool = True,
     quantized_outer: bool = False,
+    kv_cache_dtype: str = "float32",
 ) -> BenchResult:
     """Benchmark `method` on the model `name` against its full path and plain transformers `generate`."""
     from dashskip.api import from_pretrained
@@ -289,7 +288,10 @@ def run_bench(
 
     check_bench_args(batch, prompt_len, new_tokens, repeats)
     check_method(method)
-    dm = from_pretrained(name, speedup=speedup if method == "dash" else 1.0, policy=policy, head=head)
+    if quantized_outer and method not in ("int8", "int4"):  # before the model loads and a speedup is resolved
+        raise DashskipError(f"--quantized-outer applies to --method int8 or int4, not '{method}'; leave it out")
+    dm = from_pretrained(name, speedup=speedup if method == "dash" else 1.0, policy=policy, head=head,
+                         kv_cache_dtype=kv_cache_dtype)  # fmt: skip
     reference = dm.model  # the engine reads the transformers model's weights and leaves the model as it was
     ids = token_windows(dm.tokenizer, load_text("wikitext2", data_dir), batch, prompt_len, seed=0)
     decider = method_decider(dm, method, speedup, mode, data_dir, control, quantized_outer)
@@ -304,7 +306,8 @@ def run_bench(
     config = dict(
         model=name, method=method, speedup=speedup, mode=mode, control=control, majority=majority,
         quantized_outer=quantized_outer, batch=batch,
-        prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, head=head, threads=torch.get_num_threads(),
+        prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, head=head, kv_cache_dtype=kv_cache_dtype,
+        threads=torch.get_num_threads(),
         small_row_kernel=kernels.extension() is not None,
     )  # fmt: skip
     result = BenchResult(config, memory_bandwidth_gbs())

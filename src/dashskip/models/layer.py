@@ -216,6 +216,8 @@ class DecoderLayer:
         if skipped is not None and step.kv_rule is KVRule.COPY:
             cache.copy_from_below(self.index, skipped)
         keys, values = cache.filled(self.index)
+        if keys.dtype != q.dtype:  # a 16-bit cache: widened for torch's op (the compiled path reads it as it is)
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         attended = F.scaled_dot_product_attention(
             q, keys, values,
             attn_mask=mask,

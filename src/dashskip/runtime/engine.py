@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from dashskip.core import kernels as K
-from dashskip.core.cache import KVCache, KVRule
+from dashskip.core.cache import KVCache, KVCacheDtype, KVRule
 from dashskip.core.context import Rows, StateChoice, StepContext
 from dashskip.core.decisions import Decider, FullFor, StepInfo, decide_and_run
 from dashskip.core.states import State, spec
@@ -136,9 +136,14 @@ class Engine:
     """Runs a `Backbone` token by token and layer by layer with per-token execution states."""
 
     def __init__(
-        self, backbone: Backbone, scales: torch.Tensor | None = None, kv_rule: str | KVRule = "project"
+        self,
+        backbone: Backbone,
+        scales: torch.Tensor | None = None,
+        kv_rule: str | KVRule = "project",
+        kv_cache_dtype: str | KVCacheDtype = KVCacheDtype.FLOAT32,
     ) -> None:
         self.backbone = backbone
+        self.kv_cache_dtype = KVCacheDtype.parse(kv_cache_dtype)
         n = backbone.num_layers
         self.scales = torch.ones(n) if scales is None else torch.as_tensor(scales, dtype=torch.float32)
         if self.scales.shape != (n,):
@@ -155,7 +160,7 @@ class Engine:
             batch,
             cfg.num_key_value_heads,
             self.backbone.layers[0].head_dim,
-            self.backbone.dtype,
+            self.kv_cache_dtype.dtype(self.backbone.dtype),
             self.backbone.device,
             capacity,
         )

@@ -3,6 +3,8 @@
 // causal attention over the cache with grouped heads, SiLU-and-multiply. At one row torch spends ~2-40 us per
 // op in dispatch and allocation, ~5 ms of a ~29 ms SmolLM2 decode step; the arithmetic is tiny. Same formulas as
 // transformers' modules, fp32 throughout; sums run in a different order, so results agree to float rounding.
+// The K/V cache may store 16 bits (bf16 or fp16, core/cache.py KVCacheDtype): written rounded to nearest even, as
+// torch's copy rounds, and widened to fp32 eight values at a time where attention reads it.
 #include "ops.h"
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -16,24 +18,49 @@ void check_rows(const at::Tensor& t, const char* what) {
               what, ": need a contiguous float32 CPU tensor");
 }
 
+// A cache of float32, bfloat16 or float16 values (T) as the float32 the arithmetic runs in: eight at a time.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {  // bf16 is fp32's upper half: each value shifted into place
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), zero = _mm_setzero_si128();
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_castsi128_ps(_mm_unpacklo_epi16(zero, raw))),
+                              _mm_castsi128_ps(_mm_unpackhi_epi16(zero, raw)), 1);
+}
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// Calls body(T{}) with T the cache's element type.
+template <typename Body>
+decltype(auto) with_cache_type(const at::Tensor& keys, const at::Tensor& values, Body&& body) {
+  for (const at::Tensor* t : {&keys, &values})
+    TORCH_CHECK(t->is_contiguous() && t->device().is_cpu() && t->scalar_type() == keys.scalar_type(),
+                "the K/V cache: need contiguous CPU keys and values of one dtype");
+  switch (keys.scalar_type()) {
+    case at::kFloat: return body(float{});
+    case at::kBFloat16: return body(at::BFloat16{});
+    case at::kHalf: return body(at::Half{});
+    default: TORCH_CHECK(false, "the K/V cache must be float32, bfloat16 or float16, not ", keys.scalar_type());
+  }
+}
+
 // Dot product and y += w * x over one head (Dh values), 8 lanes at a time: the compiler keeps float sums in order
 // and would not vectorize them by itself.
-float dot(const float* a, const float* b, int64_t n) {
+template <typename T>
+float dot(const float* a, const T* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, acc);
   float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-  for (; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += a[i] * static_cast<float>(b[i]);
   return sum;
 }
 
-void axpy(float w, const float* x, float* y, int64_t n) {
+template <typename T>
+void axpy(float w, const T* x, float* y, int64_t n) {
   const __m256 wv = _mm256_set1_ps(w);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += w * x[i];
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, load8(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += w * static_cast<float>(x[i]);
 }
 
 // The eight sums of eight vectors, as one vector (lane u = the sum of a[u]'s lanes).
@@ -66,7 +93,8 @@ inline __m256 exp_nonpositive(__m256 x) {
 // One query row against keys [from, seen) of its head: softmax(q k^T * scale) v into out (Dh), `weights` as
 // scratch. With Dh a multiple of 8 (every model seen): scores eight keys at a time (one reduction per eight), exp
 // eight at a time, and the output summed in registers 64 values at a time instead of read and written per key.
-void attend_row(const float* q, const float* k, const float* v, int64_t from, int64_t seen, int64_t dh, float scale,
+template <typename T>
+void attend_row(const float* q, const T* k, const T* v, int64_t from, int64_t seen, int64_t dh, float scale,
                 float* weights, float* out) {
   float top = -INFINITY;
   int64_t j = from;
@@ -76,7 +104,7 @@ void attend_row(const float* q, const float* k, const float* v, int64_t from, in
       for (auto& a : acc) a = _mm256_setzero_ps();
       for (int64_t i = 0; i < dh; i += 8) {
         const __m256 qv = _mm256_loadu_ps(q + i);
-        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (j + u) * dh + i), acc[u]);
+        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, load8(k + (j + u) * dh + i), acc[u]);
       }
       _mm256_storeu_ps(weights + j, _mm256_mul_ps(sums_of_8(acc), _mm256_set1_ps(scale)));
     }
@@ -105,8 +133,8 @@ void attend_row(const float* q, const float* k, const float* v, int64_t from, in
     for (auto& a : acc) a = _mm256_setzero_ps();
     for (j = from; j < seen; ++j) {
       const __m256 w = _mm256_set1_ps(weights[j]);
-      const float* row = v + j * dh + c;
-      for (int64_t u = 0; u < vecs; ++u) acc[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * u), acc[u]);
+      const T* row = v + j * dh + c;
+      for (int64_t u = 0; u < vecs; ++u) acc[u] = _mm256_fmadd_ps(w, load8(row + 8 * u), acc[u]);
     }
     for (int64_t u = 0; u < vecs; ++u) _mm256_storeu_ps(out + c + 8 * u, _mm256_mul_ps(acc[u], _mm256_set1_ps(inv)));
   }
@@ -139,30 +167,35 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 at::Tensor rope_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                              const at::Tensor& keys, const at::Tensor& values, int64_t heads,
                              int64_t start) {
-  for (const at::Tensor* t : {&qkv, &cos, &sin, &keys, &values}) check_rows(*t, "rope_and_cache");
+  for (const at::Tensor* t : {&qkv, &cos, &sin}) check_rows(*t, "rope_and_cache");
   const int64_t b = qkv.size(0), t = qkv.size(1), kv = keys.size(1), cap = keys.size(2), dh = keys.size(3);
   TORCH_CHECK(qkv.size(2) == (heads + 2 * kv) * dh && cos.size(-1) == dh && start + t <= cap,
               "rope_and_cache: shapes do not match");
   auto q = at::empty({b, heads, t, dh}, qkv.options());
   const int64_t half = dh / 2, width = qkv.size(2);
   const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-  float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
-  auto rotate = [&](const float* in, const float* c, const float* s, float* out) {
-    for (int64_t j = 0; j < half; ++j) out[j] = in[j] * c[j] + (-in[j + half]) * s[j];
-    for (int64_t j = half; j < dh; ++j) out[j] = in[j] * c[j] + in[j - half] * s[j];
-  };
-  for (int64_t bi = 0; bi < b; ++bi) {
-    for (int64_t ti = 0; ti < t; ++ti) {
-      const float* row = src + (bi * t + ti) * width;
-      const float *c = cp + (bi * t + ti) * dh, *s = sp + (bi * t + ti) * dh;
-      for (int64_t h = 0; h < heads; ++h) rotate(row + h * dh, c, s, qp + ((bi * heads + h) * t + ti) * dh);
-      for (int64_t h = 0; h < kv; ++h) {
-        const int64_t slot = ((bi * kv + h) * cap + start + ti) * dh;
-        rotate(row + (heads + h) * dh, c, s, kp + slot);
-        std::copy_n(row + (heads + kv + h) * dh, dh, vp + slot);
+  float* qp = q.data_ptr<float>();
+  with_cache_type(keys, values, [&](auto tag) {
+    using T = decltype(tag);
+    T *kp = keys.data_ptr<T>(), *vp = values.data_ptr<T>();
+    auto rotate = [&](const float* in, const float* c, const float* s, auto* out) {
+      for (int64_t j = 0; j < half; ++j) out[j] = in[j] * c[j] + (-in[j + half]) * s[j];
+      for (int64_t j = half; j < dh; ++j) out[j] = in[j] * c[j] + in[j - half] * s[j];
+    };
+    for (int64_t bi = 0; bi < b; ++bi) {
+      for (int64_t ti = 0; ti < t; ++ti) {
+        const float* row = src + (bi * t + ti) * width;
+        const float *c = cp + (bi * t + ti) * dh, *s = sp + (bi * t + ti) * dh;
+        for (int64_t h = 0; h < heads; ++h) rotate(row + h * dh, c, s, qp + ((bi * heads + h) * t + ti) * dh);
+        for (int64_t h = 0; h < kv; ++h) {
+          const int64_t slot = ((bi * kv + h) * cap + start + ti) * dh;
+          rotate(row + (heads + h) * dh, c, s, kp + slot);
+          const float* value = row + (heads + kv + h) * dh;
+          for (int64_t j = 0; j < dh; ++j) vp[slot + j] = static_cast<T>(value[j]);
+        }
       }
     }
-  }
+  });
   return q;
 }
 
@@ -171,7 +204,7 @@ at::Tensor rope_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at
 // begins (B,) int64, or empty: row b's keys before slot begins[b] are left padding, seen by no query.
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                                int64_t start, double scale, const at::Tensor& begins) {
-  for (const at::Tensor* t : {&q, &keys, &values}) check_rows(*t, "causal_attention");
+  check_rows(q, "causal_attention");
   TORCH_CHECK(begins.numel() == 0 || (begins.scalar_type() == at::kLong && begins.numel() == q.size(0) &&
                                       begins.is_contiguous()), "causal_attention: begins must be (B,) int64");
   const int64_t* bp = begins.numel() ? begins.data_ptr<int64_t>() : nullptr;
@@ -179,22 +212,26 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& keys, const a
   const int64_t kv = keys.size(1), cap = keys.size(2), group = heads / kv;
   TORCH_CHECK(heads % kv == 0 && start + t <= cap && keys.size(3) == dh, "causal_attention: shapes do not match");
   auto out = at::empty({b, t, heads * dh}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, b * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> weights(start + t);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t bi = bh / heads, h = bh % heads, first = bp ? bp[bi] : 0;
-      const float* kh = kp + (bi * kv + h / group) * cap * dh;
-      const float* vh = vp + (bi * kv + h / group) * cap * dh;
-      for (int64_t ti = 0; ti < t; ++ti) {
-        const float* qrow = qp + (bh * t + ti) * dh;
-        const int64_t seen = start + ti + 1;
-        const int64_t from = first < seen ? first : 0;  // a padding query sees everything rather than nothing
-        attend_row(qrow, kh, vh, from, seen, dh, static_cast<float>(scale), weights.data(),
-                   op + (bi * t + ti) * heads * dh + h * dh);
+  with_cache_type(keys, values, [&](auto tag) {
+    using T = decltype(tag);
+    const T *kp = keys.data_ptr<T>(), *vp = values.data_ptr<T>();
+    at::parallel_for(0, b * heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> weights(start + t);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t bi = bh / heads, h = bh % heads, first = bp ? bp[bi] : 0;
+        const T* kh = kp + (bi * kv + h / group) * cap * dh;
+        const T* vh = vp + (bi * kv + h / group) * cap * dh;
+        for (int64_t ti = 0; ti < t; ++ti) {
+          const float* qrow = qp + (bh * t + ti) * dh;
+          const int64_t seen = start + ti + 1;
+          const int64_t from = first < seen ? first : 0;  // a padding query sees everything rather than nothing
+          attend_row(qrow, kh, vh, from, seen, dh, static_cast<float>(scale), weights.data(),
+                     op + (bi * t + ti) * heads * dh + h * dh);
+        }
       }
-    }
+    });
   });
   return out;
 }
