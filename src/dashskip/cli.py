@@ -83,7 +83,7 @@ def generate(
 
     Example: dashskip generate "The capital of France is" --max-new-tokens 20
 
-    Lossless (the full model's exact output, drafted by DASH): dashskip generate "Once upon" --speedup 1.33 --lossless
+    Lossless (the full model's exact output, drafted by DASH): dashskip generate "Once upon" --speedup 1.2 --lossless
 
     Lossless, fastest on CPUs (INT8 drafts): dashskip generate "Once upon" --lossless --draft int8
     """
@@ -544,7 +544,7 @@ def sweep(
 def bench(
     model: ModelOpt = DEFAULT_MODEL,
     method: Annotated[str, typer.Option(help="dash, int8 or int4 (every inner layer in that state)")] = "dash",
-    speedup: Annotated[float, typer.Option(help="operating point of the dash method (decode wall clock)")] = 1.33,
+    speedup: Annotated[float, typer.Option(help="operating point of the dash method (decode wall clock)")] = 1.2,
     batch: Annotated[int, typer.Option(help="rows decoded together")] = 1,
     prompt_len: Annotated[int, typer.Option(help="prompt tokens per row (WikiText-2 test windows)")] = 64,
     new_tokens: Annotated[int, typer.Option(help="tokens generated per row")] = 32,
@@ -564,7 +564,7 @@ def bench(
 ) -> None:
     """Time prefill and decode: transformers generate, the engine's full path and a method, in one run.
 
-    Example: dashskip bench --model smollm2-135m --method dash --speedup 1.33 --batch 1 --new-tokens 32
+    Example: dashskip bench --model smollm2-135m --method dash --speedup 1.2 --batch 1 --new-tokens 32
     """
     from dashskip.core.files import atomic_write_text
     from dashskip.eval.bench import run_bench
@@ -640,7 +640,7 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (both streaming), /v1/models.
 
-    Example: dashskip serve --model smollm2-135m --speedup 1.33 --port 8000
+    Example: dashskip serve --model smollm2-135m --speedup 1.2 --port 8000
     then: curl http://127.0.0.1:8000/v1/completions -H 'content-type: application/json'
     -d '{"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8}'
     With --engine vllm a request picks its operating point with "vllm_xargs": {"dash_speedup": 2.0}.
@@ -742,7 +742,7 @@ def chat(
 ) -> None:
     """Chat in the terminal through the model's chat template, streaming each reply; /exit or Ctrl-D quits.
 
-    Example: dashskip chat --model smollm2-135m --speedup 1.33 --system "Answer in one sentence."
+    Example: dashskip chat --model smollm2-135m --speedup 1.2 --system "Answer in one sentence."
     """
     from transformers import TextStreamer
 
