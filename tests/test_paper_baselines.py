@@ -84,6 +84,12 @@ def test_random_skip_is_reproducible_and_skips_at_rate_p():
 def test_random_skip_refuses_an_unreachable_ratio_naming_the_maximum():
     with pytest.raises(DashskipError, match=r"random skipping reaches compute ratios up to 5\.60.*6\.0 is out of"):
         random_skip(30, COSTS, 6.0)  # 30 / (2 + 28 * 0.12)
+    # A noisy host can time a tiny layer's skip at a full layer's cost (its K/V projections dominate): nothing is
+    # saved, so every request above 1.0 is refused naming that reach (it was once served as never skipping)
+    noisy = CostTable(decode={**TABLE, 0: 1.02}, prefill=dict(TABLE))
+    with pytest.raises(DashskipError, match=r"up to 1\.00 .*1\.5 is out of reach"):
+        random_skip(30, noisy, 1.5)
+    assert random_skip(30, noisy, 1.0).p == 0.0
 
 
 # SkipDecode

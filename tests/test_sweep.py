@@ -121,7 +121,9 @@ def test_cli_eval_task_and_sweep(setup):
     args = ["--method", "random", "--task", "sst2", "--limit", "3", "--json"]
     refused = runner.invoke(app, ["eval", "--model", model, *args, "--speedup", "9"])
     assert isinstance(refused.exception, DashskipError), refused.output
-    top = float(re.search(r"up to (\d+\.\d+)", str(refused.exception)).group(1))
+    named = re.search(r"up to (\d+\.\d+)", str(refused.exception))
+    assert named, f"the refusal names no reach: {refused.exception}"
+    top = float(named.group(1))
     target = round(1 + (top - 1) / 2, 2)
     result = runner.invoke(app, ["eval", "--model", model, *args, "--speedup", str(target)])
     assert result.exit_code == 0, result.output

@@ -152,8 +152,9 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     proc.wait()
     step_at_kill = torch.load(ckpt, weights_only=False)["step"]
     assert 0 < step_at_kill < 300, "the kill must land mid-run"
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)  # the same command again: resumes
-    subprocess.run([*cmd[:-2], str(tmp_path / "whole"), "300"], cwd=ROOT, env=env, check=True)
+    # the same command again (it resumes) beside the uninterrupted run: each trains on one thread
+    runs = [subprocess.Popen(c, cwd=ROOT, env=env) for c in (cmd, [*cmd[:-2], str(tmp_path / "whole"), "300"])]
+    assert [r.wait() for r in runs] == [0, 0]
     resumed = load_file(tmp_path / "killed" / "policy.safetensors")
     whole = load_file(tmp_path / "whole" / "policy.safetensors")
     for k in whole:

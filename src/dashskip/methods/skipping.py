@@ -81,9 +81,10 @@ def random_skip(
     mean cost, so p = (L c_full - L / speedup) / ((L - 2) (c_full - c_skip)).
     """
     full, skip, inner = costs.decode[4], costs.decode[0], num_layers - 2
-    top = num_layers / (2 * full + inner * skip)
-    p = min((num_layers * full - num_layers / speedup) / (inner * (full - skip)), 1.0)
-    reachable("random skipping", num_layers / (num_layers * full - p * inner * (full - skip)), speedup, tolerance, top)
+    saved = max(full - skip, 0.0)  # a noisy table can time a skip at a full layer's cost: then nothing is saved
+    top = num_layers / (num_layers * full - inner * saved)
+    p = min(max((num_layers * full - num_layers / speedup) / (inner * saved), 0.0), 1.0) if saved else 0.0
+    reachable("random skipping", num_layers / (num_layers * full - p * inner * saved), speedup, tolerance, top)
     return RandomSkip(p, num_layers, skip_scales, seed)
 
 
