@@ -305,11 +305,11 @@ def test_attention_over_a_16_bit_cache_is_torchs_over_the_same_values(ext, dtype
     for w, n in zip(wide, narrow, strict=True):
         assert n.dtype == dtype and torch.equal(n, w.to(dtype))
     begins = torch.tensor([0, 5])
-    out = ext.causal_attention(q, *narrow, start, head_dim**-0.5, begins)
+    out = ext.causal_attention(q, *narrow, start, head_dim**-0.5, begins, 0)
     keys, values = (n[:, :, : start + tokens].float().repeat_interleave(heads // kv, 1) for n in narrow)
     allowed = torch.ones(tokens, start + tokens).tril(start).bool()[None, None].repeat(batch, 1, 1, 1)
     allowed[1, :, :, :5] = False
     ref = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=head_dim**-0.5)
     assert torch.allclose(out, ref.transpose(1, 2).reshape(out.shape), atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        ext.causal_attention(q, *(n.double() for n in narrow), start, 1.0, begins)
+        ext.causal_attention(q, *(n.double() for n in narrow), start, 1.0, begins, 0)

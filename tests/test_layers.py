@@ -247,11 +247,13 @@ def test_compiled_rms_norm_equals_torch(ops, rows):
 @pytest.mark.parametrize("start, tokens", [(0, 1), (0, 6), (11, 1), (11, 5), (300, 1), (300, 3)])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("head_dim", [16, 12])
-def test_compiled_attention_equals_sdpa_with_the_causal_mask(ops, start, tokens, padded, head_dim):
+@pytest.mark.parametrize("window", [0, 4, 256])
+def test_compiled_attention_equals_sdpa_with_the_causal_mask(ops, start, tokens, padded, head_dim, window):
     """Query t at slot start + t sees keys begin..start + t; 6 query heads share 2 key/value heads; with
-    `padded`, each row's keys before its own first slot are left padding. Long contexts run the vector path
-    (eight keys at a time, with tails; scores spread wide enough that exp's range matters), a head width that is
-    not a multiple of 8 the scalar one."""
+    `padded`, each row's keys before its own first slot are left padding; with a sliding `window`, only the last
+    `window` of them (transformers' mask: k > q - window; also a window longer than the context). Long contexts
+    run the vector path (eight keys at a time, with tails; scores spread wide enough that exp's range matters), a
+    head width that is not a multiple of 8 the scalar one."""
     gen = torch.Generator().manual_seed(start + tokens)
     q = torch.randn(2, 6, tokens, head_dim, generator=gen) * 3
     keys, values = (torch.randn(2, 2, start + tokens + 3, head_dim, generator=gen) for _ in range(2))
@@ -260,10 +262,12 @@ def test_compiled_attention_equals_sdpa_with_the_causal_mask(ops, start, tokens,
     allowed = (torch.arange(end)[None, :] <= torch.arange(start, end)[:, None])[None].expand(2, tokens, end).clone()
     if padded:
         allowed &= torch.arange(end)[None, None, :] >= begins[:, None, None]
+    if window:
+        allowed &= (torch.arange(start, end)[:, None] - torch.arange(end)[None, :] < window)[None]
     want = F.scaled_dot_product_attention(
         q, keys[:, :, :end], values[:, :, :end], attn_mask=allowed[:, None], scale=0.3, enable_gqa=True
     )
-    got = ops.causal_attention(q, keys, values, start, 0.3, begins)
+    got = ops.causal_attention(q, keys, values, start, 0.3, begins, window)
     want = want.transpose(1, 2).reshape(2, tokens, 6 * head_dim)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

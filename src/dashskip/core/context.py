@@ -69,7 +69,8 @@ class StepContext:
     # tensor when no row has padding; None when some row's real keys are not one run up to the step's end.
     key_begins: torch.Tensor | None = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
-    def plain_causal(self, window: int | None) -> bool:
-        """Every query sees the keys from its row's first real one up to itself (no sliding window in reach, no
-        padding inside a row): the compiled causal attention applies."""
-        return self.key_begins is not None and (window is None or self.cache.end <= window)
+    @property
+    def plain_causal(self) -> bool:
+        """Every query sees the keys from its row's first real one up to itself, or the last of them in a sliding
+        window (no padding inside a row): the compiled causal attention applies."""
+        return self.key_begins is not None

@@ -138,7 +138,7 @@ class DecoderLayer:
             return self._planned(plan, x, step, rope, mask)
         if rows.uniform is not None and spec(rows.uniform).skips:
             return self.skip(x, step, rope, scale)
-        if rows.uniform is not None and step.plain_causal(self.window) and K.layer_rows(x):
+        if rows.uniform is not None and step.plain_causal and K.layer_rows(x):
             return self._compiled(rows.uniform, x, step, rope)
         skipped = rows.skipped() if rows.any_skipped() else None
         mid = x + self._attention(rows, x, step, rope, mask, skipped)
@@ -180,7 +180,7 @@ class DecoderLayer:
         mask: torch.Tensor | None,
         skipped: torch.Tensor | None,
     ) -> torch.Tensor:
-        compiled = step.plain_causal(self.window) and K.layer_rows(x)  # a decode step's rows in mixed states
+        compiled = step.plain_causal and K.layer_rows(x)  # a decode step's rows in mixed states
         normed = self.attn_norm(x, compiled)
         qkv = self.qkv.rows(rows, normed)
         if skipped is not None and step.kv_rule is KVRule.PROJECT:
@@ -243,7 +243,8 @@ class DecoderLayer:
         q = ops.rope_and_cache(qkv, cos, sin, cache.keys[i], cache.values[i], self.heads, cache.start)
         if skipped is not None and step.kv_rule is KVRule.COPY:
             cache.copy_from_below(i, skipped)
-        return ops.causal_attention(q, cache.keys[i], cache.values[i], cache.start, self.scaling, step.key_begins)
+        return ops.causal_attention(q, cache.keys[i], cache.values[i], cache.start, self.scaling, step.key_begins,
+                                    self.window or 0)
 
     def _mlp(self, rows: Rows, mid: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up.rows(rows, self.mlp_norm(mid)).chunk(2, dim=-1)
@@ -297,7 +298,7 @@ class DecoderLayer:
         return K.extension().FusedLayer(
             kinds, tensors, outs, biases,
             [None if n is None else n.weight for n in norms], [0.0 if n is None else n.eps for n in norms],
-            self.act_name, self.heads, self.kv_heads, self.head_dim, self.scaling,
+            self.act_name, self.heads, self.kv_heads, self.head_dim, self.scaling, self.window or 0,
         )  # fmt: skip
 
     def _norm_heads(self, qkv: torch.Tensor) -> None:

@@ -231,10 +231,10 @@ class Engine:
     def _run_planned(self, states: list[int], x: torch.Tensor, step: StepContext) -> torch.Tensor | None:
         """Every layer in its planned state as one compiled call (csrc/fused_layer.cpp `run_layers`): what each
         layer's own compiled call computes, without the Python between layers. None where a layer cannot run as
-        one compiled call (a skip, a sliding window in reach, padding inside a row, many rows, a kernel with no
+        one compiled call (a skip, padding inside a row, many rows, a kernel with no
         native form), and the layers run one by one."""
         bb, cache = self.backbone, step.cache
-        if not K.layer_rows(x) or not all(step.plain_causal(w) for w in set(bb.windows)):
+        if not K.layer_rows(x) or not step.plain_causal:
             return None
         fused = self._planned_calls(states, x)
         if fused is None:

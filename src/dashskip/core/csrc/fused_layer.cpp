@@ -98,12 +98,14 @@ Act parse_act(const std::string& name) {
 class FusedLayer {
  public:
   // projections: q/k/v, o, gate/up, down, each (kind, tensors, out_features, bias). norms: attention, MLP, q, k,
-  // post-attention, post-MLP (absent ones None), with their epsilons.
+  // post-attention, post-MLP (absent ones None), with their epsilons. window: the layer's sliding window (0: none).
   FusedLayer(const std::vector<std::string>& kinds, const std::vector<std::vector<at::Tensor>>& tensors,
              const std::vector<int64_t>& outs, const std::vector<std::optional<at::Tensor>>& biases,
              const std::vector<std::optional<at::Tensor>>& norms, const std::vector<double>& eps,
-             const std::string& act, int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling)
-      : act_(parse_act(act)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), scaling_(scaling) {
+             const std::string& act, int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling,
+             int64_t window)
+      : act_(parse_act(act)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), scaling_(scaling),
+        window_(window) {
     TORCH_CHECK(kinds.size() == 4 && tensors.size() == 4 && outs.size() == 4 && biases.size() == 4,
                 "FusedLayer: need four projections (qkv, o, gate_up, down)");
     TORCH_CHECK(norms.size() == 6 && eps.size() == 6, "FusedLayer: need six norms (attn, mlp, q, k, post x2)");
@@ -120,7 +122,7 @@ class FusedLayer {
     auto qkv = proj_[0](::rms_norm(x, *norm_[0].weight, norm_[0].eps));
     if (norm_[2]) norm_heads(qkv);
     const auto q = rope_and_cache(qkv, cos, sin, keys, values, heads_, start);
-    const auto attended = causal_attention(q, keys, values, start, scaling_, begins);
+    const auto attended = causal_attention(q, keys, values, start, scaling_, begins, window_);
     const auto mid = x + post(proj_[1](attended), norm_[4]);
     const auto gate_up = proj_[2](::rms_norm(mid, *norm_[1].weight, norm_[1].eps));
     return mid + post(proj_[3](activate(gate_up)), norm_[5]);
@@ -151,6 +153,7 @@ class FusedLayer {
   Act act_;
   int64_t heads_, kv_heads_, head_dim_;
   double scaling_;
+  int64_t window_;
 };
 
 // The decoder layers of a step whose every layer's state was known before it ran (a fixed schedule, every layer in
@@ -190,7 +193,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<const std::vector<std::string>&, const std::vector<std::vector<at::Tensor>>&,
                           const std::vector<int64_t>&, const std::vector<std::optional<at::Tensor>>&,
                           const std::vector<std::optional<at::Tensor>>&, const std::vector<double>&,
-                          const std::string&, int64_t, int64_t, int64_t, double>())
+                          const std::string&, int64_t, int64_t, int64_t, double, int64_t>())
       .def("__call__", &FusedLayer::forward, "x, cos, sin, keys, values, start, begins -> the layer's output");
   m.def("run_layers", &run_layers, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "layers, x, cos[], sin[], keys[], values[], start, begins -> the output of the last layer");

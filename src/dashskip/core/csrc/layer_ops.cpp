@@ -202,8 +202,10 @@ at::Tensor rope_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at
 // q (B, H, T, Dh) for cache slots start..start+T; keys/values (B, KV, capacity, Dh) filled up to start+T. Causal
 // softmax(q k^T * scale) v, query head h reading kv head h / (H / KV). Returns (B, T, H * Dh), o_proj's input.
 // begins (B,) int64, or empty: row b's keys before slot begins[b] are left padding, seen by no query.
+// window > 0: a sliding window (Gemma's local layers, Mistral's): the query in slot s sees slots s - window + 1..s,
+// as transformers' mask has it (kv > q - window); 0: every slot from the row's first.
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                               int64_t start, double scale, const at::Tensor& begins) {
+                               int64_t start, double scale, const at::Tensor& begins, int64_t window) {
   check_rows(q, "causal_attention");
   TORCH_CHECK(begins.numel() == 0 || (begins.scalar_type() == at::kLong && begins.numel() == q.size(0) &&
                                       begins.is_contiguous()), "causal_attention: begins must be (B,) int64");
@@ -226,7 +228,8 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& keys, const a
         for (int64_t ti = 0; ti < t; ++ti) {
           const float* qrow = qp + (bh * t + ti) * dh;
           const int64_t seen = start + ti + 1;
-          const int64_t from = first < seen ? first : 0;  // a padding query sees everything rather than nothing
+          int64_t from = first < seen ? first : 0;  // a padding query sees everything rather than nothing
+          if (window > 0 && seen - window > from) from = seen - window;  // a sliding window: the last `window`
           attend_row(qrow, kh, vh, from, seen, dh, static_cast<float>(scale), weights.data(),
                      op + (bi * t + ti) * heads * dh + h * dh);
         }

@@ -19,7 +19,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor rope_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& keys,
                           const at::Tensor& values, int64_t heads, int64_t start);
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t start,
-                            double scale, const at::Tensor& begins);
+                            double scale, const at::Tensor& begins, int64_t window);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 std::vector<int64_t> decide(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                             const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, double eps);
