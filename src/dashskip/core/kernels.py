@@ -105,6 +105,20 @@ def _import_built(path: Path) -> ModuleType | None:
     return module
 
 
+# -fopenmp: the kernels split their work with at::parallel_for, which runs serially unless the file is compiled with
+# OpenMP (ATen's header checks _OPENMP); linked by soname, the extension shares torch's own libgomp and thread pool.
+CFLAGS = ["-O3", "-mavx", "-mfma", "-mf16c", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+
+@functools.cache
+def build_digest() -> str:
+    """What the compiled kernels are: their sources, flags, torch version and Python ABI. A build is kept per digest,
+    and kernel choices and cost tables measured with one build are not reused with another (`host_fingerprint`)."""
+    stamp = f"{torch.__version__}:{sys.implementation.cache_tag}:{' '.join(CFLAGS + LDFLAGS)}".encode()
+    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + stamp).hexdigest()[:12]
+
+
 @functools.cache
 def extension() -> ModuleType | None:
     """The compiled kernels, or None (with one warning saying why) where they cannot be used."""
@@ -114,18 +128,16 @@ def extension() -> ModuleType | None:
     if reason is None:
         from torch.utils.cpp_extension import load
 
-        # One build per sources, torch version and Python ABI: another environment with the same torch imports it
-        # as it is (torch's builder would rebuild for that environment's header paths, about 40 s).
-        stamp = f"{torch.__version__}:{sys.implementation.cache_tag}".encode()
-        digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + stamp).hexdigest()
-        build = cache_dir() / "kernels" / f"small_gemm-{digest[:12]}"
+        # One build per digest: another environment with the same torch imports it as it is (torch's builder would
+        # rebuild for that environment's header paths, about 40 s).
+        build = cache_dir() / "kernels" / f"small_gemm-{build_digest()}"
         built = _import_built(build / f"{EXTENSION}.so")
         if built is not None:
             return built
         build.mkdir(parents=True, exist_ok=True)
         print("dashskip: building its CPU kernels, once for this machine (about 40 seconds)...", file=sys.stderr)
         try:
-            return load(EXTENSION, [str(p) for p in SOURCES], extra_cflags=["-O3", "-mavx", "-mfma", "-mf16c"],
+            return load(EXTENSION, [str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                         build_directory=str(build), verbose=False)  # fmt: skip
         except (OSError, RuntimeError, ImportError) as err:  # no compiler or ninja, a failed build
             errors = [line for line in str(err).splitlines() if "error" in line.lower()] or [type(err).__name__]
@@ -195,9 +207,10 @@ def row_bucket(rows: int) -> int:
 
 
 def host_fingerprint() -> str:
-    """What a measured kernel choice holds for: CPU model and flags, threads, torch version."""
+    """What a measured kernel choice (and cost table) holds for: CPU model and flags, threads, torch version, and
+    the compiled kernels' build."""
     text = "|".join([_cpu_model(), " ".join(sorted(_cpu_flags())), f"threads{torch.get_num_threads()}",
-                     torch.__version__])  # fmt: skip
+                     torch.__version__, build_digest()])  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
