@@ -38,6 +38,27 @@ def ext():
     return module
 
 
+def test_the_kernels_split_their_work_between_threads_and_give_the_same_bits(ext):
+    """Built with OpenMP: ATen's `at::parallel_for` runs its body serially in a file compiled without it (its header
+    checks _OPENMP), and every kernel ran on one thread of two until 2026-12-08 (docs/speed.md). The split is over
+    independent outputs, so one thread and two give the same bits."""
+    assert ext.parallel
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 3, 16, generator=gen)
+    keys, values = (torch.randn(2, 2, 40, 16, generator=gen) for _ in range(2))
+    weight, x = torch.randn(96, 128, generator=gen), torch.randn(5, 128, generator=gen)
+    threads, out = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append((ext.causal_attention(q, keys, values, 30, 0.25, torch.tensor([0, 4]), 0),
+                        ext.linear(x, ext.pack(weight), 96)))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*out, strict=True):
+        assert torch.equal(one, two)
+
+
 @pytest.fixture
 def fresh_choices(monkeypatch, tmp_path):
     """A kernel-choice cache of the test's own."""

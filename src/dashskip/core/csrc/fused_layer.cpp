@@ -184,6 +184,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_and_cache", &rope_and_cache, "rope on q and k of a fused q/k/v row, k and v into the cache");
   m.def("causal_attention", &causal_attention, "causal attention of few queries over the cache, grouped heads");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up row");
+#ifdef _OPENMP
+  m.attr("parallel") = true;  // at::parallel_for splits work between threads only in files built with OpenMP
+#else
+  m.attr("parallel") = false;
+#endif
   m.def("has_vnni", &has_vnni, "whether this CPU runs the integer dot-product kernels (AVX512-VNNI)");
   m.def("pack_int8_vnni", &pack_int8_vnni, "pack an int8 weight for linear_int8_vnni");
   m.def("linear_int8_vnni", &linear_int8_vnni, "few rows quantized to int8 times an INT8 weight, VNNI; far: the L2 prefetch plan");
